@@ -1,0 +1,1 @@
+"""The content-addressed embedding cache: keys, HDF5 shards, manifests, locks, maintenance."""

@@ -1,0 +1,3 @@
+from llmembed.extract.cli import main
+
+main()

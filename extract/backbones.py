@@ -1,0 +1,180 @@
+"""Backbones: where a model comes from, what identifies its weights, and loading it for extraction.
+
+A backbone path is a Hugging Face hub id, a local model folder, or a GGUF file. Its identity (the part
+of the cache key) is the hub id with a resolved commit, or a content hash of the local files, so a
+cache entry can never be served for different weights that happen to share a name.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from llmembed.cache.keys import file_sha256
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("mean", "last", "first", "pooler")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# Files that define a local model's numbers: weights, config, tokenizer, custom code.
+_MODEL_FILES = (".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken", ".py", ".gguf")
+
+
+class BackboneError(ValueError):
+    """The backbone cannot be used as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "hub", "local" or "gguf"
+    location: str  # hub id, or folder holding the model / the GGUF file
+    gguf_file: str | None = None
+
+    def load_kwargs(self, revision: str | None, trust_remote_code: bool) -> dict:
+        kw: dict = {"trust_remote_code": trust_remote_code}
+        if self.kind == "gguf":
+            kw["gguf_file"] = self.gguf_file
+        if self.kind == "hub" and revision:
+            kw["revision"] = revision
+        return kw
+
+
+def resolve_source(path: str) -> Source:
+    """Tell a hub id from a local folder or GGUF file; a local-looking path must exist."""
+    p = Path(path).expanduser()
+    looks_local = path.startswith(("/", "./", "../", "~")) or p.suffix == ".gguf" or p.exists()
+    if not looks_local:
+        return Source("hub", path)
+    if not p.exists():
+        raise BackboneError(
+            f"model path {p} does not exist; set backbone.path to a model folder, a .gguf file "
+            "or a Hugging Face hub id like meta-llama/Llama-2-7b-chat-hf"
+        )
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise BackboneError(f"{p} is a file but not a .gguf model; give its folder instead")
+        return Source("gguf", str(p.parent.resolve()), p.name)
+    if not (p / "config.json").is_file():
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return Source("gguf", str(p.resolve()), ggufs[0].name)
+        raise BackboneError(
+            f"{p} holds no config.json (nor a single .gguf file): not a model folder"
+        )
+    return Source("local", str(p.resolve()))
+
+
+def _require_gguf(source: Source) -> None:
+    if source.kind == "gguf":
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise BackboneError(
+                f"{source.gguf_file} is a GGUF model, which needs the gguf package: "
+                "pip install 'llmembed[gguf]'"
+            ) from None
+
+
+def identity(source: Source, revision: str | None, memo: Path | None) -> dict:
+    """What pins the weights and tokenizer: a commit for hub models, file hashes for local ones."""
+    if source.kind == "gguf":
+        return {"gguf_sha256": file_sha256(Path(source.location) / source.gguf_file, memo=memo)}
+    if source.kind == "local":
+        root = Path(source.location)
+        files = sorted(
+            f
+            for f in root.rglob("*")
+            if f.is_file() and f.suffix in _MODEL_FILES and not _hidden(f, root)
+        )
+        return {"files": {str(f.relative_to(root)): file_sha256(f, memo=memo) for f in files}}
+    return {"hub_id": source.location, "commit": hub_commit(source.location, revision)}
+
+
+def _hidden(f: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in f.relative_to(root).parts)
+
+
+def hub_commit(repo_id: str, revision: str | None) -> str:
+    """The commit a hub revision points at: from the local hub cache, else by asking the hub."""
+    if revision and _COMMIT.match(revision):
+        return revision
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision or "main")
+    if isinstance(cached, str):
+        return Path(cached).parent.name  # .../snapshots/<commit>/config.json
+    try:
+        return HfApi().model_info(repo_id, revision=revision).sha
+    except Exception as err:
+        raise BackboneError(
+            f"cannot resolve {repo_id}@{revision or 'main'} to a commit ({type(err).__name__}: "
+            f"{err}); download it once with network access, or set backbone.path to a local folder"
+        ) from None
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What is known about a backbone without loading its weights."""
+
+    source: Source
+    identity: dict
+    model_type: str
+    num_layers: int  # L: hidden states 0..L
+    hidden_size: int
+    max_positions: int | None
+    poolings: tuple[str, ...]  # the poolings this model supports
+
+
+def inspect_backbone(cfg, memo: Path | None) -> BackboneInfo:
+    source = resolve_source(cfg.path)
+    _require_gguf(source)
+    kw = source.load_kwargs(cfg.get("revision"), cfg.get("trust_remote_code", False))
+    config = AutoConfig.from_pretrained(source.location, **kw)
+    text = config.get_text_config()
+    # A model built on the meta device costs no memory and tells whether it has a pooler.
+    with torch.device("meta"):
+        skeleton = AutoModel.from_config(config, trust_remote_code=kw["trust_remote_code"])
+    has_pooler = getattr(skeleton, "pooler", None) is not None
+    tok_identity = {}
+    if cfg.get("tokenizer"):
+        tok_identity = {"tokenizer": identity(resolve_source(cfg.tokenizer), None, memo)}
+    return BackboneInfo(
+        source=source,
+        identity={**identity(source, cfg.get("revision"), memo), **tok_identity},
+        model_type=config.model_type,
+        num_layers=int(text.num_hidden_layers),
+        hidden_size=int(text.hidden_size),
+        max_positions=getattr(text, "max_position_embeddings", None),
+        poolings=tuple(p for p in POOLINGS if p != "pooler" or has_pooler),
+    )
+
+
+def load_tokenizer(cfg, info: BackboneInfo):
+    src = resolve_source(cfg.tokenizer) if cfg.get("tokenizer") else info.source
+    kw = src.load_kwargs(info.identity.get("commit"), cfg.get("trust_remote_code", False))
+    tok = AutoTokenizer.from_pretrained(src.location, **kw)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise BackboneError(f"the tokenizer of {cfg.path} has neither a pad nor an EOS token")
+        log.info("tokenizer of %s has no pad token: padding with EOS (%r)", cfg.name, tok.eos_token)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg, info: BackboneInfo, *, depth: int, dtype: torch.dtype, device: str):
+    """The base model (no LM head) with only its first `depth` layers built and loaded."""
+    # Load the commit the cache key names, not whatever a branch points at by now.
+    kw = info.source.load_kwargs(info.identity.get("commit"), cfg.get("trust_remote_code", False))
+    if depth < info.num_layers:
+        kw["num_hidden_layers"] = depth
+    model = AutoModel.from_pretrained(info.source.location, dtype=dtype, **kw)
+    if depth < info.num_layers:
+        # Transformers replaces the last hidden state by the final-normed one; a cut model's last
+        # layer is not the model's last, so keep it raw to match the full model's hidden_states.
+        model.config.tie_last_hidden_states = False
+    return model.to(device).eval()

