@@ -55,6 +55,12 @@ class Extractor:
         if "use_cache" in accepted:
             self._kwargs["use_cache"] = False
         self.tokenizer.truncation_side = self.truncation_side
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if len(self.tokenizer) > vocab:
+            raise ValueError(
+                f"the tokenizer has {len(self.tokenizer)} tokens but the model embeds only {vocab}: "
+                "they do not belong together; check backbone.tokenizer"
+            )
 
     def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
         """Token ids per text (truncated to max_length) and how many texts were truncated."""
@@ -71,7 +77,7 @@ class Extractor:
         for piece, row in zip(enc["input_ids"], owner, strict=True):
             if ids[row] is None:
                 ids[row] = piece
-        return ids, len(owner) - len(texts)
+        return ids, int((np.bincount(owner, minlength=len(texts)) > 1).sum())
 
     def embed(
         self, texts: list[str], on_batch: Callable[[int, int], None] | None = None

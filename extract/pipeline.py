@@ -230,10 +230,9 @@ def _fill(cfg, entry, ds, info, spec, layers, poolings) -> EmbedStats:
 
             def on_batch(n: int, tokens: int) -> None:
                 seen["tokens"] += tokens
+                rate = seen["tokens"] / max(bar.format_dict["elapsed"], 1e-9)
+                bar.set_postfix(tok_s=f"{rate:.0f}", refresh=False)
                 bar.update(n)
-                bar.set_postfix(
-                    tok_s=f"{seen['tokens'] / max(bar.format_dict['elapsed'], 1e-9):.0f}"
-                )
 
             for i in todo:
                 start, stop = writer.plan[i]

@@ -11,7 +11,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+log=.venv/setup.log
+# pip's output goes to a log, shown only when a step fails.
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" >>"$log" 2>&1 || { cat "$log"; exit 1; }; }
+echo "setting up .venv (first run only: a few minutes) ..."
 # torch first and exactly pinned: the CPU wheel, never a CUDA build pulled in by a range.
 pip install "torch==2.13.0"
 pip install -e ".[dev,gguf]"

@@ -1,0 +1,134 @@
+"""Shared fixtures: tiny random Llama and BERT models with real tokenizers, small labelled files,
+and configs composed exactly as the CLI composes them."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+WORDS = (
+    "the a film movie was is good bad great awful boring fun plot actors story "
+    "ending not very quite really best worst love hate dull bright slow fast long short funny sad music scene"
+).split()
+
+
+def _tokenizer(special: list[str], bert_style: bool) -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(special + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bert_style:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+        )
+    # Decoder style: a BOS token in front, no pad token (llmembed pads with EOS).
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def make_tiny_llama(path: Path, seed: int = 0) -> Path:
+    tok = _tokenizer(["[UNK]", "<s>", "</s>"], bert_style=False)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    LlamaModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_tiny_bert(path: Path, seed: int = 0) -> Path:
+    tok = _tokenizer(["[UNK]", "[PAD]", "[CLS]", "[SEP]"], bert_style=True)
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=1,
+    )
+    BertModel(cfg).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def sentences(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(text, label) rows of varied length; the label follows a word so that it is learnable."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 else "neg"
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 24))]
+        words.insert(rng.randrange(len(words) + 1), "great" if label == "pos" else "awful")
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple], header=("text", "label")) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def data_csv(tmp_path) -> Path:
+    return write_csv(tmp_path / "data.csv", sentences(60))
+
+
+@pytest.fixture
+def make_cfg(tmp_path, tiny_llama, data_csv):
+    """Compose the `extract` config with the CLI's defaults, on a tiny model and a small file."""
+
+    def make(*overrides: str):
+        base = [
+            f"cache.root={tmp_path / 'cache'}",
+            "dataset=file",
+            f"dataset.path={data_csv}",
+            "backbone=local",
+            f"backbone.path={tiny_llama}",
+            "extract.progress=false",
+        ]
+        with initialize_config_module("llmembed.conf", version_base=None):
+            return compose("extract", overrides=base + list(overrides))
+
+    return make

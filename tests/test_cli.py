@@ -1,0 +1,113 @@
+"""The command-line tools as a user runs them: Hydra multirun, strict config keys, ls, verify, gc."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from llmembed.cache.cli import main as cache_main
+from llmembed.cache.store import Cache
+from llmembed.extract.pipeline import extract
+from tests.conftest import make_tiny_bert, sentences, write_csv
+
+BIN = Path(sys.executable).parent
+
+
+def run(*args, cwd, env_root):
+    env = {**os.environ, "LLMEMBED_CACHE": str(env_root)}
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_multirun_fills_one_entry_per_dataset_and_backbone(
+    tmp_path, tiny_llama, tiny_bert, data_csv
+):
+    other = write_csv(tmp_path / "other.csv", sentences(30, seed=5))
+    root = tmp_path / "cache"
+    args = [
+        "llmembed-extract",
+        "-m",
+        "dataset=file",
+        f"dataset.path={data_csv},{other}",
+        "backbone=local",
+        f"backbone.path={tiny_llama},{tiny_bert}",
+        "extract.progress=false",
+    ]
+    first = run(*args, cwd=tmp_path, env_root=root)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("extracted ") == 4
+    assert len(Cache(root).entries()) == 4
+    again = run(*args, cwd=tmp_path, env_root=root)
+    assert again.stdout.count("cache hit:") == 4
+
+    listing = run("llmembed-cache", "ls", cwd=tmp_path, env_root=root).stdout
+    assert listing.count("complete") == 4 and "4 entries" in listing
+    assert "first,last,mean,pooler" in listing  # the BERT entries
+    assert "0-3" in listing and "0-2" in listing  # all hidden states of each model
+
+
+def test_misspelled_config_key_is_rejected(tmp_path):
+    res = run("llmembed-extract", "extract.tokn_budget=5", cwd=tmp_path, env_root=tmp_path / "c")
+    assert res.returncode != 0 and "tokn_budget" in res.stderr
+
+
+def test_cache_root_from_config_overrides_the_environment(make_cfg, tmp_path):
+    cfg = make_cfg(f"cache.root={tmp_path / 'explicit'}")
+    assert extract(cfg).entry.path.is_relative_to(tmp_path / "explicit")
+
+
+def test_unwritable_cache_root_fails_before_any_work(make_cfg, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match=r"is not writable.*LLMEMBED_CACHE"):
+        extract(make_cfg(f"cache.root={blocker / 'sub'}"))
+
+
+def test_verify_finds_damage_and_repair_recomputes_only_that_shard(make_cfg, capsys):
+    cfg = make_cfg("extract.shard_mb=0.01")
+    res = extract(cfg)
+    root = str(cfg.cache.root)
+    assert cache_main(["--root", root, "verify"]) == 0
+    shards = res.entry.shards()
+    good = res.entry.read("mean", [0, 3])
+    victim = res.entry.path / shards[1].file
+    with h5py.File(victim, "r+") as f:  # same size, different numbers: only the checksum can tell
+        f["emb"]["mean"][0, 0, 0] += 1
+    assert cache_main(["--root", root, "verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"{victim}: checksum mismatch" in out and "verify --repair" in out
+    assert cache_main(["--root", root, "verify", "--repair"]) == 0
+    assert not victim.exists() and not res.entry.complete
+    again = extract(cfg)
+    assert not again.hit and again.stats.texts == shards[1].stop - shards[1].start
+    np.testing.assert_array_equal(again.entry.read("mean", [0, 3]), good)
+
+
+def test_gc_removes_incomplete_entries_only(make_cfg, tmp_path, capsys):
+    done = extract(make_cfg())
+    partial = Cache(make_cfg().cache.root).prepare(
+        "ab" * 16, {"x": 1}, [0], ["mean"], about={"dataset": "d", "backbone": "b"}
+    )
+    root = str(make_cfg().cache.root)
+    cache_main(["--root", root, "ls"])
+    assert "incomplete (0/0 shards)" in capsys.readouterr().out
+    assert cache_main(["--root", root, "gc", "--dry-run"]) == 0
+    assert partial.path.exists()
+    assert cache_main(["--root", root, "gc"]) == 0
+    assert not partial.path.exists() and done.entry.complete
+
+
+def test_tiny_bert_helper_is_deterministic(tmp_path):
+    a = make_tiny_bert(tmp_path / "a")
+    b = make_tiny_bert(tmp_path / "b")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
