@@ -181,6 +181,9 @@ class EntryWriter:
         self.entry = entry
         self.store_dtype = STORE_DTYPES[store_dtype]
         entry.path.mkdir(parents=True, exist_ok=True)
+        # The caller holds the key's lock, so temporary files here are leftovers of a killed run.
+        for tmp in entry.path.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
         plan_path = entry.path / "plan.json"
         if plan_path.is_file():  # a resumed run keeps the first run's shard boundaries
             self.plan = [tuple(p) for p in json.loads(plan_path.read_text())["shards"]]
@@ -239,6 +242,8 @@ class EntryWriter:
             f.flush()
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        # A sidecar from an earlier, damaged copy must not vouch for the new file.
+        final.with_suffix(".json").unlink(missing_ok=True)
         os.replace(tmp, final)
         info = ShardInfo(
             index=index,

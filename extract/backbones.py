@@ -133,7 +133,8 @@ class BackboneInfo:
 def inspect_backbone(cfg, memo: Path | None) -> BackboneInfo:
     source = resolve_source(cfg.path)
     _require_gguf(source)
-    kw = source.load_kwargs(cfg.get("revision"), cfg.get("trust_remote_code", False))
+    ident = identity(source, cfg.get("revision"), memo)
+    kw = source.load_kwargs(ident.get("commit"), cfg.get("trust_remote_code", False))
     config = AutoConfig.from_pretrained(source.location, **kw)
     text = config.get_text_config()
     # A model built on the meta device costs no memory and tells whether it has a pooler.
@@ -145,7 +146,7 @@ def inspect_backbone(cfg, memo: Path | None) -> BackboneInfo:
         tok_identity = {"tokenizer": identity(resolve_source(cfg.tokenizer), None, memo)}
     return BackboneInfo(
         source=source,
-        identity={**identity(source, cfg.get("revision"), memo), **tok_identity},
+        identity={**ident, **tok_identity},
         model_type=config.model_type,
         num_layers=int(text.num_hidden_layers),
         hidden_size=int(text.hidden_size),

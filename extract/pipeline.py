@@ -122,6 +122,10 @@ def entry_spec(cfg: DictConfig, ds: TextDataset, info: BackboneInfo) -> dict:
         raise ConfigError(
             f"extract.truncation_side must be left or right, got {ex.truncation_side!r}"
         )
+    if cfg.backbone.padding_side not in ("left", "right"):
+        raise ConfigError(
+            f"backbone.padding_side must be left or right, got {cfg.backbone.padding_side!r}"
+        )
     if ex.store_dtype not in STORE_DTYPES:
         raise ConfigError(f"extract.store_dtype must be one of {sorted(STORE_DTYPES)}")
     max_length = int(ex.max_length)
@@ -214,7 +218,7 @@ def _fill(cfg, entry, ds, info, spec, layers, poolings) -> EmbedStats:
             max_length=spec["max_length"],
             prompt=ex.prompt,
             truncation_side=ex.truncation_side,
-            padding_side=bb.get("padding_side", "right"),
+            padding_side=bb.padding_side,
             token_budget=resolve_token_budget(ex.token_budget, device),
             device=device,
         )
