@@ -156,22 +156,49 @@ def shard_plan(rows: int, bytes_per_row: int, shard_mb: float) -> list[tuple[int
     return [(s, min(s + per_shard, rows)) for s in range(0, rows, per_shard)]
 
 
-def extract(cfg: DictConfig) -> ExtractResult:
-    """Find or build the cache entry for `cfg.dataset` x `cfg.backbone` (see conf/extract.yaml)."""
+class MissingEntryError(LookupError):
+    """No cache entry covers a request and extraction was not allowed; says how to make one."""
+
+
+def extract(
+    cfg: DictConfig,
+    *,
+    dataset: TextDataset | None = None,
+    need: tuple[list[int], list[str]] | None = None,
+    allow_extract: bool = True,
+) -> ExtractResult:
+    """Find or build the cache entry for `cfg.dataset` x `cfg.backbone` (see conf/extract.yaml).
+
+    `need` (layer indices, poolings) is what a hit must cover; by default what `cfg.extract` asks
+    to store. A miss stores the union of both. `dataset` spares reloading an already loaded data
+    set. With `allow_extract=False` a miss raises `MissingEntryError` naming the command to run.
+    """
     cache = Cache(cfg.cache.root)
     cache.check_writable()
-    ds = load_dataset(cfg.dataset)
+    ds = dataset if dataset is not None else load_dataset(cfg.dataset)
     bb = cfg.backbone
     info = inspect_backbone(bb, cache.hash_memo())
     layers = resolve_layers(cfg.extract.layers, info.num_layers, bb.name)
     poolings = resolve_poolings(cfg.extract.poolings, info, bb.name)
+    want = layers, poolings
+    if need is not None:
+        want = (
+            resolve_layers(need[0], info.num_layers, bb.name),
+            resolve_poolings(need[1], info, bb.name),
+        )
+        layers, poolings = sorted({*layers, *want[0]}), sorted({*poolings, *want[1]})
     spec = entry_spec(cfg, ds, info)
     key = fingerprint(spec)
 
-    entry = cache.find(key, layers, poolings)
+    entry = cache.find(key, *want)
     if entry is None:
+        if not allow_extract:
+            raise MissingEntryError(
+                f"no cache entry under {cache.root} holds {ds.name} x {bb.name} (layers {want[0]}, "
+                f"poolings {want[1]}); make it with:\n  {extract_command(cfg)}"
+            )
         with cache.lock(key):
-            entry = cache.find(key, layers, poolings)  # another job may have made it meanwhile
+            entry = cache.find(key, *want)  # another job may have made it meanwhile
             if entry is None:
                 about = {"dataset": ds.name, "backbone": bb.name, "path": bb.path}
                 entry = cache.prepare(key, spec, layers, poolings, about=about)
@@ -179,6 +206,37 @@ def extract(cfg: DictConfig) -> ExtractResult:
                 return ExtractResult(entry, hit=False, stats=stats)
     log.info("cache hit for %s x %s: %s", ds.name, bb.name, entry.path)
     return ExtractResult(entry, hit=True, stats=EmbedStats())
+
+
+def extract_command(cfg: DictConfig) -> str:
+    """The `llmembed-extract` command line that builds the entry `cfg` asks for."""
+    from importlib.resources import files
+
+    from hydra import compose, initialize_config_module
+
+    def group(name: str, value: str, fallback: str) -> str:
+        known = (files("llmembed.conf") / name / f"{value}.yaml").is_file()
+        return f"{name}={value if known else fallback}"
+
+    groups = [
+        group("dataset", cfg.dataset.name, "file"),
+        group("backbone", cfg.backbone.name, "local"),
+    ]
+    with initialize_config_module("llmembed.conf", version_base=None):
+        default = compose("extract", overrides=groups)
+    args = list(groups)
+    for section in ("dataset", "backbone", "extract", "cache"):
+        for k, v in cfg[section].items():
+            if k not in default[section] or default[section][k] != v:
+                args.append(f"{section}.{k}={_cli_value(v)}")
+    return "llmembed-extract " + " ".join(args)
+
+
+def _cli_value(v) -> str:
+    if isinstance(v, (ListConfig, list)):
+        return "[" + ",".join(map(str, v)) + "]"
+    text = "null" if v is None else str(v)
+    return f"'{text}'" if any(c in text for c in " {}'\"\\,") else text
 
 
 def _fill(cfg, entry, ds, info, spec, layers, poolings) -> EmbedStats:

@@ -1,0 +1,156 @@
+"""`train(cfg, out_dir)`: features from the cache, a head per seed, metrics, a saved model.
+
+Called by `llmembed-classify` (a thin Hydra shell) and directly by tests; returns the metrics that a
+sweep optimizes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from llmembed.cache.store import SPLITS
+from llmembed.classify.heads import HEADS
+from llmembed.classify.metrics import evaluate, summarize
+from llmembed.classify.saved import save_trained
+from llmembed.extract.datasets import load_dataset
+from llmembed.fuse.features import load_features, parse_sources, resolve_fusion
+
+log = logging.getLogger(__name__)
+
+
+def head_params(cfg: DictConfig, feats, seed: int) -> dict:
+    params = OmegaConf.to_container(cfg.head.params, resolve=True) or {}
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+    if cfg.head.name == "llmembed":
+        params["block_sizes"] = tuple(feats.block_sizes)
+        params["n_llm_blocks"] = feats.source_of_block.count(0)  # the first source is the LLM
+    return {**params, "random_state": seed}
+
+
+def train(cfg: DictConfig, out_dir: Path) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if cfg.head.name not in HEADS:
+        raise ValueError(f"head.name must be one of {sorted(HEADS)}, got {cfg.head.name!r}")
+    sources = parse_sources(cfg.features)
+    fusion = resolve_fusion(cfg.features.fusion, cfg.head.name)
+    seeds = [int(s) for s in cfg.seeds]
+    ds = load_dataset(cfg.dataset)
+    feats = load_features(cfg, sources, ds, allow_extract=cfg.extract_missing)
+    t_features = time.perf_counter() - t0
+    X = feats.fuse(fusion)
+    y, split = feats.labels, feats.split
+    tr, va, te = (split == 0), (split == 1), (split == 2)
+
+    runs, heads, t_fit = [], [], 0.0
+    for seed in seeds:
+        head = HEADS[cfg.head.name](**head_params(cfg, feats, seed))
+        t = time.perf_counter()
+        head.fit(X[tr], y[tr], validation=(X[va], y[va]))
+        t_fit += time.perf_counter() - t
+        runs.append(
+            {
+                "seed": seed,
+                "validation": evaluate(y[va], head.predict(X[va]), feats.label_names),
+                "test": evaluate(y[te], head.predict(X[te]), feats.label_names),
+            }
+        )
+        heads.append(head)
+        log.info(
+            "seed %d: validation accuracy %.4f, test accuracy %.4f",
+            seed,
+            runs[-1]["validation"]["accuracy"],
+            runs[-1]["test"]["accuracy"],
+        )
+
+    test = summarize([r["test"] for r in runs])
+    metrics = {
+        "dataset": ds.name,
+        "rows": {"train": int(tr.sum()), "validation": int(va.sum()), "test": int(te.sum())},
+        "sources": [
+            {"backbone": s.backbone.name, "layers": list(s.layers), "pooling": s.pooling}
+            for s in sources
+        ],
+        "features": feats.block_names,
+        "n_features": int(X.shape[1]),
+        "fusion": fusion,
+        "head": cfg.head.name,
+        "seeds": seeds,
+        "test": test,
+        "validation": summarize([r["validation"] for r in runs]),
+        "runs": runs,
+        "extraction": [
+            {
+                "backbone": s.backbone.name,
+                "entry": str(r.entry.path),
+                "hit": r.hit,
+                "seconds": r.stats.seconds,
+                "texts": r.stats.texts,
+            }
+            for s, r in zip(sources, feats.entries, strict=True)
+        ],
+        "timings": {
+            "features_s": round(t_features, 3),
+            "fit_s": round(t_fit, 3),
+            "total_s": round(time.perf_counter() - t0, 3),
+        },
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if cfg.save_model:
+        save_trained(
+            out_dir / "model",
+            heads[0],
+            head_name=cfg.head.name,
+            info={
+                "label_names": feats.label_names,
+                "fusion": fusion,
+                "sources": [
+                    {
+                        "backbone": OmegaConf.to_container(s.backbone, resolve=True),
+                        "layers": feats.layers[i],
+                        "pooling": s.pooling,
+                        "spec": {
+                            k: r.entry.spec[k]
+                            for k in (
+                                "compute_dtype",
+                                "store_dtype",
+                                "max_length",
+                                "truncation_side",
+                                "prompt",
+                            )
+                        },
+                    }
+                    for i, (s, r) in enumerate(zip(sources, feats.entries, strict=True))
+                ],
+            },
+        )
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_predictions(out_dir / "predictions.csv", feats, heads[0].predict_proba(X))
+    log.info(
+        "%s on %s: test accuracy %.4f ± %.4f, macro-F1 %.4f (%d seeds)",
+        cfg.head.name,
+        ",".join(feats.block_names),
+        test["accuracy"]["mean"],
+        test["accuracy"]["std"],
+        test["macro_f1"]["mean"],
+        len(seeds),
+    )
+    return metrics
+
+
+def write_predictions(path: Path, feats, proba: np.ndarray) -> None:
+    """Every row's split, true label, predicted label and class probabilities (first seed's head)."""
+    names = feats.label_names
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row_id", "split", "label", "predicted", *[f"p_{n}" for n in names]])
+        for rid, sp, y, p in zip(feats.row_ids, feats.split, feats.labels, proba, strict=True):
+            w.writerow([rid, SPLITS[sp], names[y], names[int(p.argmax())], *np.round(p, 6)])

@@ -1,0 +1,174 @@
+"""Feature sources read from the cache and fused into what a classifier head consumes.
+
+A feature spec is a list of sources, each (backbone, layers, pooling). Every (source, layer) gives one
+block of shape (rows, hidden). Fusion turns blocks into features:
+
+- `concat`: all blocks side by side;
+- `mean`: per source, the mean of its layers; sources side by side (the paper's "mean of the last
+  five layers");
+- `cooccurrence`: blocks are kept apart for the paper's head, which learns the fusion (see
+  `llmembed.classify.heads.LLMEmbedHead`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from importlib.resources import files
+
+import numpy as np
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from llmembed.cache.store import Entry
+from llmembed.extract.datasets import TextDataset
+from llmembed.extract.pipeline import ExtractResult, extract
+
+log = logging.getLogger(__name__)
+
+FUSIONS = ("concat", "mean", "cooccurrence")
+
+
+class FeatureError(ValueError):
+    """A feature spec cannot be served as written; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Source:
+    backbone: DictConfig  # a resolved backbone config (name, path, ...)
+    layers: tuple[int, ...]
+    pooling: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.backbone.name}:{self.pooling}:L{','.join(map(str, self.layers))}"
+
+
+def backbone_config(ref) -> DictConfig:
+    """A source's backbone: the name of a file in conf/backbone/, or an inline mapping."""
+    if isinstance(ref, str):
+        path = files("llmembed.conf") / "backbone" / f"{ref}.yaml"
+        if not path.is_file():
+            shipped = sorted(p.name[:-5] for p in (files("llmembed.conf") / "backbone").iterdir())
+            raise FeatureError(f"no backbone config {ref!r}; shipped: {shipped}, or give a mapping")
+        return OmegaConf.load(str(path))
+    base = OmegaConf.load(str(files("llmembed.conf") / "backbone" / "local.yaml"))
+    return OmegaConf.merge(base, ref)
+
+
+def parse_sources(spec: DictConfig) -> list[Source]:
+    if not spec.sources:
+        raise FeatureError(
+            "features.sources is empty: name at least one (backbone, layers, pooling)"
+        )
+    out = []
+    for i, src in enumerate(spec.sources):
+        layers = src.layers
+        layers = [layers] if isinstance(layers, int) else layers
+        if not isinstance(layers, (list, ListConfig)) or not layers:
+            raise FeatureError(
+                f"features.sources[{i}].layers must be a layer or a list, got {layers!r}"
+            )
+        out.append(
+            Source(backbone_config(src.backbone), tuple(int(x) for x in layers), src.pooling)
+        )
+    return out
+
+
+@dataclass
+class Features:
+    """Blocks of one data set's rows, aligned across sources."""
+
+    blocks: list[np.ndarray]  # each (rows, hidden) float32
+    block_names: list[str]
+    source_of_block: list[int]  # index into `sources`
+    layers: list[list[int]]  # per source, its layer indices (negative ones resolved)
+    sources: list[Source]
+    labels: np.ndarray  # (rows,)
+    split: np.ndarray  # (rows,) 0 train, 1 validation, 2 test
+    row_ids: np.ndarray
+    label_names: list[str]
+    entries: list[ExtractResult] = field(default_factory=list)
+
+    def fuse(self, fusion: str) -> np.ndarray:
+        return fuse_blocks(self.blocks, self.source_of_block, fusion)
+
+    @property
+    def block_sizes(self) -> list[int]:
+        return [b.shape[1] for b in self.blocks]
+
+
+def fuse_blocks(blocks: list[np.ndarray], owners: list[int], fusion: str) -> np.ndarray:
+    """(rows, features) for a head. `cooccurrence` lays the blocks side by side like `concat`: the
+    paper's head splits them again by their sizes and learns the fusion."""
+    if fusion in ("concat", "cooccurrence"):
+        return np.concatenate(blocks, axis=1)
+    if fusion == "mean":
+        per_source = [
+            np.mean([b for b, o in zip(blocks, owners, strict=True) if o == s], axis=0)
+            for s in dict.fromkeys(owners)
+        ]
+        return np.concatenate(per_source, axis=1)
+    raise FeatureError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+
+
+def resolve_fusion(fusion: str, head: str) -> str:
+    """`auto`: the paper's co-occurrence fusion for its head, concatenation for the others."""
+    if fusion == "auto":
+        return "cooccurrence" if head == "llmembed" else "concat"
+    if (fusion == "cooccurrence") != (head == "llmembed"):
+        raise FeatureError(
+            f"fusion {fusion!r} with head {head!r}: co-occurrence fusion is learned by the paper's head, "
+            "so use it with head=llmembed (and that head with it), or fusion=auto"
+        )
+    if fusion not in FUSIONS:
+        raise FeatureError(f"fusion must be auto or one of {FUSIONS}, got {fusion!r}")
+    return fusion
+
+
+def load_features(
+    cfg: DictConfig, sources: list[Source], dataset: TextDataset, *, allow_extract: bool
+) -> Features:
+    """Read every source's layers from the cache (extracting a missing entry when allowed)."""
+    blocks, names, owners, results, all_layers = [], [], [], [], []
+    reference: Entry | None = None
+    for s, src in enumerate(sources):
+        ext_cfg = OmegaConf.create(
+            {
+                "dataset": cfg.dataset,
+                "backbone": src.backbone,
+                "extract": cfg.extract,
+                "cache": cfg.cache,
+            }
+        )
+        res = extract(
+            ext_cfg,
+            dataset=dataset,
+            need=(list(src.layers), [src.pooling]),
+            allow_extract=allow_extract,
+        )
+        results.append(res)
+        layers = [x + (res.entry.manifest["num_layers"] + 1 if x < 0 else 0) for x in src.layers]
+        values = res.entry.read(src.pooling, layers)  # (rows, layers, hidden)
+        all_layers.append(layers)
+        for j, layer in enumerate(layers):
+            blocks.append(values[:, j])
+            names.append(f"{src.backbone.name}:{src.pooling}:L{layer}")
+            owners.append(s)
+        if reference is None:
+            reference = res.entry
+        elif not np.array_equal(res.entry.column("row_id"), reference.column("row_id")):
+            raise FeatureError(f"{res.entry.path} and {reference.path} hold different rows")
+    assert reference is not None
+    m = reference.manifest
+    return Features(
+        blocks=blocks,
+        block_names=names,
+        source_of_block=owners,
+        layers=all_layers,
+        sources=sources,
+        labels=reference.column("label"),
+        split=reference.column("split"),
+        row_ids=reference.column("row_id"),
+        label_names=m["dataset"]["label_names"],
+        entries=results,
+    )

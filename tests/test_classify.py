@@ -1,0 +1,246 @@
+"""The training stage on tiny models: features from the cache, sweeps without forward passes,
+missing entries, metrics files, saved models, prediction and reports."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from llmembed.classify.cli import predict_main, report_main
+from llmembed.classify.predict import predict_texts
+from llmembed.classify.train import train
+from llmembed.extract.embedder import Extractor
+from llmembed.extract.pipeline import MissingEntryError
+from llmembed.fuse.features import FeatureError
+from tests.conftest import sentences, write_csv
+
+
+def read_rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def classify_cfg(tmp_path, tiny_llama, tiny_bert, data_csv):
+    def make(sources, *overrides):
+        base = [
+            f"cache.root={tmp_path / 'cache'}",
+            "dataset=file",
+            f"dataset.path={data_csv}",
+            "extract.progress=false",
+        ]
+        with initialize_config_module("llmembed.conf", version_base=None):
+            cfg = compose("classify", overrides=base + list(overrides))
+        named = {
+            "llama": {"name": "tiny-llama", "path": str(tiny_llama)},
+            "bert": {"name": "tiny-bert", "path": str(tiny_bert)},
+        }
+        cfg.features.sources = [
+            {"backbone": named[b], "layers": layers, "pooling": pooling}
+            for b, layers, pooling in sources
+        ]
+        return cfg
+
+    return make
+
+
+@pytest.fixture
+def forward_calls(monkeypatch):
+    """Every batch that reaches a model, wherever it comes from."""
+    calls = []
+    real = Extractor._forward
+
+    def counting(self, seqs):
+        calls.append(len(seqs))
+        return real(self, seqs)
+
+    monkeypatch.setattr(Extractor, "_forward", counting)
+    return calls
+
+
+def test_train_writes_metrics_predictions_and_a_model(classify_cfg, tmp_path):
+    cfg = classify_cfg([("llama", [2], "mean"), ("bert", [2], "first")], "seeds=[0,1]", "head=mlp")
+    m = train(cfg, tmp_path / "run")
+    assert m["features"] == ["tiny-llama:mean:L2", "tiny-bert:first:L2"] and m["n_features"] == 64
+    assert m["rows"] == {"train": 42, "validation": 6, "test": 12}
+    assert [r["seed"] for r in m["runs"]] == [0, 1]
+    for key in ("accuracy", "macro_f1", "micro_f1"):
+        assert 0 <= m["test"][key]["mean"] <= 1 and m["test"][key]["std"] >= 0
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["config"]["head"]["name"] == "mlp" and saved["seeds"] == [0, 1]
+    assert len(saved["runs"][0]["test"]["confusion_matrix"]) == 2
+    rows = read_rows(tmp_path / "run" / "predictions.csv")
+    assert len(rows) == 60 and {r["split"] for r in rows} == {"train", "validation", "test"}
+    assert (tmp_path / "run" / "model" / "head.safetensors").is_file()
+
+
+def test_learnable_text_labels_are_learned_and_shuffled_ones_are_not(classify_cfg, tmp_path):
+    # The label follows the word "great" / "awful": even a random model's embeddings carry it.
+    rows = sentences(400)
+    learnable = write_csv(tmp_path / "learnable.csv", rows)
+    rng = np.random.default_rng(0)
+    control = write_csv(
+        tmp_path / "control.csv", [(t, rng.choice(["neg", "pos"])) for t, _ in rows]
+    )
+    accuracy = {}
+    for name, path in (("learnable", learnable), ("control", control)):
+        cfg = classify_cfg([("llama", [0], "mean")], f"dataset.path={path}", "save_model=false")
+        accuracy[name] = train(cfg, tmp_path / name)["test"]["accuracy"]["mean"]
+    assert accuracy["learnable"] >= 0.75 and accuracy["control"] <= 0.62, accuracy
+
+
+def test_a_sweep_over_every_layer_runs_the_model_once(classify_cfg, tmp_path, forward_calls):
+    train(classify_cfg([("llama", [0], "mean")]), tmp_path / "first")
+    extraction_batches = len(forward_calls)
+    assert extraction_batches > 0
+    for layer in range(4):
+        for pooling in ("mean", "last", "first"):
+            train(classify_cfg([("llama", [layer], pooling)]), tmp_path / f"L{layer}-{pooling}")
+    assert len(forward_calls) == extraction_batches  # twelve more runs, not one more forward pass
+
+
+def test_missing_entry_without_extraction_names_the_command(classify_cfg, tmp_path, forward_calls):
+    cfg = classify_cfg([("llama", [1], "mean")], "extract_missing=false", "dataset.limit=40")
+    with pytest.raises(MissingEntryError, match=r"make it with:\n  llmembed-extract ") as err:
+        train(cfg, tmp_path / "run")
+    assert forward_calls == []
+    command = str(err.value).split("make it with:\n  ")[1]
+    assert "dataset.limit=40" in command and "backbone.path=" in command
+    # The command, run as written, fills exactly the entry the training run needs.
+    root = Path(cfg.cache.root)
+    env = {**os.environ, "LLMEMBED_CACHE": str(root)}
+    subprocess.run(
+        command.replace(
+            "llmembed-extract", str(Path(sys.executable).parent / "llmembed-extract"), 1
+        ),
+        shell=True,
+        check=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+    )
+    assert train(cfg, tmp_path / "run")["extraction"][0]["hit"]
+
+
+def test_bad_feature_specs_fail_clearly(classify_cfg, tmp_path):
+    with pytest.raises(FeatureError, match="co-occurrence fusion is learned by the paper's head"):
+        train(
+            classify_cfg([("llama", [1], "mean")], "features.fusion=cooccurrence"), tmp_path / "a"
+        )
+    cfg = classify_cfg([("llama", [1], "mean")])
+    cfg.features.sources[0].backbone = "no-such-backbone"
+    with pytest.raises(FeatureError, match="no backbone config 'no-such-backbone'"):
+        train(cfg, tmp_path / "b")
+
+
+def test_paper_head_trains_on_fused_sources(classify_cfg, tmp_path):
+    cfg = classify_cfg(
+        [("llama", [1, 2, 3], "mean"), ("bert", [2], "pooler")],
+        "head=llmembed",
+        "head.params.width=16",
+        "head.params.hidden=[16]",
+        "head.params.max_epochs=20",
+    )
+    m = train(cfg, tmp_path / "run")
+    assert m["fusion"] == "cooccurrence" and m["n_features"] == 4 * 32
+    meta = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
+    assert meta["params"]["block_sizes"] == [32, 32, 32, 32] and meta["params"]["n_llm_blocks"] == 3
+
+
+@pytest.mark.parametrize("head", ["logreg", "llmembed"])
+def test_predict_on_test_texts_equals_training_predictions(
+    classify_cfg, tmp_path, data_csv, head, capsys
+):
+    extra = (
+        ["head.params.width=16", "head.params.hidden=[16]", "head.params.max_epochs=20"]
+        if head == "llmembed"
+        else []
+    )
+    cfg = classify_cfg([("llama", [1, 3], "mean"), ("bert", [2], "first")], f"head={head}", *extra)
+    train(cfg, tmp_path / "run")
+    rows = read_rows(tmp_path / "run" / "predictions.csv")
+    texts = [r["text"] for r in read_rows(data_csv)]
+    test = [r for r in rows if r["split"] == "test"]
+    labels, proba, names = predict_texts(
+        tmp_path / "run" / "model", [texts[int(r["row_id"])] for r in test]
+    )
+    assert labels == [r["predicted"] for r in test]
+    np.testing.assert_allclose(
+        proba, [[float(r[f"p_{n}"]) for n in names] for r in test], atol=1e-5
+    )
+
+    # The command-line tool on a plain text file.
+    txt = tmp_path / "new.txt"
+    txt.write_text("\n".join(texts[int(r["row_id"])] for r in test[:3]) + "\n")
+    assert predict_main([str(tmp_path / "run" / "model"), str(txt)]) == 0
+    out = list(csv.reader(capsys.readouterr().out.splitlines()))
+    assert out[0][:3] == ["label", "p_neg", "p_pos"] and [o[0] for o in out[1:]] == labels[:3]
+
+
+def test_report_table_and_plot(classify_cfg, tmp_path, capsys):
+    for layer in range(4):
+        train(
+            classify_cfg([("llama", [layer], "mean")], "save_model=false"),
+            tmp_path / "sweep" / str(layer),
+        )
+    train(
+        classify_cfg([("llama", [1, 2, 3], "mean")], "save_model=false"),
+        tmp_path / "sweep" / "fused",
+    )
+    assert report_main([str(tmp_path / "sweep")]) == 0
+    table = (tmp_path / "sweep" / "results.md").read_text().splitlines()
+    assert len(table) == 2 + 5
+    val = [float(line.split("|")[4]) for line in table[2:]]
+    assert val == sorted(val, reverse=True)  # best validation accuracy first
+    rows = read_rows(tmp_path / "sweep" / "results.csv")
+    assert len(rows) == 5 and {"test_accuracy", "test_macro_f1", "val_accuracy"} <= set(rows[0])
+    png = tmp_path / "sweep" / "accuracy_vs_layer_file_logreg.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hydra_multirun_sweeps_layers(tmp_path, tiny_llama, data_csv):
+    conf = tmp_path / "conf" / "features"
+    conf.mkdir(parents=True)
+    (conf / "tiny_layer.yaml").write_text(
+        OmegaConf.to_yaml(
+            {
+                "fusion": "auto",
+                "sources": [
+                    {
+                        "backbone": {"name": "tiny", "path": str(tiny_llama)},
+                        "layers": ["${layer}"],
+                        "pooling": "mean",
+                    }
+                ],
+            }
+        )
+    )
+    env = {**os.environ, "LLMEMBED_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "llmembed-classify"),
+            "-m",
+            f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+            "dataset=file",
+            f"dataset.path={data_csv}",
+            "features=tiny_layer",
+            "layer=range(0,4)",
+            "extract.progress=false",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("seed(s), ") == 4  # one summary line per job
+    assert len(list((tmp_path / "sweep").rglob("metrics.json"))) == 4
