@@ -66,28 +66,46 @@ def fingerprint(value: object, *, length: int = 32) -> str:
     return h.hexdigest()[:length]
 
 
+class JsonMemo:
+    """A small JSON file of remembered facts (file hashes, model shapes), shared by processes.
+
+    A lost update between two processes costs only a recomputation, so no lock is taken.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def _load(self) -> dict:
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}  # a damaged memo only costs a recomputation
+
+    def get(self, key: str):
+        return self._load().get(key)
+
+    def put(self, key: str, value) -> None:
+        if self.path is not None:
+            write_json_atomic(self.path, {**self._load(), key: value})
+
+
 def file_sha256(path: Path, *, memo: Path | None = None) -> str:
     """sha256 of a file's bytes; with `memo`, remembered per (path, size, mtime) so that a big weight
     file is read once, not at every run."""
     path = Path(path).resolve()
     st = path.stat()
     stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    known: dict[str, str] = {}
-    if memo is not None and memo.is_file():
-        try:
-            known = json.loads(memo.read_text())
-        except (OSError, json.JSONDecodeError):
-            known = {}  # a damaged memo only costs a re-hash
-    if stamp in known:
-        return known[stamp]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    digest = h.hexdigest()
-    if memo is not None:
-        known[stamp] = digest
-        write_json_atomic(memo, known)
+    known = JsonMemo(memo)
+    digest = known.get(stamp)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        digest = h.hexdigest()
+        known.put(stamp, digest)
     return digest
 
 

@@ -277,7 +277,8 @@ class Cache:
         return self.root / key
 
     def hash_memo(self) -> Path:
-        return self.root / "file-hashes.json"
+        """Remembered file hashes and model shapes (see `JsonMemo`)."""
+        return self.root / "memo.json"
 
     def find(self, key: str, layers: Sequence[int], poolings: Sequence[str]) -> Entry | None:
         """A complete entry under `key` that stores all the requested layers and poolings."""

@@ -34,33 +34,45 @@ def _holdout(X, y, validation, seed):
 
 
 class LogRegHead(ClassifierMixin, BaseEstimator):
-    """Standardized features, L2 logistic regression; C chosen on the validation split, then refit
-    on train + validation."""
+    """Standardized features, L2 logistic regression; C chosen on the validation split. The final
+    model is the one fitted on the training rows with that C, so validation scores stay honest."""
 
-    def __init__(self, *, Cs=(0.005, 0.01, 0.05, 0.1, 0.5, 1.0), max_iter=3000, random_state=0):
+    def __init__(
+        self, *, Cs=(0.005, 0.01, 0.05, 0.1, 0.5, 1.0), max_iter=3000, tol=1e-3, random_state=0
+    ):
         self.Cs = Cs
         self.max_iter = max_iter
+        self.tol = tol
         self.random_state = random_state
 
-    def _model(self, C):
-        return LogisticRegression(C=C, max_iter=self.max_iter, random_state=self.random_state)
+    def _model(self, C, **kw):
+        return LogisticRegression(
+            C=C, max_iter=self.max_iter, tol=self.tol, random_state=self.random_state, **kw
+        )
 
     def fit(self, X, y, *, validation=None):
         X, y = check_X_y(X, y, dtype=np.float32)
         X_tr, y_tr, X_val, y_val = _holdout(X, y, validation, self.random_state)
-        scores = {}
-        for C in self.Cs:
-            scaler = StandardScaler().fit(X_tr)
-            clf = self._model(C).fit(scaler.transform(X_tr), y_tr)
-            scores[C] = clf.score(scaler.transform(X_val), y_val)
-        self.C_ = max(self.Cs, key=lambda c: (scores[c], -c))  # ties: the stronger regularization
-        self.validation_scores_ = scores
-        X_all, y_all = np.concatenate([X_tr, X_val]), np.concatenate([y_tr, y_val])
-        self.scaler_ = StandardScaler().fit(X_all)
-        self.clf_ = self._model(self.C_).fit(self.scaler_.transform(X_all), y_all)
+        self.scaler_ = StandardScaler().fit(X_tr)
+        X_tr, X_val = self.scaler_.transform(X_tr), self.scaler_.transform(X_val)
+        # One regularization path, each C warm-started from the previous (4-5x faster than cold fits).
+        path, fits, self.validation_scores_ = self._model(1.0, warm_start=True), {}, {}
+        for C in sorted(self.Cs):
+            path.set_params(C=C).fit(X_tr, y_tr)
+            fits[C] = (path.coef_.copy(), path.intercept_.copy())
+            self.validation_scores_[C] = path.score(X_val, y_val)
+        # Ties go to the stronger regularization.
+        self.C_ = max(self.Cs, key=lambda c: (self.validation_scores_[c], -c))
+        self.clf_ = self._fitted(*fits[self.C_], path.classes_)
         self.classes_ = self.clf_.classes_
         self.n_features_in_ = X.shape[1]
         return self
+
+    def _fitted(self, coef, intercept, classes) -> LogisticRegression:
+        clf = self._model(1.0)
+        clf.coef_, clf.intercept_, clf.classes_ = coef, intercept, classes
+        clf.n_features_in_ = coef.shape[1]
+        return clf
 
     def predict_proba(self, X):
         check_is_fitted(self)
@@ -85,10 +97,9 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         self.scaler_.mean_, self.scaler_.scale_ = state["mean"], state["scale"]
         self.scaler_.var_ = state["scale"] ** 2
         self.scaler_.n_features_in_ = len(state["mean"])
-        self.clf_ = self._model(1.0)
-        self.clf_.coef_, self.clf_.intercept_ = state["coef"], state["intercept"]
-        self.clf_.classes_ = self.classes_ = state["classes"]
-        self.n_features_in_ = self.clf_.n_features_in_ = len(state["mean"])
+        self.clf_ = self._fitted(state["coef"], state["intercept"], state["classes"])
+        self.classes_ = self.clf_.classes_
+        self.n_features_in_ = len(state["mean"])
         return self
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from llmembed.cache.keys import file_sha256
+from llmembed.cache.keys import JsonMemo, file_sha256, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -131,27 +131,35 @@ class BackboneInfo:
 
 
 def inspect_backbone(cfg, memo: Path | None) -> BackboneInfo:
+    """Identity, depth, width and poolings of a backbone, without loading its weights. The shape
+    facts are remembered in `memo` by identity: reading a GGUF header alone takes seconds."""
     source = resolve_source(cfg.path)
     _require_gguf(source)
     ident = identity(source, cfg.get("revision"), memo)
-    kw = source.load_kwargs(ident.get("commit"), cfg.get("trust_remote_code", False))
-    config = AutoConfig.from_pretrained(source.location, **kw)
-    text = config.get_text_config()
-    # A model built on the meta device costs no memory and tells whether it has a pooler.
-    with torch.device("meta"):
-        skeleton = AutoModel.from_config(config, trust_remote_code=kw["trust_remote_code"])
-    has_pooler = getattr(skeleton, "pooler", None) is not None
-    tok_identity = {}
     if cfg.get("tokenizer"):
-        tok_identity = {"tokenizer": identity(resolve_source(cfg.tokenizer), None, memo)}
+        ident = {**ident, "tokenizer": identity(resolve_source(cfg.tokenizer), None, memo)}
+    trust = bool(cfg.get("trust_remote_code", False))
+    facts = JsonMemo(memo)
+    key = "info:" + fingerprint({"identity": ident, "trust_remote_code": trust})
+    known = facts.get(key)
+    if known is None:
+        kw = source.load_kwargs(ident.get("commit"), trust)
+        config = AutoConfig.from_pretrained(source.location, **kw)
+        text = config.get_text_config()
+        # A model built on the meta device costs no memory and tells whether it has a pooler.
+        with torch.device("meta"):
+            skeleton = AutoModel.from_config(config, trust_remote_code=trust)
+        has_pooler = getattr(skeleton, "pooler", None) is not None
+        known = {
+            "model_type": config.model_type,
+            "num_layers": int(text.num_hidden_layers),
+            "hidden_size": int(text.hidden_size),
+            "max_positions": getattr(text, "max_position_embeddings", None),
+            "poolings": [p for p in POOLINGS if p != "pooler" or has_pooler],
+        }
+        facts.put(key, known)
     return BackboneInfo(
-        source=source,
-        identity={**ident, **tok_identity},
-        model_type=config.model_type,
-        num_layers=int(text.num_hidden_layers),
-        hidden_size=int(text.hidden_size),
-        max_positions=getattr(text, "max_position_embeddings", None),
-        poolings=tuple(p for p in POOLINGS if p != "pooler" or has_pooler),
+        source=source, identity=ident, **{**known, "poolings": tuple(known["poolings"])}
     )
 
 

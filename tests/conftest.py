@@ -110,6 +110,11 @@ def write_csv(path: Path, rows: list[tuple], header=("text", "label")) -> Path:
     return path
 
 
+def read_rows(path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
 @pytest.fixture
 def data_csv(tmp_path) -> Path:
     return write_csv(tmp_path / "data.csv", sentences(60))

@@ -19,12 +19,7 @@ from llmembed.classify.train import train
 from llmembed.extract.embedder import Extractor
 from llmembed.extract.pipeline import MissingEntryError
 from llmembed.fuse.features import FeatureError
-from tests.conftest import sentences, write_csv
-
-
-def read_rows(path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+from tests.conftest import read_rows, sentences, write_csv
 
 
 @pytest.fixture
