@@ -87,8 +87,13 @@ class JsonMemo:
         return self._load().get(key)
 
     def put(self, key: str, value) -> None:
-        if self.path is not None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.path, {**self._load(), key: value})
+        except OSError:
+            pass  # a read-only cache (a reader on a shared node) just does not remember
 
 
 def file_sha256(path: Path, *, memo: Path | None = None) -> str:

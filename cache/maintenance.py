@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
-from filelock import FileLock, Timeout
+from filelock import Timeout
 
 from llmembed.cache.keys import file_sha256
-from llmembed.cache.store import Cache, Entry, shard_name
+from llmembed.cache.store import Cache, Entry, key_lock, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def gc(cache: Cache, *, dry_run: bool = False) -> list[Path]:
                 if not dry_run:
                     tmp.unlink(missing_ok=True)
             continue
-        lock = FileLock(entry.path.parent / ".lock")
+        lock = key_lock(entry.path.parent)
         try:
             lock.acquire(timeout=0)
         except Timeout:

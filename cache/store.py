@@ -15,10 +15,12 @@ selection covers a request serves it; the model runs only when none does.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -133,7 +135,7 @@ class Entry:
         parts = []
         for shard in self.shards():
             with self._open(shard) as f:
-                parts.append(f[name][:])
+                parts.append(self._load(shard, lambda f=f: f[name][:]))
                 self._check_rows(shard, len(parts[-1]))
         return np.concatenate(parts)
 
@@ -161,9 +163,18 @@ class Entry:
                         f"{self.path / shard.file}: emb/{pooling} has shape {ds.shape}, the manifest "
                         f"says {expected}; run `llmembed-cache verify --repair` and rerun the extraction"
                     )
-                block = ds[:, order, :]
+                block = self._load(shard, lambda ds=ds: ds[:, order, :])
             out[shard.start : shard.stop] = block[:, [order.index(i) for i in idx], :]
         return out
+
+    def _load(self, shard: ShardInfo, read):
+        try:
+            return read()
+        except (OSError, KeyError) as err:  # a chunk checksum, a truncated or missing dataset
+            raise CacheError(
+                f"{self.path / shard.file} is damaged ({err}); run `llmembed-cache verify --repair` "
+                "and rerun the extraction to recompute it"
+            ) from None
 
     def _check_rows(self, shard: ShardInfo, n: int) -> None:
         if n != shard.stop - shard.start:
@@ -222,26 +233,21 @@ class EntryWriter:
         assert len(row_id) == len(label) == len(split) == n
         final = self.entry.path / (shard_name(index) + ".h5")
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("row_id", data=row_id.astype(np.int64))
-            f.create_dataset("label", data=label.astype(np.int64))
-            f.create_dataset("split", data=split.astype(np.int8))
-            group = f.create_group("emb")
-            for pooling, arr in emb.items():
-                rows, n_layers, hidden = arr.shape  # (rows, layers, hidden)
-                assert rows == n and n_layers == len(layers[pooling])
-                values = arr.astype(self.store_dtype)
-                if not np.isfinite(values).all():
-                    raise OverflowError(
-                        f"{pooling} embeddings hold values outside the {self.store_dtype.__name__} "
-                        "range (or NaN); store float32 with `extract.store_dtype=float32`"
-                    )
-                # One chunk per (shard, layer): reading a layer is one contiguous read per shard.
-                ds = group.create_dataset(pooling, data=values, chunks=(rows, 1, hidden))
-                ds.attrs["layers"] = np.asarray(layers[pooling], dtype=np.int64)
-            f.flush()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        try:
+            self._write_file(
+                tmp, n, row_id=row_id, label=label, split=split, emb=emb, layers=layers
+            )
+        except BaseException as err:  # an interrupt included: a half-written shard never stays
+            tmp.unlink(missing_ok=True)
+            if isinstance(err, OSError) and (
+                err.errno == errno.ENOSPC or "No space left" in str(err)
+            ):
+                raise CacheError(
+                    f"no space left on the device while writing {final}; free space (or move "
+                    f"cache.root) and rerun the same command: the {len(self.done())} finished "
+                    "shards are kept and only the rest is computed"
+                ) from err
+            raise
         # A sidecar from an earlier, damaged copy must not vouch for the new file.
         final.with_suffix(".json").unlink(missing_ok=True)
         os.replace(tmp, final)
@@ -255,6 +261,31 @@ class EntryWriter:
         write_json_atomic(final.with_suffix(".json"), info.__dict__)
         return info
 
+    def _write_file(self, tmp: Path, n: int, *, row_id, label, split, emb, layers) -> None:
+        # fletcher32: HDF5 checks every chunk as it is read, so flipped bytes fail any read.
+        checked = {"chunks": True, "fletcher32": True}
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("row_id", data=row_id.astype(np.int64), **checked)
+            f.create_dataset("label", data=label.astype(np.int64), **checked)
+            f.create_dataset("split", data=split.astype(np.int8), **checked)
+            group = f.create_group("emb")
+            for pooling, arr in emb.items():
+                rows, n_layers, hidden = arr.shape  # (rows, layers, hidden)
+                assert rows == n and n_layers == len(layers[pooling])
+                values = arr.astype(self.store_dtype)
+                if not np.isfinite(values).all():
+                    raise OverflowError(
+                        f"{pooling} embeddings hold values outside the {self.store_dtype.__name__} "
+                        "range (or NaN); store float32 with `extract.store_dtype=float32`"
+                    )
+                # One chunk per (shard, layer): reading a layer is one contiguous read per shard.
+                ds = group.create_dataset(
+                    pooling, data=values, chunks=(rows, 1, hidden), fletcher32=True
+                )
+                ds.attrs["layers"] = np.asarray(layers[pooling], dtype=np.int64)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+
     def finish(self, manifest: dict) -> Entry:
         """Write the manifest last: from this moment on the entry is complete."""
         shards = self.done()
@@ -265,11 +296,37 @@ class EntryWriter:
         return self.entry
 
 
+def key_lock(kdir: Path, mode: int = -1) -> FileLock:
+    """The key's lock: flock, which the kernel releases when its process dies, so a killed job never
+    blocks the next. Never the soft (file-exists) fallback: a stale soft lock would block forever."""
+    return FileLock(kdir / ".lock", mode=mode, fallback_to_soft=False)
+
+
 class Cache:
     """A cache root: find, lock, create and list entries."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, *, group_writable: bool = False):
         self.root = Path(root).expanduser()
+        self.group_writable = group_writable
+
+    @contextmanager
+    def creating(self) -> Iterator[None]:
+        """While writing: with `group_writable`, everything created is group-writable and folders
+        pass their group on (setgid), so that every member of a shared node's group can finish or
+        repair what another started."""
+        if not self.group_writable:
+            yield
+            return
+        old = os.umask(0o002)
+        try:
+            yield
+        finally:
+            os.umask(old)
+
+    def _make_dir(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        if self.group_writable:
+            path.chmod(path.stat().st_mode | stat.S_IRWXG | stat.S_ISGID)
 
     def key_dir(self, key: str) -> Path:
         if not key or not all(c in "0123456789abcdef" for c in key):
@@ -296,19 +353,19 @@ class Cache:
     ) -> Entry:
         """The (possibly half-written) entry for a selection; `about` names it for people."""
         kdir = self.key_dir(key)
-        kdir.mkdir(parents=True, exist_ok=True)
+        self._make_dir(kdir)
         spec_path = kdir / "spec.json"
         if not spec_path.is_file():
             write_json_atomic(spec_path, spec)
         entry = Entry(kdir / selection_name(layers, poolings))
-        entry.path.mkdir(exist_ok=True)
+        self._make_dir(entry.path)
         write_json_atomic(entry.path / "about.json", about)
         return entry
 
     def check_writable(self) -> None:
         """Fail before any work when the root cannot take new entries."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self._make_dir(self.root)
             probe = self.root / f".write-probe-{os.getpid()}"
             probe.touch()
             probe.unlink()
@@ -322,8 +379,8 @@ class Cache:
     def lock(self, key: str, *, poll_log_s: float = 30.0) -> Iterator[None]:
         """Hold the key's lock; while waiting, say who holds it."""
         kdir = self.key_dir(key)
-        kdir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(kdir / ".lock")
+        self._make_dir(kdir)
+        lock = key_lock(kdir, mode=0o664 if self.group_writable else -1)
         owner = kdir / ".lock.owner.json"
         waited = 0.0
         while True:

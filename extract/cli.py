@@ -7,15 +7,23 @@ llmembed-extract dataset=file dataset.path=my.csv backbone=local backbone.path=/
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from llmembed.extract.pipeline import extract
+from llmembed.extract.pipeline import Interrupted, extract
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="extract")
 def main(cfg: DictConfig) -> None:
-    result = extract(cfg)
+    try:
+        result = extract(cfg)
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(
+            128 + stop.signal_number
+        )  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     print(result.summary())
 
 

@@ -318,6 +318,7 @@ def load_dataset(cfg) -> TextDataset:
     split = make_splits(
         labels, split, test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed
     )
+    check_labels_seen_in_training(labels, split, names, cfg.get("path") or cfg.name)
     ds = TextDataset(cfg.name, list(texts), labels, names, split, ids)
     if cfg.get("limit"):
         ds = subsample(ds, int(cfg.limit), cfg.seed)
@@ -350,3 +351,17 @@ def check_texts(texts: list, labels: list, where: object) -> None:
         raise DatasetError(
             f"{where}: {len(missing)} rows have no label (first row indices: {missing[:5]})"
         )
+
+
+def check_labels_seen_in_training(
+    labels: np.ndarray, split: np.ndarray, names: list[str], where
+) -> None:
+    """A class that occurs in validation or test but never in training cannot be predicted."""
+    seen = set(labels[split == 0].tolist())
+    for code in (1, 2):
+        unseen = sorted(set(labels[split == code].tolist()) - seen)
+        if unseen:
+            raise DatasetError(
+                f"{where}: the {SPLITS[code]} split has labels {[names[i] for i in unseen]} that no "
+                "training row has; add training rows of those classes or drop them"
+            )

@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 
@@ -156,6 +159,34 @@ def shard_plan(rows: int, bytes_per_row: int, shard_mb: float) -> list[tuple[int
     return [(s, min(s + per_shard, rows)) for s in range(0, rows, per_shard)]
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped an extraction between or inside shards; finished shards are kept."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = int(signal_number)
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (what SLURM and `kill` send) stops the work like Ctrl-C: the shard being written is
+    discarded, the finished ones stay. Only the main thread can own signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        err = KeyboardInterrupt()
+        err.signal_name, err.signal_number = signal.Signals(signum).name, signum
+        raise err
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class MissingEntryError(LookupError):
     """No cache entry covers a request and extraction was not allowed; says how to make one."""
 
@@ -173,8 +204,7 @@ def extract(
     to store. A miss stores the union of both. `dataset` spares reloading an already loaded data
     set. With `allow_extract=False` a miss raises `MissingEntryError` naming the command to run.
     """
-    cache = Cache(cfg.cache.root)
-    cache.check_writable()
+    cache = Cache(cfg.cache.root, group_writable=cfg.cache.get("group_writable", False))
     ds = dataset if dataset is not None else load_dataset(cfg.dataset)
     bb = cfg.backbone
     info = inspect_backbone(bb, cache.hash_memo())
@@ -197,7 +227,8 @@ def extract(
                 f"no cache entry under {cache.root} holds {ds.name} x {bb.name} (layers {want[0]}, "
                 f"poolings {want[1]}); make it with:\n  {extract_command(cfg)}"
             )
-        with cache.lock(key):
+        cache.check_writable()  # a reader needs no write access; a writer learns it before the work
+        with cache.creating(), cache.lock(key):
             entry = cache.find(key, *want)  # another job may have made it meanwhile
             if entry is None:
                 about = {"dataset": ds.name, "backbone": bb.name, "path": bb.path}
@@ -296,18 +327,28 @@ def _fill(cfg, entry, ds, info, spec, layers, poolings) -> EmbedStats:
                 bar.set_postfix(tok_s=f"{rate:.0f}", refresh=False)
                 bar.update(n)
 
-            for i in todo:
-                start, stop = writer.plan[i]
-                emb, shard_stats = extractor.embed(ds.texts[start:stop], on_batch)
-                stats.add(shard_stats)
-                writer.write_shard(
-                    i,
-                    row_id=ds.row_ids[start:stop],
-                    label=ds.labels[start:stop],
-                    split=ds.split[start:stop],
-                    emb=emb,
-                    layers=stored,
-                )
+            try:
+                with terminate_as_interrupt():
+                    for i in todo:
+                        start, stop = writer.plan[i]
+                        emb, shard_stats = extractor.embed(ds.texts[start:stop], on_batch)
+                        stats.add(shard_stats)
+                        writer.write_shard(
+                            i,
+                            row_id=ds.row_ids[start:stop],
+                            label=ds.labels[start:stop],
+                            split=ds.split[start:stop],
+                            emb=emb,
+                            layers=stored,
+                        )
+            except KeyboardInterrupt as err:
+                done = len(writer.done())
+                raise Interrupted(
+                    f"interrupted ({getattr(err, 'signal_name', 'SIGINT')}): {done} of "
+                    f"{len(writer.plan)} shards are complete in {entry.path}; rerun the same "
+                    "command to resume with the rest",
+                    getattr(err, "signal_number", signal.SIGINT),
+                ) from None
         if stats.truncated:
             log.info(
                 "%d texts were longer than %d tokens and truncated",
