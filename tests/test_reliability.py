@@ -1,0 +1,335 @@
+"""Crashes, concurrent jobs, damaged files, a full disk, signals and hostile names: the cache either
+holds a complete, verified entry, or an incomplete one that the next run finishes, and never a wrong one."""
+
+import errno
+import json
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from llmembed.cache.maintenance import verify_entry
+from llmembed.cache.store import Cache, CacheError
+from llmembed.extract.pipeline import extract
+from tests.conftest import sentences, write_csv
+
+POOLINGS = ("mean", "last", "first")
+
+# A job as a separate process: slowed down (5 ms a batch) so that it can be killed mid-work.
+JOB = """
+import hashlib, logging, sys, time
+logging.basicConfig(level=logging.INFO)
+import numpy as np
+from llmembed.extract.embedder import Extractor
+real = Extractor._forward
+def slow(self, seqs):
+    time.sleep(0.005)
+    return real(self, seqs)
+Extractor._forward = slow
+if sys.argv[1] == "cli":
+    sys.argv = ["llmembed-extract", *sys.argv[2:]]
+    print("READY", flush=True)
+    from llmembed.extract.cli import main
+    main()
+else:
+    from hydra import compose, initialize_config_module
+    import llmembed.extract.pipeline as p
+    with initialize_config_module("llmembed.conf", version_base=None):
+        cfg = compose("extract", overrides=sys.argv[2:])
+    print("READY", flush=True)
+    sys.stdin.readline()  # wait for "go", so that several jobs start together
+    res = p.extract(cfg)
+    digest = hashlib.sha256(b"".join(res.entry.read(q, res.entry.manifest["layers"]).tobytes()
+                                     for q in ("mean", "last", "first"))).hexdigest()
+    print("HIT" if res.hit else "RAN", res.stats.texts, res.entry.path, digest, flush=True)
+"""
+
+
+def job_args(root, csv_path, model, *extra):
+    return [
+        f"cache.root={root}",
+        "dataset=file",
+        f"dataset.path={csv_path}",
+        "backbone=local",
+        f"backbone.path={model}",
+        "extract.progress=false",
+        "extract.token_budget=1",
+        "extract.shard_mb=0.002",
+        *extra,
+    ]
+
+
+def launch(mode, args, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-c", JOB, mode, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def start(mode, args, n=1, **kw):
+    """Start n jobs, wait until all have imported everything, then let them go at once."""
+    procs = [launch(mode, args, **kw) for _ in range(n)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "READY"
+    for p in procs:
+        if mode == "api":
+            p.stdin.write("go\n")
+            p.stdin.flush()
+    return procs if n > 1 else procs[0]
+
+
+def arrays(entry):
+    return {q: entry.read(q, entry.manifest["layers"]) for q in POOLINGS}
+
+
+def assert_cache_sound(root):
+    """Every entry is complete and verified, or incomplete and resumable (never half-valid)."""
+    for entry in Cache(root).entries():
+        if entry.complete:
+            assert verify_entry(entry) == [], entry.path
+        else:
+            assert json.loads((entry.path / "plan.json").read_text())["shards"]
+        for side in entry.path.glob("shard-*.json"):  # every sidecar vouches for a whole file
+            info = json.loads(side.read_text())
+            assert (entry.path / f"shard-{info['index']:05d}.h5").stat().st_size == info["bytes"]
+
+
+@pytest.fixture
+def big_csv(tmp_path):
+    return write_csv(tmp_path / "big.csv", sentences(160, seed=3))
+
+
+def test_kill_9_at_ten_moments_then_resume_is_bit_identical(tmp_path, tiny_llama, big_csv):
+    reference = extract(_cfg(tmp_path / "ref", big_csv, tiny_llama))
+    expected = arrays(reference.entry)
+    assert len(reference.entry.shards()) >= 10
+    root = tmp_path / "killed"
+    rng = random.Random(0)
+    for _ in range(10):
+        p = start("api", job_args(root, big_csv, tiny_llama))
+        time.sleep(rng.uniform(0.0, 1.5))  # the whole job takes about 1.5 s after READY
+        p.kill()
+        p.wait()
+        assert_cache_sound(root)
+    resumed = extract(_cfg(root, big_csv, tiny_llama))
+    assert resumed.stats.texts < 160 or resumed.hit  # some kill points left finished shards
+    for q in POOLINGS:
+        np.testing.assert_array_equal(arrays(resumed.entry)[q], expected[q])
+    assert not list(resumed.entry.path.glob(".*.tmp"))
+
+
+def _cfg(root, csv_path, model, *extra):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("llmembed.conf", version_base=None):
+        return compose("extract", overrides=job_args(root, csv_path, model, *extra))
+
+
+def test_four_jobs_on_one_key_one_computes_all_read_the_same(tmp_path, tiny_llama, big_csv):
+    args = job_args(tmp_path / "c", big_csv, tiny_llama)
+    procs = start("api", args, n=4)
+    outs = [p.communicate(timeout=300) for p in procs]
+    lines = [o[0].split() for o in outs]
+    assert sorted(line[0] for line in lines) == ["HIT", "HIT", "HIT", "RAN"]
+    assert sum(int(line[1]) for line in lines) == 160  # the rows were computed once in all
+    assert len({line[2] for line in lines}) == 1 and len({line[3] for line in lines}) == 1
+    readers = [o[1] for o, line in zip(outs, lines, strict=True) if line[0] == "HIT"]
+    assert all("waiting for cache key" in err and "held by pid" in err for err in readers)
+
+
+def test_jobs_on_different_keys_do_not_wait_for_each_other(tmp_path, tiny_llama, big_csv):
+    a = launch("api", job_args(tmp_path / "c", big_csv, tiny_llama, "extract.max_length=30"))
+    b = launch("api", job_args(tmp_path / "c", big_csv, tiny_llama, "extract.max_length=31"))
+    for p in (a, b):
+        assert p.stdout.readline().strip() == "READY"
+    for p in (a, b):
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    (out_a, err_a), (out_b, err_b) = a.communicate(timeout=300), b.communicate(timeout=300)
+    assert out_a.startswith("RAN 160") and out_b.startswith("RAN 160")
+    assert "waiting for cache key" not in err_a + err_b
+
+
+def test_lock_of_a_killed_process_does_not_block(tmp_path, tiny_llama, data_csv):
+    first = extract(_cfg(tmp_path / "c", data_csv, tiny_llama))
+    shutil.rmtree(first.entry.path)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from llmembed.cache.store import Cache\n"
+            "with Cache(sys.argv[1]).lock(sys.argv[2]):\n    print('LOCKED', flush=True); input()",
+            str(tmp_path / "c"),
+            first.entry.key,
+        ],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "LOCKED"
+    holder.kill()
+    holder.wait()
+    t = time.perf_counter()
+    again = extract(_cfg(tmp_path / "c", data_csv, tiny_llama))
+    assert not again.hit and time.perf_counter() - t < 30
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "missing", "manifest_shape"])
+def test_damage_is_found_by_verify_and_reads_and_repaired_shard_by_shard(
+    tmp_path, tiny_llama, data_csv, damage
+):
+    from llmembed.cache.cli import main as cache_main
+
+    cfg = _cfg(tmp_path / "c", data_csv, tiny_llama)
+    res = extract(cfg)
+    shards = res.entry.shards()
+    good = arrays(res.entry)
+    victim = res.entry.path / shards[1].file
+    if damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[: shards[1].bytes // 2])
+    elif damage == "flipped":  # raw bytes inside the stored numbers, size unchanged
+        with h5py.File(victim, "r") as f:
+            offset = f["emb"]["mean"].id.get_chunk_info(0).byte_offset
+        data = bytearray(victim.read_bytes())
+        data[offset + 10] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    elif damage == "missing":
+        victim.unlink()
+    else:
+        m = json.loads(res.entry.manifest_path.read_text())
+        m["hidden_size"] = 48
+        res.entry.manifest_path.write_text(json.dumps(m))
+
+    problems = verify_entry(res.entry)
+    assert problems and all(str(res.entry.path) in p for p in problems)
+    if damage != "manifest_shape":
+        assert all(str(victim) in p for p in problems)
+    with pytest.raises(CacheError, match="verify --repair"):
+        arrays(res.entry)
+    assert cache_main(["--root", str(tmp_path / "c"), "verify", "--repair"]) == 0
+    again = extract(cfg)
+    recomputed = (
+        sum(s.stop - s.start for s in shards)
+        if damage == "manifest_shape"
+        else shards[1].stop - shards[1].start
+    )
+    assert not again.hit and again.stats.texts == recomputed
+    for q in POOLINGS:
+        np.testing.assert_array_equal(arrays(again.entry)[q], good[q])
+
+
+def test_disk_full_during_a_write_loses_nothing_and_resumes(
+    tmp_path, tiny_llama, data_csv, monkeypatch
+):
+    cfg = _cfg(tmp_path / "c", data_csv, tiny_llama)
+    real = h5py.Group.create_dataset
+    calls = {"emb": 0}
+
+    def full_disk(self, name, *args, **kwargs):
+        if self.name == "/emb":
+            calls["emb"] += 1
+            if calls["emb"] == 4:  # the first embedding dataset of the second shard
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", full_disk)
+    with pytest.raises(
+        CacheError, match=r"no space left on the device .* the 1 finished shards are kept"
+    ):
+        extract(cfg)
+    entry = Cache(tmp_path / "c").entries()[0]
+    assert not entry.complete and not list(entry.path.glob(".*.tmp"))
+    assert sorted(p.name for p in entry.path.glob("shard-*.h5")) == ["shard-00000.h5"]
+    monkeypatch.setattr(h5py.Group, "create_dataset", real)
+    resumed = extract(cfg)
+    first = json.loads((entry.path / "shard-00000.json").read_text())
+    assert resumed.stats.texts == 60 - (first["stop"] - first["start"])
+    assert verify_entry(resumed.entry) == []
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_stop_cleanly_with_a_resume_message(
+    tmp_path, tiny_llama, big_csv, sig, code
+):
+    root = tmp_path / "c"
+    p = start("cli", job_args(root, big_csv, tiny_llama), cwd=tmp_path)
+    deadline = time.time() + 60
+    while not list(root.glob("*/*/shard-00000.json")):  # in the middle of the shards
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.02)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code, err[-2000:]
+    assert f"interrupted ({sig.name})" in err and "rerun the same command to resume" in err
+    entry = Cache(root).entries()[0]
+    assert not entry.complete and not list(entry.path.glob(".*.tmp"))
+    assert_cache_sound(root)
+    assert extract(_cfg(root, big_csv, tiny_llama)).entry.complete
+
+
+def test_hostile_names_cannot_write_outside_the_cache_root(tmp_path, tiny_llama, data_csv):
+    outside = tmp_path / "evil"
+    res = extract(
+        _cfg(
+            tmp_path / "c",
+            data_csv,
+            tiny_llama,
+            f"dataset.name=../../{outside.name}",
+            f"backbone.name={outside}/abs",
+        )
+    )
+    assert res.entry.path.is_relative_to(tmp_path / "c") and not outside.exists()
+    assert (
+        res.entry.about["dataset"] == f"../../{outside.name}"
+    )  # kept as data, never used as a path
+
+
+def test_group_writable_cache(tmp_path, tiny_llama, data_csv):
+    res = extract(
+        _cfg(
+            tmp_path / "c",
+            data_csv,
+            tiny_llama,
+            "+cache.group_writable=true" if False else "cache.group_writable=true",
+        )
+    )
+    for path in [res.entry.path, res.entry.path.parent, *res.entry.path.iterdir()]:
+        mode = path.stat().st_mode
+        assert mode & stat.S_IWGRP, path
+        if path.is_dir():
+            assert mode & stat.S_ISGID, path
+
+
+def test_a_reader_without_write_access_reads_a_complete_entry(tmp_path, tiny_llama, data_csv):
+    made = extract(_cfg(tmp_path / "rw", data_csv, tiny_llama))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    # A read-only bind mount: even root cannot write there, as a reader on a shared node.
+    mounted = subprocess.run(
+        ["mount", "--bind", str(tmp_path / "rw"), str(ro)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mounted.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+        with pytest.raises(OSError, match="Read-only file system"):
+            (ro / "probe").touch()
+        got = extract(_cfg(ro, data_csv, tiny_llama))
+        assert got.hit and got.entry.path == ro / made.entry.path.relative_to(tmp_path / "rw")
+        for q in POOLINGS:
+            np.testing.assert_array_equal(arrays(got.entry)[q], arrays(made.entry)[q])
+        with pytest.raises(PermissionError, match="is not writable"):  # a miss would need to write
+            extract(_cfg(ro, data_csv, tiny_llama, "extract.max_length=9"))
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
