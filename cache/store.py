@@ -51,6 +51,11 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
+def disk_full(err: BaseException) -> bool:
+    """ENOSPC, as an OSError or as HDF5 reports it from a flush (a RuntimeError naming errno 28)."""
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     index: int
@@ -237,28 +242,26 @@ class EntryWriter:
             self._write_file(
                 tmp, n, row_id=row_id, label=label, split=split, emb=emb, layers=layers
             )
+            # A sidecar from an earlier, damaged copy must not vouch for the new file.
+            final.with_suffix(".json").unlink(missing_ok=True)
+            os.replace(tmp, final)
+            info = ShardInfo(
+                index=index,
+                start=start,
+                stop=stop,
+                bytes=final.stat().st_size,
+                sha256=file_sha256(final),
+            )
+            write_json_atomic(final.with_suffix(".json"), info.__dict__)  # now the shard counts
         except BaseException as err:  # an interrupt included: a half-written shard never stays
             tmp.unlink(missing_ok=True)
-            if isinstance(err, OSError) and (
-                err.errno == errno.ENOSPC or "No space left" in str(err)
-            ):
+            if disk_full(err):
                 raise CacheError(
                     f"no space left on the device while writing {final}; free space (or move "
                     f"cache.root) and rerun the same command: the {len(self.done())} finished "
                     "shards are kept and only the rest is computed"
                 ) from err
             raise
-        # A sidecar from an earlier, damaged copy must not vouch for the new file.
-        final.with_suffix(".json").unlink(missing_ok=True)
-        os.replace(tmp, final)
-        info = ShardInfo(
-            index=index,
-            start=start,
-            stop=stop,
-            bytes=final.stat().st_size,
-            sha256=file_sha256(final),
-        )
-        write_json_atomic(final.with_suffix(".json"), info.__dict__)
         return info
 
     def _write_file(self, tmp: Path, n: int, *, row_id, label, split, emb, layers) -> None:

@@ -3,6 +3,7 @@ holds a complete, verified entry, or an incomplete one that the next run finishe
 
 import errno
 import json
+import os
 import random
 import shutil
 import signal
@@ -110,23 +111,49 @@ def big_csv(tmp_path):
     return write_csv(tmp_path / "big.csv", sentences(160, seed=3))
 
 
-def test_kill_9_at_ten_moments_then_resume_is_bit_identical(tmp_path, tiny_llama, big_csv):
+# scripts/stress.py raises these; the suite's defaults keep it quick.
+KILLS = int(os.environ.get("LLMEMBED_STRESS_KILLS", "10"))
+JOBS = int(os.environ.get("LLMEMBED_STRESS_JOBS", "4"))
+SEED = int(os.environ.get("LLMEMBED_STRESS_SEED", "0"))
+REPORT = os.environ.get("LLMEMBED_STRESS_REPORT")
+
+
+def record(**figures):
+    if REPORT:
+        with open(REPORT, "a") as f:
+            f.write(json.dumps(figures) + "\n")
+
+
+def test_kill_9_at_many_moments_then_resume_is_bit_identical(tmp_path, tiny_llama, big_csv):
     reference = extract(_cfg(tmp_path / "ref", big_csv, tiny_llama))
     expected = arrays(reference.entry)
     assert len(reference.entry.shards()) >= 10
     root = tmp_path / "killed"
-    rng = random.Random(0)
-    for _ in range(10):
+    rng = random.Random(SEED)
+    states = []
+    for _ in range(KILLS):
         p = start("api", job_args(root, big_csv, tiny_llama))
         time.sleep(rng.uniform(0.0, 1.5))  # the whole job takes about 1.5 s after READY
         p.kill()
         p.wait()
         assert_cache_sound(root)
+        entries = Cache(root).entries()
+        states.append(
+            "absent" if not entries else "complete" if entries[0].complete else "incomplete"
+        )
+        if states[-1] == "complete":
+            shutil.rmtree(entries[0].path)  # start over, so that later kills land mid-work again
     resumed = extract(_cfg(root, big_csv, tiny_llama))
-    assert resumed.stats.texts < 160 or resumed.hit  # some kill points left finished shards
+    assert states.count("incomplete") >= KILLS // 3, states  # most kills landed mid-work
     for q in POOLINGS:
         np.testing.assert_array_equal(arrays(resumed.entry)[q], expected[q])
     assert not list(resumed.entry.path.glob(".*.tmp"))
+    record(
+        kills=KILLS,
+        **{s: states.count(s) for s in ("absent", "incomplete", "complete")},
+        resumed_rows=resumed.stats.texts,
+        bit_identical=True,
+    )
 
 
 def _cfg(root, csv_path, model, *extra):
@@ -136,16 +163,17 @@ def _cfg(root, csv_path, model, *extra):
         return compose("extract", overrides=job_args(root, csv_path, model, *extra))
 
 
-def test_four_jobs_on_one_key_one_computes_all_read_the_same(tmp_path, tiny_llama, big_csv):
+def test_many_jobs_on_one_key_one_computes_all_read_the_same(tmp_path, tiny_llama, big_csv):
     args = job_args(tmp_path / "c", big_csv, tiny_llama)
-    procs = start("api", args, n=4)
+    procs = start("api", args, n=JOBS)
     outs = [p.communicate(timeout=300) for p in procs]
     lines = [o[0].split() for o in outs]
-    assert sorted(line[0] for line in lines) == ["HIT", "HIT", "HIT", "RAN"]
+    assert sorted(line[0] for line in lines) == ["HIT"] * (JOBS - 1) + ["RAN"]
     assert sum(int(line[1]) for line in lines) == 160  # the rows were computed once in all
     assert len({line[2] for line in lines}) == 1 and len({line[3] for line in lines}) == 1
     readers = [o[1] for o, line in zip(outs, lines, strict=True) if line[0] == "HIT"]
     assert all("waiting for cache key" in err and "held by pid" in err for err in readers)
+    record(concurrent_jobs=JOBS, model_runs=1, identical_arrays=True)
 
 
 def test_jobs_on_different_keys_do_not_wait_for_each_other(tmp_path, tiny_llama, big_csv):
@@ -227,6 +255,7 @@ def test_damage_is_found_by_verify_and_reads_and_repaired_shard_by_shard(
     assert not again.hit and again.stats.texts == recomputed
     for q in POOLINGS:
         np.testing.assert_array_equal(arrays(again.entry)[q], good[q])
+    record(damage=damage, found=True, recomputed_rows=again.stats.texts)
 
 
 def test_disk_full_during_a_write_loses_nothing_and_resumes(
@@ -256,6 +285,7 @@ def test_disk_full_during_a_write_loses_nothing_and_resumes(
     first = json.loads((entry.path / "shard-00000.json").read_text())
     assert resumed.stats.texts == 60 - (first["stop"] - first["start"])
     assert verify_entry(resumed.entry) == []
+    record(disk_full="ENOSPC injected at the HDF5 write", finished_shards_kept=True)
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -276,6 +306,7 @@ def test_sigterm_and_sigint_stop_cleanly_with_a_resume_message(
     assert not entry.complete and not list(entry.path.glob(".*.tmp"))
     assert_cache_sound(root)
     assert extract(_cfg(root, big_csv, tiny_llama)).entry.complete
+    record(signal=sig.name, exit_code=code, resumed=True)
 
 
 def test_hostile_names_cannot_write_outside_the_cache_root(tmp_path, tiny_llama, data_csv):
@@ -333,3 +364,27 @@ def test_a_reader_without_write_access_reads_a_complete_entry(tmp_path, tiny_lla
             extract(_cfg(ro, data_csv, tiny_llama, "extract.max_length=9"))
     finally:
         subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_a_real_full_disk_on_a_small_tmpfs(tmp_path, tiny_llama, big_csv):
+    root = tmp_path / "small"
+    root.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(root)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        with pytest.raises(CacheError, match="no space left on the device"):
+            extract(_cfg(root, big_csv, tiny_llama))
+        entry = Cache(root).entries()[0]
+        kept = sorted(p.name for p in entry.path.glob("shard-*.h5"))
+        assert kept and not entry.complete and not list(entry.path.glob(".*.tmp"))
+        assert_cache_sound(root)
+        subprocess.run(["mount", "-o", "remount,size=8m", str(root)], check=True)  # space is back
+        resumed = extract(_cfg(root, big_csv, tiny_llama))
+        assert resumed.entry.complete and verify_entry(resumed.entry) == []
+        assert resumed.stats.texts < 160  # the shards written before the disk filled were kept
+        record(disk_full="real ENOSPC on a 320 KiB tmpfs", finished_shards_kept=len(kept))
+    finally:
+        subprocess.run(["umount", str(root)], check=False)

@@ -1,0 +1,135 @@
+"""Stress the cache's guarantees with more kills and jobs than the test suite uses, and print the figures.
+
+    .venv/bin/python scripts/stress.py                 # 20 kill -9 points, 4 concurrent jobs
+    .venv/bin/python scripts/stress.py --kills 50 --jobs 8 --seed 3
+
+It runs the reliability, security and bad-input tests of the suite with larger settings (they read
+LLMEMBED_STRESS_* variables), so the stress run and the suite check the same properties; each test
+asserts that no complete data is lost and that resumed results are bit-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD_INPUT_TESTS = (
+    "bad_files",
+    "non_utf8",
+    "missing_file",
+    "bom",
+    "null_text",
+    "never_seen",
+    "bad_settings",
+    "bad_feature",
+    "misspelled",
+    "unwritable",
+    "missing_local",
+    "gguf_without",
+    "without_pad",
+    "missing_entry",
+    "hostile_names",
+    "long_texts",
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        report, junit = Path(tmp) / "figures.jsonl", Path(tmp) / "junit.xml"
+        env = {
+            **os.environ,
+            "LLMEMBED_STRESS_KILLS": str(args.kills),
+            "LLMEMBED_STRESS_JOBS": str(args.jobs),
+            "LLMEMBED_STRESS_SEED": str(args.seed),
+            "LLMEMBED_STRESS_REPORT": str(report),
+        }
+        tests = [
+            "tests/test_reliability.py",
+            "tests/test_security.py",
+            "tests/test_datasets.py",
+            "tests/test_backbones.py",
+            "tests/test_extract.py",
+            "tests/test_cli.py",
+            "tests/test_classify.py",
+        ]
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                f"--junitxml={junit}",
+                *tests,
+            ],
+            cwd=ROOT,
+            env=env,
+        )
+        figures = (
+            [json.loads(line) for line in report.read_text().splitlines()]
+            if report.exists()
+            else []
+        )
+        cases = ET.parse(junit).getroot().iter("testcase")
+        outcome = {
+            c.get("name"): (
+                "failed"
+                if c.find("failure") is not None or c.find("error") is not None
+                else "skipped"
+                if c.find("skipped") is not None
+                else "passed"
+            )
+            for c in cases
+        }
+    kills = next((f for f in figures if "kills" in f), {})
+    jobs = next((f for f in figures if "concurrent_jobs" in f), {})
+    damage = [f["damage"] for f in figures if "damage" in f]
+    signals = [f["signal"] for f in figures if "signal" in f]
+    bad = Counter(v for k, v in outcome.items() if any(b in k for b in BAD_INPUT_TESTS))
+    failed = [k for k, v in outcome.items() if v == "failed"]
+    print("\n== llmembed stress figures")
+    print(
+        f"kill -9 points survived:     {kills.get('kills', 0)} "
+        f"(after each: entry absent {kills.get('absent', 0)}, "
+        f"incomplete and resumable {kills.get('incomplete', 0)}, complete {kills.get('complete', 0)}; "
+        f"resume bit-identical: {kills.get('bit_identical', False)})"
+    )
+    print(
+        f"concurrent jobs on one key:  {jobs.get('concurrent_jobs', 0)} "
+        f"(model ran {jobs.get('model_runs', '?')} "
+        f"time, all read identical arrays: {jobs.get('identical_arrays', False)})"
+    )
+    print(
+        f"damaged files found:         {len(damage)} of 4 ({', '.join(damage)}), each by verify and by a read"
+    )
+    print(
+        f"disk full:                   {'survived' if any('disk_full' in f for f in figures) else 'not run'}"
+    )
+    print(
+        f"signals:                     {', '.join(signals) or 'none'} stopped cleanly and resumed"
+    )
+    print(
+        f"bad inputs tried:            {sum(bad.values())} ({bad['passed']} gave their specific error)"
+    )
+    print(f"data lost:                   {0 if not failed else 'see failures'}")
+    if failed:
+        print("FAILED: " + ", ".join(failed))
+    return run.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
