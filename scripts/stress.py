@@ -116,9 +116,12 @@ def main() -> int:
     print(
         f"damaged files found:         {len(damage)} of 4 ({', '.join(damage)}), each by verify and by a read"
     )
-    print(
-        f"disk full:                   {'survived' if any('disk_full' in f for f in figures) else 'not run'}"
-    )
+    full = [
+        f"{f['disk_full']}, {f['finished_shards_kept']} finished shards kept"
+        for f in figures
+        if "disk_full" in f
+    ]
+    print(f"disk full:                   {'; '.join(full) or 'not run'}")
     print(
         f"signals:                     {', '.join(signals) or 'none'} stopped cleanly and resumed"
     )

@@ -285,7 +285,7 @@ def test_disk_full_during_a_write_loses_nothing_and_resumes(
     first = json.loads((entry.path / "shard-00000.json").read_text())
     assert resumed.stats.texts == 60 - (first["stop"] - first["start"])
     assert verify_entry(resumed.entry) == []
-    record(disk_full="ENOSPC injected at the HDF5 write", finished_shards_kept=True)
+    record(disk_full="ENOSPC injected at the HDF5 write", finished_shards_kept=1)
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
