@@ -239,3 +239,31 @@ def test_hydra_multirun_sweeps_layers(tmp_path, tiny_llama, data_csv):
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("seed(s), ") == 4  # one summary line per job
     assert len(list((tmp_path / "sweep").rglob("metrics.json"))) == 4
+
+
+@pytest.mark.parametrize("experiment", ["paper", "demo"])
+def test_experiment_configs_compose_to_the_papers_setup(experiment):
+    from llmembed.fuse.features import parse_sources, resolve_fusion
+
+    with initialize_config_module("llmembed.conf", version_base=None):
+        cfg = compose("classify", overrides=[f"experiment={experiment}"])
+    sources = parse_sources(cfg.features)
+    assert (
+        cfg.head.name == "llmembed"
+        and resolve_fusion(cfg.features.fusion, cfg.head.name) == "cooccurrence"
+    )
+    assert (
+        cfg.head.params.width == 1024
+        and cfg.head.params.lr == 1e-4
+        and cfg.head.params.batch_size == 1024
+    )
+    if experiment == "paper":
+        assert [(s.backbone.path, s.layers, s.pooling) for s in sources] == [
+            ("meta-llama/Llama-2-7b-chat-hf", (28, 29, 30, 31, 32), "mean"),
+            ("google-bert/bert-large-uncased", (24,), "pooler"),
+            ("FacebookAI/roberta-large", (24,), "first"),
+        ]
+    else:
+        assert [s.backbone.name for s in sources] == ["smollm2"] * 1 + [
+            "minilm"
+        ] and cfg.dataset.limit == 4000

@@ -177,3 +177,27 @@ def test_hub_sets_map_their_splits_and_class_names(monkeypatch):
         "test": 10,
     }  # validation carved from train
     assert ds.labels.tolist() == [r["label"] for r in rows]
+
+
+def test_null_text_in_jsonl(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        "\n".join(
+            json.dumps(r) for r in [{"text": None, "label": "a"}, {"text": "x", "label": "b"}]
+        )
+    )
+    with pytest.raises(
+        DatasetError, match=r"empty, blank or missing text \(first row indices: \[0\]\)"
+    ):
+        load_dataset(cfg(path=str(path)))
+
+
+def test_a_test_label_never_seen_in_training(tmp_path):
+    rows = [(f"text {i}", "a" if i % 2 else "b", "train") for i in range(20)] + [
+        ("odd one", "c", "test")
+    ]
+    path = write_csv(tmp_path / "s.csv", rows, header=("text", "label", "part"))
+    with pytest.raises(
+        DatasetError, match=r"the test split has labels \['c'\] that no training row has"
+    ):
+        load_dataset(cfg(path=str(path), split_column="part"))

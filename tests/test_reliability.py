@@ -74,6 +74,9 @@ def launch(mode, args, **kw):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A runner started in the background inherits SIGINT ignored (a shell convention); give the
+        # job the default disposition, as in an interactive terminal, so that Ctrl-C reaches it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         **kw,
     )
 
