@@ -38,10 +38,6 @@ class Source:
     layers: tuple[int, ...]
     pooling: str
 
-    @property
-    def label(self) -> str:
-        return f"{self.backbone.name}:{self.pooling}:L{','.join(map(str, self.layers))}"
-
 
 def backbone_config(ref) -> DictConfig:
     """A source's backbone: the name of a file in conf/backbone/, or an inline mapping."""
