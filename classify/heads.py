@@ -242,7 +242,7 @@ class MLPHead(TorchHead):
         max_epochs=200,
         patience=10,
         random_state=0,
-        device="cpu",
+        device="auto",
     ):
         self.hidden = hidden
         self.dropout = dropout
@@ -315,7 +315,7 @@ class LLMEmbedHead(TorchHead):
         max_epochs=300,
         patience=20,
         random_state=0,
-        device="cpu",
+        device="auto",
     ):
         self.block_sizes = block_sizes
         self.n_llm_blocks = n_llm_blocks
