@@ -197,15 +197,18 @@ class EntryWriter:
         self.entry = entry
         self.store_dtype = STORE_DTYPES[store_dtype]
         entry.path.mkdir(parents=True, exist_ok=True)
-        # The caller holds the key's lock, so temporary files here are leftovers of a killed run.
-        for tmp in entry.path.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
         plan_path = entry.path / "plan.json"
         if plan_path.is_file():  # a resumed run keeps the first run's shard boundaries
             self.plan = [tuple(p) for p in json.loads(plan_path.read_text())["shards"]]
         else:
             self.plan = [tuple(p) for p in plan]
             write_json_atomic(plan_path, {"shards": self.plan})
+
+    def discard_leftovers(self) -> None:
+        """Remove temporary files of killed runs; only for the holder of the key's lock, before
+        any process of its job writes."""
+        for tmp in self.entry.path.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
     def done(self) -> dict[int, ShardInfo]:
         """Shards already complete on disk (a sidecar and a file of the recorded size)."""

@@ -38,8 +38,8 @@ def embed_source(source: dict, texts: list[str], device: str) -> list[np.ndarray
         prompt=spec["prompt"],
         truncation_side=spec["truncation_side"],
         padding_side=bb.padding_side,
-        token_budget=resolve_token_budget("auto", device),
-        device=device,
+        token_budget=resolve_token_budget("auto", device, info),
+        device=str(model.get_input_embeddings().weight.device),
     )
     values = extractor.embed(texts)[0][pooling]  # (n, layers, hidden)
     # Training read these numbers from the cache at its storage precision: round the same way.

@@ -8,6 +8,10 @@ from collections import defaultdict
 from pathlib import Path
 
 COLUMNS = (
+    "extract_s_per_1k",
+    "extract_j_per_1k",
+    "train_s_per_1k",
+    "train_j_per_1k",
     "dataset",
     "head",
     "fusion",
@@ -45,6 +49,7 @@ def collect(folders: list[Path]) -> list[dict]:
                     "fit_s": m["timings"]["fit_s"],
                     "total_s": m["timings"]["total_s"],
                     "run": str(path.parent),
+                    **costs(m),
                     # for the plot: one (backbone, pooling) line over layers, fused runs as levels
                     "line": f"{m['sources'][0]['backbone']} {m['sources'][0]['pooling']}"
                     if single
@@ -57,15 +62,46 @@ def collect(folders: list[Path]) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["val_accuracy"], -r["test_accuracy"]))
 
 
+def _per_1k(amount, rows):
+    return None if amount is None or not rows else round(1000 * amount / rows, 3)
+
+
+def costs(m: dict) -> dict:
+    """Seconds and joules per 1,000 texts: making each source's cache entry (from its manifest,
+    summed over sources; energy null where the hardware did not tell) and this training run."""
+    made = [
+        e["entry_cost"]
+        for e in m.get("extraction", [])
+        if e.get("entry_cost", {}).get("rows_computed")
+    ]
+    secs = [_per_1k(c["wall_s"], c["rows_computed"]) for c in made]
+    joules = [_per_1k(c["energy_j"], c["rows_computed"]) for c in made]
+    res, n = m.get("resources", {}), sum(m["rows"].values())
+    return {
+        "extract_s_per_1k": round(sum(secs), 3) if made else None,
+        "extract_j_per_1k": round(sum(joules), 3) if made and None not in joules else None,
+        "train_s_per_1k": _per_1k(res.get("wall_s"), n),
+        "train_j_per_1k": _per_1k(res.get("energy_j"), n),
+    }
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def markdown(rows: list[dict]) -> str:
-    head = "| dataset | head | features | val acc | test acc | test macro-F1 | test micro-F1 | seeds | fit s |"  # noqa: E501
-    lines = [head, "|" + "---|" * 9]
+    head = (
+        "| dataset | head | features | val acc | test acc | test macro-F1 | test micro-F1 | seeds | fit s "
+        "| extract s/1k texts | extract J/1k | train s/1k | train J/1k |"
+    )
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         std = f" ± {r['test_accuracy_std']:.4f}" if r["seeds"] > 1 else ""
         lines.append(
             f"| {r['dataset']} | {r['head']} | {r['features']} | {r['val_accuracy']:.4f} | "
             f"{r['test_accuracy']:.4f}{std} | {r['test_macro_f1']:.4f} | {r['test_micro_f1']:.4f} | "
-            f"{r['seeds']} | {r['fit_s']:.1f} |"
+            f"{r['seeds']} | {r['fit_s']:.1f} | {_fmt(r['extract_s_per_1k'])} | "
+            f"{_fmt(r['extract_j_per_1k'])} | {_fmt(r['train_s_per_1k'])} | {_fmt(r['train_j_per_1k'])} |"
         )
     return "\n".join(lines)
 

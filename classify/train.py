@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llmembed.cache.store import SPLITS
@@ -21,8 +22,12 @@ from llmembed.classify.metrics import evaluate, summarize
 from llmembed.classify.saved import save_trained
 from llmembed.extract.datasets import load_dataset
 from llmembed.fuse.features import load_features, parse_sources, resolve_fusion
+from llmembed.meter import Meter
 
 log = logging.getLogger(__name__)
+
+
+ENTRY_COST = ("rows_computed", "wall_s", "cpu_s", "energy_j", "energy_note", "device")
 
 
 def head_params(cfg: DictConfig, feats, seed: int) -> dict:
@@ -40,36 +45,37 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     if cfg.head.name not in HEADS:
         raise ValueError(f"head.name must be one of {sorted(HEADS)}, got {cfg.head.name!r}")
-    sources = parse_sources(cfg.features)
-    fusion = resolve_fusion(cfg.features.fusion, cfg.head.name)
-    seeds = [int(s) for s in cfg.seeds]
-    ds = load_dataset(cfg.dataset)
-    feats = load_features(cfg, sources, ds, allow_extract=cfg.extract_missing)
-    t_features = time.perf_counter() - t0
-    X = feats.fuse(fusion)
-    y, split = feats.labels, feats.split
-    tr, va, te = (split == 0), (split == 1), (split == 2)
+    with Meter([torch.cuda.current_device()] if torch.cuda.is_available() else []) as meter:
+        sources = parse_sources(cfg.features)
+        fusion = resolve_fusion(cfg.features.fusion, cfg.head.name)
+        seeds = [int(s) for s in cfg.seeds]
+        ds = load_dataset(cfg.dataset)
+        feats = load_features(cfg, sources, ds, allow_extract=cfg.extract_missing)
+        t_features = time.perf_counter() - t0
+        X = feats.fuse(fusion)
+        y, split = feats.labels, feats.split
+        tr, va, te = (split == 0), (split == 1), (split == 2)
 
-    runs, heads, t_fit = [], [], 0.0
-    for seed in seeds:
-        head = HEADS[cfg.head.name](**head_params(cfg, feats, seed))
-        t = time.perf_counter()
-        head.fit(X[tr], y[tr], validation=(X[va], y[va]))
-        t_fit += time.perf_counter() - t
-        runs.append(
-            {
-                "seed": seed,
-                "validation": evaluate(y[va], head.predict(X[va]), feats.label_names),
-                "test": evaluate(y[te], head.predict(X[te]), feats.label_names),
-            }
-        )
-        heads.append(head)
-        log.info(
-            "seed %d: validation accuracy %.4f, test accuracy %.4f",
-            seed,
-            runs[-1]["validation"]["accuracy"],
-            runs[-1]["test"]["accuracy"],
-        )
+        runs, heads, t_fit = [], [], 0.0
+        for seed in seeds:
+            head = HEADS[cfg.head.name](**head_params(cfg, feats, seed))
+            t = time.perf_counter()
+            head.fit(X[tr], y[tr], validation=(X[va], y[va]))
+            t_fit += time.perf_counter() - t
+            runs.append(
+                {
+                    "seed": seed,
+                    "validation": evaluate(y[va], head.predict(X[va]), feats.label_names),
+                    "test": evaluate(y[te], head.predict(X[te]), feats.label_names),
+                }
+            )
+            heads.append(head)
+            log.info(
+                "seed %d: validation accuracy %.4f, test accuracy %.4f",
+                seed,
+                runs[-1]["validation"]["accuracy"],
+                runs[-1]["test"]["accuracy"],
+            )
 
     test = summarize([r["test"] for r in runs])
     metrics = {
@@ -87,6 +93,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         "test": test,
         "validation": summarize([r["validation"] for r in runs]),
         "runs": runs,
+        # This run's share (zero on a hit) and what making each entry cost, from its manifest.
         "extraction": [
             {
                 "backbone": s.backbone.name,
@@ -94,9 +101,11 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                 "hit": r.hit,
                 "seconds": r.stats.seconds,
                 "texts": r.stats.texts,
+                "entry_cost": {k: r.entry.manifest["extraction"].get(k) for k in ENTRY_COST},
             }
             for s, r in zip(sources, feats.entries, strict=True)
         ],
+        "resources": meter.figures(),  # features and fitting: wall, CPU, memory, energy
         "timings": {
             "features_s": round(t_features, 3),
             "fit_s": round(t_fit, 3),

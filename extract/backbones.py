@@ -181,9 +181,11 @@ def load_model(cfg, info: BackboneInfo, *, depth: int, dtype: torch.dtype, devic
     kw = info.source.load_kwargs(info.identity.get("commit"), cfg.get("trust_remote_code", False))
     if depth < info.num_layers:
         kw["num_hidden_layers"] = depth
+    if cfg.get("device_map"):  # e.g. "auto": accelerate spreads a model too big for one device
+        kw["device_map"] = cfg.device_map
     model = AutoModel.from_pretrained(info.source.location, dtype=dtype, **kw)
     if depth < info.num_layers:
         # Transformers replaces the last hidden state by the final-normed one; a cut model's last
         # layer is not the model's last, so keep it raw to match the full model's hidden_states.
         model.config.tie_last_hidden_states = False
-    return model.to(device).eval()
+    return (model if cfg.get("device_map") else model.to(device)).eval()

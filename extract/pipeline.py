@@ -8,12 +8,10 @@ shards are computed.
 from __future__ import annotations
 
 import logging
-import os
-import resource
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 
@@ -26,6 +24,8 @@ from llmembed.cache.store import STORE_DTYPES, Cache, Entry, EntryWriter
 from llmembed.extract.backbones import BackboneInfo, inspect_backbone, load_model, load_tokenizer
 from llmembed.extract.datasets import TextDataset, load_dataset
 from llmembed.extract.embedder import EmbedStats, Extractor
+from llmembed.extract.ranks import Ranks
+from llmembed.meter import Meter, combine
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,23 @@ def resolve_dtype(name: str, device: str) -> str:
     return name
 
 
-def resolve_token_budget(value, device: str) -> int:
+def resolve_token_budget(value, device: str, info: BackboneInfo | None = None) -> int:
     """Padded tokens per batch. On CPU small batches are fastest (measured: 1024 tokens ran 3.7x
-    faster than 16384 for SmolLM2); a GPU wants large ones."""
-    if value == "auto":
-        return 32768 if device.startswith("cuda") else 1024
-    if int(value) < 1:
-        raise ConfigError(f"extract.token_budget must be auto or a positive integer, got {value!r}")
-    return int(value)
+    faster than 16384 for SmolLM2). On a GPU `auto` sizes batches to half of the free memory, so that
+    jobs sharing a card fit beside each other; out-of-memory still halves it."""
+    if value != "auto":
+        if int(value) < 1:
+            raise ConfigError(
+                f"extract.token_budget must be auto or a positive integer, got {value!r}"
+            )
+        return int(value)
+    if not device.startswith("cuda"):
+        return 1024
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    hidden, kept = (info.hidden_size, info.num_layers + 1) if info else (4096, 33)
+    # Kept hidden states plus about 16 hidden-widths of working activations per token, bfloat16.
+    per_token = (kept + 16) * hidden * 2
+    return int(min(max(0.5 * free / per_token, 256), 131072))
 
 
 def resolve_layers(requested, num_layers: int, name: str) -> list[int]:
@@ -203,6 +212,10 @@ def extract(
     `need` (layer indices, poolings) is what a hit must cover; by default what `cfg.extract` asks
     to store. A miss stores the union of both. `dataset` spares reloading an already loaded data
     set. With `allow_extract=False` a miss raises `MissingEntryError` naming the command to run.
+
+    Under `accelerate launch` every process calls this: the main process decides (and alone holds
+    the key's lock), the shards to compute are split between the processes, each writes its own
+    shard files, and the main process writes the manifest once all are done.
     """
     cache = Cache(cfg.cache.root, group_writable=cfg.cache.get("group_writable", False))
     ds = dataset if dataset is not None else load_dataset(cfg.dataset)
@@ -219,24 +232,59 @@ def extract(
         layers, poolings = sorted({*layers, *want[0]}), sorted({*poolings, *want[1]})
     spec = entry_spec(cfg, ds, info)
     key = fingerprint(spec)
+    ranks = Ranks()
 
-    entry = cache.find(key, *want)
-    if entry is None:
-        if not allow_extract:
-            raise MissingEntryError(
-                f"no cache entry under {cache.root} holds {ds.name} x {bb.name} (layers {want[0]}, "
-                f"poolings {want[1]}); make it with:\n  {extract_command(cfg)}"
-            )
-        cache.check_writable()  # a reader needs no write access; a writer learns it before the work
-        with cache.creating(), cache.lock(key):
-            entry = cache.find(key, *want)  # another job may have made it meanwhile
-            if entry is None:
-                about = {"dataset": ds.name, "backbone": bb.name, "path": bb.path}
-                entry = cache.prepare(key, spec, layers, poolings, about=about)
-                stats = _fill(cfg, entry, ds, info, spec, layers, poolings)
-                return ExtractResult(entry, hit=False, stats=stats)
-    log.info("cache hit for %s x %s: %s", ds.name, bb.name, entry.path)
-    return ExtractResult(entry, hit=True, stats=EmbedStats())
+    with cache.creating(), ExitStack() as held:
+        decision = None
+        if ranks.is_main:
+            try:
+                if (entry := cache.find(key, *want)) is not None:
+                    decision = ("hit", entry.path)
+                elif not allow_extract:
+                    raise MissingEntryError(
+                        f"no cache entry under {cache.root} holds {ds.name} x {bb.name} (layers "
+                        f"{want[0]}, poolings {want[1]}); make it with:\n  {extract_command(cfg)}"
+                    )
+                else:
+                    cache.check_writable()  # readers need no write access; writers learn it now
+                    held.enter_context(cache.lock(key))
+                    if (
+                        entry := cache.find(key, *want)
+                    ) is not None:  # made meanwhile by another job
+                        decision = ("hit", entry.path)
+                    else:
+                        about = {"dataset": ds.name, "backbone": bb.name, "path": bb.path}
+                        entry = cache.prepare(key, spec, layers, poolings, about=about)
+                        _writer(cfg, entry, ds, info, layers, poolings).discard_leftovers()
+                        decision = ("fill", entry.path)
+            except Exception as err:  # the other processes must hear of it, not wait forever
+                decision = ("error", err)
+        kind, value = ranks.broadcast(decision)
+        if kind == "error":
+            raise value
+        entry = Entry(value)
+        if kind == "hit":
+            log.info("cache hit for %s x %s: %s", ds.name, bb.name, entry.path)
+            return ExtractResult(entry, hit=True, stats=EmbedStats())
+        return ExtractResult(
+            entry, hit=False, stats=_fill(cfg, entry, ds, info, spec, layers, poolings, ranks)
+        )
+
+
+def _stored(info: BackboneInfo, layers: list[int], poolings: list[str]) -> dict[str, list[int]]:
+    """Layers stored per pooling: the pooler exists for the last layer only."""
+    return {p: ([info.num_layers] if p == "pooler" else layers) for p in poolings}
+
+
+def _writer(cfg, entry, ds, info, layers, poolings) -> EntryWriter:
+    ex = cfg.extract
+    itemsize = STORE_DTYPES[ex.store_dtype]().itemsize
+    bytes_per_row = (
+        sum(len(v) for v in _stored(info, layers, poolings).values()) * info.hidden_size * itemsize
+    )
+    return EntryWriter(
+        entry, shard_plan(len(ds), bytes_per_row, ex.shard_mb), store_dtype=ex.store_dtype
+    )
 
 
 def extract_command(cfg: DictConfig) -> str:
@@ -270,97 +318,116 @@ def _cli_value(v) -> str:
     return f"'{text}'" if any(c in text for c in " {}'\"\\,") else text
 
 
-def _fill(cfg, entry, ds, info, spec, layers, poolings) -> EmbedStats:
-    ex, bb = cfg.extract, cfg.backbone
-    stored = {p: ([info.num_layers] if p == "pooler" else layers) for p in poolings}
-    itemsize = STORE_DTYPES[ex.store_dtype]().itemsize
-    bytes_per_row = sum(len(v) for v in stored.values()) * info.hidden_size * itemsize
-    writer = EntryWriter(
-        entry, shard_plan(len(ds), bytes_per_row, ex.shard_mb), store_dtype=ex.store_dtype
+def _fill(cfg, entry, ds, info, spec, layers, poolings, ranks: Ranks) -> EmbedStats:
+    ex = cfg.extract
+    stored = _stored(info, layers, poolings)
+    writer = _writer(cfg, entry, ds, info, layers, poolings)
+    # The main process says which shards are missing before anyone writes one.
+    todo = ranks.broadcast(
+        [i for i in range(len(writer.plan)) if i not in writer.done()] if ranks.is_main else None
     )
-    done = writer.done()
-    todo = [i for i in range(len(writer.plan)) if i not in done]
+    mine = todo[ranks.index :: ranks.count]
+    if ranks.is_main and len(todo) < len(writer.plan):
+        log.info(
+            "resuming %s: %d of %d shards already complete",
+            entry.path,
+            len(writer.plan) - len(todo),
+            len(writer.plan),
+        )
+    device = ranks.device if ex.device == "auto" else ex.device
+    gpus = [torch.device(device).index or 0] if device.startswith("cuda") else []
     stats = EmbedStats()
-    if done:
-        log.info(
-            "resuming %s: %d of %d shards already complete", entry.path, len(done), len(writer.plan)
-        )
-    if todo:
-        device = resolve_device(ex.device)
-        depth = max(layers + ([info.num_layers] if "pooler" in poolings else []))
-        t0 = time.perf_counter()
-        model = load_model(
-            bb, info, depth=depth, dtype=COMPUTE_DTYPES[spec["compute_dtype"]], device=device
-        )
-        log.info(
-            "loaded %s (%d of %d layers) in %.1f s",
-            bb.name,
-            depth,
-            info.num_layers,
-            time.perf_counter() - t0,
-        )
-        extractor = Extractor(
-            model,
-            load_tokenizer(bb, info),
-            layers=layers,
-            poolings=poolings,
-            max_length=spec["max_length"],
-            prompt=ex.prompt,
-            truncation_side=ex.truncation_side,
-            padding_side=bb.padding_side,
-            token_budget=resolve_token_budget(ex.token_budget, device),
-            device=device,
-        )
-        rows_todo = sum(writer.plan[i][1] - writer.plan[i][0] for i in todo)
-        with tqdm(
-            total=rows_todo,
-            unit="text",
-            desc=f"{ds.name} x {bb.name}",
-            disable=not ex.progress,
-            dynamic_ncols=True,
-        ) as bar:
-            seen = {"tokens": 0}
-
-            def on_batch(n: int, tokens: int) -> None:
-                seen["tokens"] += tokens
-                rate = seen["tokens"] / max(bar.format_dict["elapsed"], 1e-9)
-                bar.set_postfix(tok_s=f"{rate:.0f}", refresh=False)
-                bar.update(n)
-
-            try:
-                with terminate_as_interrupt():
-                    for i in todo:
-                        start, stop = writer.plan[i]
-                        emb, shard_stats = extractor.embed(ds.texts[start:stop], on_batch)
-                        stats.add(shard_stats)
-                        writer.write_shard(
-                            i,
-                            row_id=ds.row_ids[start:stop],
-                            label=ds.labels[start:stop],
-                            split=ds.split[start:stop],
-                            emb=emb,
-                            layers=stored,
-                        )
-            except KeyboardInterrupt as err:
-                done = len(writer.done())
-                raise Interrupted(
-                    f"interrupted ({getattr(err, 'signal_name', 'SIGINT')}): {done} of "
-                    f"{len(writer.plan)} shards are complete in {entry.path}; rerun the same "
-                    "command to resume with the rest",
-                    getattr(err, "signal_number", signal.SIGINT),
-                ) from None
-        if stats.truncated:
-            log.info(
-                "%d texts were longer than %d tokens and truncated",
-                stats.truncated,
-                spec["max_length"],
+    with Meter(gpus, cpu_energy=ranks.is_local_main) as meter:
+        if mine:
+            _compute(cfg, writer, mine, ds, info, spec, layers, poolings, stored, device, stats)
+    parts = ranks.gather((stats, meter.figures()))
+    total = EmbedStats()
+    for part, _ in parts:
+        total.add(part)
+    ranks.barrier()  # every shard is on disk
+    if ranks.is_main:
+        writer.finish(
+            _manifest(
+                cfg, ds, info, spec, layers, stored, total, device, combine([f for _, f in parts])
             )
-    writer.finish(_manifest(cfg, ds, info, spec, layers, stored, stats))
-    return stats
+        )
+    ranks.barrier()  # the manifest is on disk before any process returns
+    return total
 
 
-def _manifest(cfg, ds, info, spec, layers, stored, stats: EmbedStats) -> dict:
-    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+def _compute(cfg, writer, shards, ds, info, spec, layers, poolings, stored, device, stats) -> None:
+    """Run the model over this process's shards and write each as it finishes."""
+    ex, bb = cfg.extract, cfg.backbone
+    depth = max(layers + ([info.num_layers] if "pooler" in poolings else []))
+    t0 = time.perf_counter()
+    model = load_model(
+        bb, info, depth=depth, dtype=COMPUTE_DTYPES[spec["compute_dtype"]], device=device
+    )
+    log.info(
+        "loaded %s (%d of %d layers) in %.1f s",
+        bb.name,
+        depth,
+        info.num_layers,
+        time.perf_counter() - t0,
+    )
+    extractor = Extractor(
+        model,
+        load_tokenizer(bb, info),
+        layers=layers,
+        poolings=poolings,
+        max_length=spec["max_length"],
+        prompt=ex.prompt,
+        truncation_side=ex.truncation_side,
+        padding_side=bb.padding_side,
+        token_budget=resolve_token_budget(ex.token_budget, device, info),
+        device=str(model.get_input_embeddings().weight.device),
+    )
+    rows = sum(writer.plan[i][1] - writer.plan[i][0] for i in shards)
+    with tqdm(
+        total=rows,
+        unit="text",
+        desc=f"{ds.name} x {bb.name}",
+        disable=not ex.progress,
+        dynamic_ncols=True,
+    ) as bar:
+        seen = {"tokens": 0}
+
+        def on_batch(n: int, tokens: int) -> None:
+            seen["tokens"] += tokens
+            rate = seen["tokens"] / max(bar.format_dict["elapsed"], 1e-9)
+            bar.set_postfix(tok_s=f"{rate:.0f}", refresh=False)
+            bar.update(n)
+
+        try:
+            with terminate_as_interrupt():
+                for i in shards:
+                    start, stop = writer.plan[i]
+                    emb, shard_stats = extractor.embed(ds.texts[start:stop], on_batch)
+                    stats.add(shard_stats)
+                    writer.write_shard(
+                        i,
+                        row_id=ds.row_ids[start:stop],
+                        label=ds.labels[start:stop],
+                        split=ds.split[start:stop],
+                        emb=emb,
+                        layers=stored,
+                    )
+        except KeyboardInterrupt as err:
+            raise Interrupted(
+                f"interrupted ({getattr(err, 'signal_name', 'SIGINT')}): {len(writer.done())} of "
+                f"{len(writer.plan)} shards are complete in {writer.entry.path}; rerun the same "
+                "command to resume with the rest",
+                getattr(err, "signal_number", signal.SIGINT),
+            ) from None
+    if stats.truncated:
+        log.info(
+            "%d texts were longer than %d tokens and truncated", stats.truncated, spec["max_length"]
+        )
+
+
+def _manifest(
+    cfg, ds, info, spec, layers, stored, stats: EmbedStats, device: str, resources: dict
+) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -378,7 +445,7 @@ def _manifest(cfg, ds, info, spec, layers, stored, stats: EmbedStats) -> dict:
         },
         "versions": {p: version(p) for p in ("llmembed", "torch", "transformers", "h5py")},
         "extraction": {
-            "device": resolve_device(cfg.extract.device),
+            "device": device,
             "rows_computed": stats.texts,
             "tokens": stats.tokens,
             "padded_tokens": stats.padded_tokens,
@@ -387,8 +454,6 @@ def _manifest(cfg, ds, info, spec, layers, stored, stats: EmbedStats) -> dict:
             "oom_retries": stats.oom_retries,
             "seconds": round(stats.seconds, 3),
             "tokens_per_s": round(stats.tokens / stats.seconds, 1) if stats.seconds else None,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_gpu_mb": gpu_peak,
-            "pid": os.getpid(),
+            **resources,  # wall and CPU seconds, peak memory, energy (null with the reason)
         },
     }

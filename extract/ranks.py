@@ -1,0 +1,64 @@
+"""The processes of one extraction job, from accelerate: one process when launched plainly, N under
+`accelerate launch` (or torchrun / SLURM with accelerate's environment). Everything here is trivial in
+a single process, so the extraction code has no `if distributed:` branches."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+
+
+class Ranks:
+    @cached_property
+    def _state(self):
+        from accelerate import PartialState
+
+        # cpu=True lets CPU-only processes form a gloo group (accelerate's MULTI_CPU).
+        return PartialState(cpu=not torch.cuda.is_available())
+
+    @property
+    def count(self) -> int:
+        return self._state.num_processes
+
+    @property
+    def index(self) -> int:
+        return self._state.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self._state.is_main_process
+
+    @property
+    def is_local_main(self) -> bool:
+        return self._state.is_local_main_process
+
+    @property
+    def device(self) -> str:
+        return (
+            str(self._state.device)
+            if self.count > 1
+            else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+
+    def barrier(self) -> None:
+        if self.count > 1:
+            self._state.wait_for_everyone()
+
+    def broadcast(self, obj):
+        """The main process's `obj` on every process."""
+        if self.count == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        box = [obj]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every process's `obj`, in rank order, on every process."""
+        if self.count == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
