@@ -226,3 +226,13 @@ def test_runtime_and_energy_are_recorded_honestly(make_cfg, tmp_path):
         assert ex["energy_source"] is None and "RAPL" in ex["energy_note"]
     else:
         assert ex["energy_j"] > 0 and ex["energy_source"] in ("rapl", "nvml")
+
+
+def test_device_map_auto_gives_the_same_entry(make_cfg, tmp_path):
+    plain = extract(make_cfg())
+    mapped = extract(make_cfg("backbone.device_map=auto", f"cache.root={tmp_path / 'mapped'}"))
+    assert (
+        not mapped.hit and mapped.entry.key == plain.entry.key
+    )  # placement is not part of the key
+    for q in POOLINGS:
+        np.testing.assert_array_equal(arrays(mapped.entry)[q], arrays(plain.entry)[q])
