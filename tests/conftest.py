@@ -120,20 +120,28 @@ def data_csv(tmp_path) -> Path:
     return write_csv(tmp_path / "data.csv", sentences(60))
 
 
+def file_overrides(root, csv_path, model, *extra: str) -> list[str]:
+    """Config overrides for a local CSV and a local model folder, as a user writes them."""
+    return [
+        f"cache.root={root}",
+        "dataset=file",
+        f"dataset.path={csv_path}",
+        "backbone=local",
+        f"backbone.path={model}",
+        "extract.progress=false",
+        *extra,
+    ]
+
+
 @pytest.fixture
 def make_cfg(tmp_path, tiny_llama, data_csv):
     """Compose the `extract` config with the CLI's defaults, on a tiny model and a small file."""
 
     def make(*overrides: str):
-        base = [
-            f"cache.root={tmp_path / 'cache'}",
-            "dataset=file",
-            f"dataset.path={data_csv}",
-            "backbone=local",
-            f"backbone.path={tiny_llama}",
-            "extract.progress=false",
-        ]
         with initialize_config_module("llmembed.conf", version_base=None):
-            return compose("extract", overrides=base + list(overrides))
+            return compose(
+                "extract",
+                overrides=file_overrides(tmp_path / "cache", data_csv, tiny_llama, *overrides),
+            )
 
     return make

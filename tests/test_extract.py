@@ -1,8 +1,6 @@
 """The extraction pipeline on tiny models: cache keys, hits, coverage, resume, locking, truncation."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -207,37 +205,3 @@ def test_damaged_shard_is_reported_with_its_file(make_cfg):
     shard.write_bytes(b"not hdf5")
     with pytest.raises(CacheError, match=f"{shard}.*verify --repair"):
         res.entry.read("mean", [0])
-
-
-LOCK_SCRIPT = """
-import sys, llmembed.extract.pipeline as p
-from hydra import compose, initialize_config_module
-with initialize_config_module("llmembed.conf", version_base=None):
-    cfg = compose("extract", overrides=sys.argv[1:])
-res = p.extract(cfg)
-print("HIT" if res.hit else "RAN", res.stats.texts, res.entry.path, flush=True)
-"""
-
-
-def test_concurrent_jobs_on_one_key_run_the_model_once(make_cfg):
-    cfg = make_cfg()
-    args = [
-        f"cache.root={cfg.cache.root}",
-        "dataset=file",
-        f"dataset.path={cfg.dataset.path}",
-        "backbone=local",
-        f"backbone.path={cfg.backbone.path}",
-        "extract.progress=false",
-        "extract.token_budget=1",  # slow enough that the jobs overlap
-    ]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", LOCK_SCRIPT, *args], stdout=subprocess.PIPE, text=True
-        )
-        for _ in range(3)
-    ]
-    outs = [p.communicate(timeout=300)[0].split() for p in procs]
-    assert all(p.returncode == 0 for p in procs)
-    assert sorted(o[0] for o in outs) == ["HIT", "HIT", "RAN"]
-    assert len({o[2] for o in outs}) == 1
-    assert sum(int(o[1]) for o in outs) == 60  # the rows were computed once in all

@@ -19,7 +19,7 @@ import pytest
 from llmembed.cache.maintenance import verify_entry
 from llmembed.cache.store import Cache, CacheError
 from llmembed.extract.pipeline import extract
-from tests.conftest import sentences, write_csv
+from tests.conftest import file_overrides, sentences, write_csv
 
 POOLINGS = ("mean", "last", "first")
 
@@ -54,17 +54,9 @@ else:
 
 
 def job_args(root, csv_path, model, *extra):
-    return [
-        f"cache.root={root}",
-        "dataset=file",
-        f"dataset.path={csv_path}",
-        "backbone=local",
-        f"backbone.path={model}",
-        "extract.progress=false",
-        "extract.token_budget=1",
-        "extract.shard_mb=0.002",
-        *extra,
-    ]
+    return file_overrides(
+        root, csv_path, model, "extract.token_budget=1", "extract.shard_mb=0.002", *extra
+    )
 
 
 def launch(mode, args, **kw):

@@ -13,7 +13,7 @@ import numpy as np
 
 from llmembed.cache.store import Cache
 from llmembed.extract.pipeline import extract
-from tests.conftest import sentences, write_csv
+from tests.conftest import file_overrides, sentences, write_csv
 
 BIN = Path(sys.executable).parent
 POOLINGS = ("mean", "last", "first")
@@ -76,16 +76,7 @@ def accelerate(n: int, *args: str, cwd: Path) -> list[str]:
 
 
 def overrides(root, csv_path, model, *extra):
-    return [
-        f"cache.root={root}",
-        "dataset=file",
-        f"dataset.path={csv_path}",
-        "backbone=local",
-        f"backbone.path={model}",
-        "extract.progress=false",
-        "extract.shard_mb=0.004",
-        *extra,
-    ]
+    return file_overrides(root, csv_path, model, "extract.shard_mb=0.004", *extra)
 
 
 def compose_cfg(*args):
