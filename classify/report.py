@@ -68,17 +68,14 @@ def _per_1k(amount, rows):
 
 def costs(m: dict) -> dict:
     """Seconds and joules per 1,000 texts: making each source's cache entry (from its manifest,
-    summed over sources; energy null where the hardware did not tell) and this training run."""
-    made = [
-        e["entry_cost"]
-        for e in m.get("extraction", [])
-        if e.get("entry_cost", {}).get("rows_computed")
-    ]
-    secs = [_per_1k(c["wall_s"], c["rows_computed"]) for c in made]
-    joules = [_per_1k(c["energy_j"], c["rows_computed"]) for c in made]
+    summed over sources) and this training run. Unknown figures are None, shown as n/a: energy the
+    hardware did not tell, or an entry made by an older llmembed or resumed with nothing left."""
+    made = [e.get("entry_cost", {}) for e in m.get("extraction", [])]
+    secs = [_per_1k(c.get("wall_s"), c.get("rows_computed")) for c in made]
+    joules = [_per_1k(c.get("energy_j"), c.get("rows_computed")) for c in made]
     res, n = m.get("resources", {}), sum(m["rows"].values())
     return {
-        "extract_s_per_1k": round(sum(secs), 3) if made else None,
+        "extract_s_per_1k": round(sum(secs), 3) if made and None not in secs else None,
         "extract_j_per_1k": round(sum(joules), 3) if made and None not in joules else None,
         "train_s_per_1k": _per_1k(res.get("wall_s"), n),
         "train_j_per_1k": _per_1k(res.get("energy_j"), n),

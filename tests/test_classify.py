@@ -267,3 +267,22 @@ def test_experiment_configs_compose_to_the_papers_setup(experiment):
         assert [s.backbone.name for s in sources] == ["smollm2"] * 1 + [
             "minilm"
         ] and cfg.dataset.limit == 4000
+
+
+def test_report_costs_per_thousand_texts_and_unknowns():
+    from llmembed.classify.report import costs
+
+    entry = {"rows_computed": 500, "wall_s": 10.0, "energy_j": None}
+    m = {
+        "rows": {"train": 700, "validation": 100, "test": 200},
+        "extraction": [{"entry_cost": entry}, {"entry_cost": {**entry, "wall_s": 2.0}}],
+        "resources": {"wall_s": 3.0, "energy_j": 40.0},
+    }
+    assert costs(m) == {
+        "extract_s_per_1k": 24.0,
+        "extract_j_per_1k": None,
+        "train_s_per_1k": 3.0,
+        "train_j_per_1k": 40.0,
+    }
+    old = {"rows": m["rows"], "extraction": [{"entry": "x"}]}  # metrics.json of an older llmembed
+    assert costs(old) == dict.fromkeys(costs(m), None)
