@@ -161,7 +161,7 @@ class Entry:
         out = np.empty((m["rows"], len(layers), m["hidden_size"]), dtype=np.float32)
         for shard in self.shards():
             with self._open(shard) as f:
-                ds = f["emb"][pooling]
+                ds = self._load(shard, lambda f=f: f["emb"][pooling])
                 expected = (shard.stop - shard.start, len(stored), m["hidden_size"])
                 if ds.shape != expected:
                     raise CacheError(

@@ -35,11 +35,7 @@ class Ranks:
 
     @property
     def device(self) -> str:
-        return (
-            str(self._state.device)
-            if self.count > 1
-            else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        return str(self._state.device)  # this process's GPU under a launcher, else cuda or cpu
 
     def barrier(self) -> None:
         if self.count > 1:
