@@ -126,9 +126,18 @@ def test_kill_9_at_many_moments_then_resume_is_bit_identical(tmp_path, tiny_llam
     root = tmp_path / "killed"
     rng = random.Random(SEED)
     states = []
-    for _ in range(KILLS):
+    total = len(reference.entry.shards())
+    for i in range(KILLS):
         p = start("api", job_args(root, big_csv, tiny_llama))
-        time.sleep(rng.uniform(0.0, 1.5))  # the whole job takes about 1.5 s after READY
+        # Kill moments follow the job's own progress, not the clock, so that they land mid-work on
+        # a machine of any speed: every fourth kill comes early (before or while the plan is
+        # written), the others after a random number of new whole shards plus part of a batch.
+        if i % 4 == 0:
+            time.sleep(rng.uniform(0.0, 0.2))
+        else:
+            done = len(list(root.glob("*/*/shard-*.json")))
+            wait_for_shards(p, root, done + rng.randint(1, max(1, (total - done) // 2)))
+            time.sleep(rng.uniform(0.0, 0.01))
         p.kill()
         p.wait()
         assert_cache_sound(root)
@@ -149,6 +158,14 @@ def test_kill_9_at_many_moments_then_resume_is_bit_identical(tmp_path, tiny_llam
         resumed_rows=resumed.stats.texts,
         bit_identical=True,
     )
+
+
+def wait_for_shards(proc, root, n, timeout=120):
+    """Return once a job has finished n shards under root (or has exited)."""
+    deadline = time.monotonic() + timeout
+    while len(list(root.glob("*/*/shard-*.json"))) < n and proc.poll() is None:
+        assert time.monotonic() < deadline, f"the job finished fewer than {n} shards in {timeout} s"
+        time.sleep(0.002)
 
 
 def _cfg(root, csv_path, model, *extra):
