@@ -278,7 +278,7 @@ class EntryWriter:
             for pooling, arr in emb.items():
                 rows, n_layers, hidden = arr.shape  # (rows, layers, hidden)
                 assert rows == n and n_layers == len(layers[pooling])
-                values = arr.astype(self.store_dtype)
+                values = arr.astype(self.store_dtype, copy=False)
                 if not np.isfinite(values).all():
                     raise OverflowError(
                         f"{pooling} embeddings hold values outside the {self.store_dtype.__name__} "

@@ -40,10 +40,10 @@ def embed_source(source: dict, texts: list[str], device: str) -> list[np.ndarray
         padding_side=bb.padding_side,
         token_budget=resolve_token_budget("auto", device, info),
         device=str(model.get_input_embeddings().weight.device),
+        # Training read these numbers from the cache at its storage precision: round the same way.
+        out_dtype=STORE_DTYPES[spec["store_dtype"]],
     )
-    values = extractor.embed(texts)[0][pooling]  # (n, layers, hidden)
-    # Training read these numbers from the cache at its storage precision: round the same way.
-    values = values.astype(STORE_DTYPES[spec["store_dtype"]]).astype(np.float32)
+    values = extractor.embed(texts)[0][pooling].astype(np.float32)  # (n, layers, hidden)
     return [values[:, j] for j in range(values.shape[1])]
 
 

@@ -22,7 +22,8 @@ class EmbedStats:
     tokens: int = 0  # real tokens fed to the model
     padded_tokens: int = 0  # tokens including padding
     truncated: int = 0  # texts cut at max_length
-    seconds: float = 0.0
+    seconds: float = 0.0  # tokenizing and forward passes
+    load_seconds: float = 0.0  # loading the model (set by the pipeline)
     oom_retries: int = 0
     forward_calls: int = 0
 
@@ -45,6 +46,9 @@ class Extractor:
     padding_side: str = "right"
     token_budget: int = 16384  # padded tokens per forward batch; halved on out-of-memory
     device: str = "cpu"
+    out_dtype: type = (
+        np.float32
+    )  # the cache's store dtype: a shard in float16 holds half the memory
     _kwargs: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,7 +86,7 @@ class Extractor:
     def embed(
         self, texts: list[str], on_batch: Callable[[int, int], None] | None = None
     ) -> tuple[dict[str, np.ndarray], EmbedStats]:
-        """{pooling: (len(texts), layers, hidden) float32} in the order of `texts`."""
+        """{pooling: (len(texts), layers, hidden) of `out_dtype`} in the order of `texts`."""
         start = time.perf_counter()
         ids, truncated = self.tokenize(texts)
         stats = EmbedStats(texts=len(texts), truncated=truncated)
@@ -116,7 +120,7 @@ class Extractor:
                 continue
             for name, values in pooled.items():
                 if name not in out:
-                    out[name] = np.empty((len(texts), *values.shape[1:]), dtype=np.float32)
+                    out[name] = np.empty((len(texts), *values.shape[1:]), dtype=self.out_dtype)
                 out[name][batch] = values
             real = int(lengths[batch].sum())
             stats.tokens += real

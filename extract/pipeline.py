@@ -30,6 +30,7 @@ from llmembed.meter import Meter, combine
 log = logging.getLogger(__name__)
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_DTYPES = ("bfloat16", "float32")  # what `extract.dtype: auto` may resolve to
 
 
 class ConfigError(ValueError):
@@ -65,9 +66,20 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def native_bf16(device: str) -> bool:
+    """Whether `device` multiplies bfloat16 in hardware (GPUs; x86 CPUs with AVX512-BF16 or AMX).
+
+    There, bfloat16 ran SmolLM2 2.5-3x faster than float32 at cosine 0.9999 and the same probe
+    accuracy (benchmarks/RESULTS.md); elsewhere bfloat16 is emulated and no faster."""
+    if device.startswith("cuda"):
+        return True
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence getattr
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def resolve_dtype(name: str, device: str) -> str:
     if name == "auto":
-        return "bfloat16" if device.startswith("cuda") else "float32"
+        return "bfloat16" if native_bf16(device) else "float32"
     if name not in COMPUTE_DTYPES:
         raise ConfigError(
             f"extract.dtype must be auto or one of {sorted(COMPUTE_DTYPES)}, got {name!r}"
@@ -232,13 +244,23 @@ def extract(
         layers, poolings = sorted({*layers, *want[0]}), sorted({*poolings, *want[1]})
     spec = entry_spec(cfg, ds, info)
     key = fingerprint(spec)
+    # `dtype: auto` takes an entry of either compute dtype, so that a sweep of CPU jobs reads what
+    # a GPU job (bfloat16) extracted; a miss computes in this machine's own choice.
+    keys = [key]
+    if cfg.extract.dtype == "auto":
+        keys += [fingerprint({**spec, "compute_dtype": d}) for d in AUTO_DTYPES]
+        keys = list(dict.fromkeys(keys))
+
+    def lookup() -> Entry | None:
+        return next((e for k in keys if (e := cache.find(k, *want)) is not None), None)
+
     ranks = Ranks()
 
     with cache.creating(), ExitStack() as held:
         decision = None
         if ranks.is_main:
             try:
-                if (entry := cache.find(key, *want)) is not None:
+                if (entry := lookup()) is not None:
                     decision = ("hit", entry.path)
                 elif not allow_extract:
                     raise MissingEntryError(
@@ -248,9 +270,7 @@ def extract(
                 else:
                     cache.check_writable()  # readers need no write access; writers learn it now
                     held.enter_context(cache.lock(key))
-                    if (
-                        entry := cache.find(key, *want)
-                    ) is not None:  # made meanwhile by another job
+                    if (entry := lookup()) is not None:  # made meanwhile by another job
                         decision = ("hit", entry.path)
                     else:
                         about = {"dataset": ds.name, "backbone": bb.name, "path": bb.path}
@@ -363,12 +383,9 @@ def _compute(cfg, writer, shards, ds, info, spec, layers, poolings, stored, devi
     model = load_model(
         bb, info, depth=depth, dtype=COMPUTE_DTYPES[spec["compute_dtype"]], device=device
     )
+    stats.load_seconds = time.perf_counter() - t0
     log.info(
-        "loaded %s (%d of %d layers) in %.1f s",
-        bb.name,
-        depth,
-        info.num_layers,
-        time.perf_counter() - t0,
+        "loaded %s (%d of %d layers) in %.1f s", bb.name, depth, info.num_layers, stats.load_seconds
     )
     extractor = Extractor(
         model,
@@ -381,6 +398,7 @@ def _compute(cfg, writer, shards, ds, info, spec, layers, poolings, stored, devi
         padding_side=bb.padding_side,
         token_budget=resolve_token_budget(ex.token_budget, device, info),
         device=str(model.get_input_embeddings().weight.device),
+        out_dtype=STORE_DTYPES[spec["store_dtype"]],
     )
     rows = sum(writer.plan[i][1] - writer.plan[i][0] for i in shards)
     with tqdm(
@@ -453,6 +471,7 @@ def _manifest(
             "forward_calls": stats.forward_calls,
             "oom_retries": stats.oom_retries,
             "seconds": round(stats.seconds, 3),
+            "load_seconds": round(stats.load_seconds, 3),
             "tokens_per_s": round(stats.tokens / stats.seconds, 1) if stats.seconds else None,
             **resources,  # wall and CPU seconds, peak memory, energy (null with the reason)
         },

@@ -129,6 +129,8 @@ def file_overrides(root, csv_path, model, *extra: str) -> list[str]:
         "backbone=local",
         f"backbone.path={model}",
         "extract.progress=false",
+        # float32, not auto: the figures tests compare must not hang on the machine's bf16 support.
+        "extract.dtype=float32",
         *extra,
     ]
 

@@ -30,6 +30,7 @@ def classify_cfg(tmp_path, tiny_llama, tiny_bert, data_csv):
             "dataset=file",
             f"dataset.path={data_csv}",
             "extract.progress=false",
+            "extract.dtype=float32",  # as in conftest.file_overrides
         ]
         with initialize_config_module("llmembed.conf", version_base=None):
             cfg = compose("classify", overrides=base + list(overrides))

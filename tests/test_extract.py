@@ -97,6 +97,24 @@ def test_changing_an_unkeyed_field_is_a_hit(make_cfg, override):
     assert again.hit, override
 
 
+@pytest.mark.parametrize("made", ["float32", "bfloat16"])
+def test_dtype_auto_reads_an_entry_of_either_dtype(make_cfg, count_loads, made):
+    """A GPU job's bfloat16 entry serves a CPU sweep with `dtype: auto`, and the other way round."""
+    first = extract(make_cfg(f"extract.dtype={made}"))
+    again = extract(make_cfg("extract.dtype=auto"), allow_extract=False)
+    assert again.hit and again.entry.path == first.entry.path and len(count_loads) == 1
+    assert again.entry.spec["compute_dtype"] == made
+
+
+@pytest.mark.parametrize("avx512_bf16", [True, False])
+def test_dtype_auto_is_bfloat16_where_the_cpu_has_it(monkeypatch, avx512_bf16):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert pipeline.resolve_dtype("auto", "cpu") == ("bfloat16" if avx512_bf16 else "float32")
+    assert pipeline.resolve_dtype("auto", "cuda:0") == "bfloat16"
+    assert pipeline.resolve_dtype("float32", "cuda:0") == "float32"
+
+
 def test_data_weights_and_tokenizer_are_keyed(make_cfg, tmp_path):
     base = extract(make_cfg())
     rows = sentences(60)

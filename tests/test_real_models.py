@@ -22,6 +22,7 @@ def cfg(tmp_path, *overrides):
             overrides=[
                 f"cache.root={tmp_path}",
                 "extract.progress=false",
+                "extract.dtype=float32",  # compared with Transformers' float32 forward pass
                 "dataset=mr",
                 *overrides,
             ],
@@ -90,6 +91,12 @@ def test_smollm2_gguf_full_and_cut_models_agree(tmp_path):
     assert cut.entry.manifest["layers"] == [0, 1, 2, 3, 4]
     a, b = cut.entry.read("mean", [1, 4]), full.entry.read("mean", [1, 4])
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
+
+    # bfloat16 (the default where the CPU has it): every layer within cosine 0.999 on average.
+    bf16 = extract(cfg(tmp_path, "backbone=smollm2", "dataset.limit=300", "extract.dtype=bfloat16"))
+    x, y = (e.entry.read("mean", m["layers"]).astype(np.float64) for e in (full, bf16))
+    cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+    assert cos.mean(axis=0).min() > 0.999, cos.mean(axis=0)
 
 
 def test_end_to_end_on_real_mr_train_and_predict(tmp_path):

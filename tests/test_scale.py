@@ -19,6 +19,7 @@ BIN = Path(sys.executable).parent
 POOLINGS = ("mean", "last", "first")
 TIMINGS = {
     "seconds",
+    "load_seconds",
     "tokens_per_s",
     "wall_s",
     "cpu_s",

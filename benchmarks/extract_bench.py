@@ -1,0 +1,608 @@
+"""Extraction speed and memory: llmembed against the paper's reference recipe and sentence-transformers.
+
+    bash scripts/setup.sh && .venv/bin/python benchmarks/extract_bench.py       # CPU, about 15 min
+    .venv/bin/python benchmarks/extract_bench.py --device cuda --decoder llama2-7b-shape  # one GPU
+
+The same MR texts go through every method, each method in a process of its own (peak RSS is a
+per-process figure), `--repeats` times; tables give medians, and ratios only ever compare figures of
+this one run. Model loading is not timed; llmembed's writes to the cache are. A dated section is
+appended to benchmarks/RESULTS.md (`--results`).
+
+Methods: `reference` is the recipe of the paper's code, written here as the baseline (every batch of
+32 padded to 128 tokens, the causal-LM class with its LM head, all hidden states, mean over all
+positions padding included, float32); `sentence-transformers` is `SentenceTransformer.encode` on the
+encoder; `llmembed` is `extract()` into a fresh cache, in float32 and bfloat16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+# Llama-2-7B's shape (its config.json), built with random weights: no download needed.
+SHAPES = {
+    "llama2-7b-shape": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+    },
+    # The same code path at toy size, for the test suite.
+    "tiny-llama-shape": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    },
+}
+# Dense bfloat16 tensor-core peaks from the vendors' data sheets (TFLOP/s, without sparsity).
+GPU_BF16_PEAK = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H200": 989.4, "A100": 312.0}
+
+
+# ---------------------------------------------------------------- configs shared by the processes
+
+
+def compose(name: str, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module("llmembed.conf", version_base=None):
+        return hydra_compose(name, overrides=overrides)
+
+
+def backbone_overrides(model: str) -> list[str]:
+    """A backbone conf name (smollm2, minilm) or a model folder."""
+    if Path(model).exists():
+        return ["backbone=local", f"backbone.path={model}", f"backbone.name={Path(model).name}"]
+    return [f"backbone={model}"]
+
+
+def dataset_overrides(n: int) -> list[str]:
+    return ["dataset=mr", f"dataset.limit={n}"]
+
+
+def load_texts(n: int) -> list[str]:
+    from llmembed.extract.datasets import load_dataset
+
+    return load_dataset(compose("extract", dataset_overrides(n)).dataset).texts
+
+
+def model_facts(model: str) -> dict:
+    """Parameter count of the transformer body (no embeddings, no LM head), from the config alone."""
+    from transformers import AutoConfig, AutoModel
+
+    from llmembed.extract.backbones import inspect_backbone
+
+    info = inspect_backbone(compose("extract", backbone_overrides(model)).backbone, None)
+    config = AutoConfig.from_pretrained(
+        info.source.location, **info.source.load_kwargs(None, False)
+    )
+    with torch.device("meta"):
+        body = AutoModel.from_config(config)
+    return {
+        "body_params": sum(p.numel() for n, p in body.named_parameters() if "embed" not in n),
+        "num_layers": info.num_layers,
+        "hidden": info.hidden_size,
+        "causal": "pooler" not in info.poolings,  # our encoders (BERT family) have a pooler
+    }
+
+
+def useful_flops(facts: dict, lengths: list[int]) -> float:
+    """Model FLOPs of one pass over real tokens only: 2 x body parameters per token, plus attention
+    scores and mixing (2 x 2 x T x hidden per token and layer; half of it under a causal mask)."""
+    t = np.asarray(lengths, dtype=np.float64)
+    attention = (
+        (2.0 if facts["causal"] else 4.0) * facts["num_layers"] * facts["hidden"] * (t**2).sum()
+    )
+    return 2.0 * facts["body_params"] * t.sum() + attention
+
+
+def token_lengths(model: str, texts: list[str], max_length: int = 512) -> list[int]:
+    from llmembed.extract.backbones import inspect_backbone, load_tokenizer
+
+    bb = compose("extract", backbone_overrides(model)).backbone
+    tok = load_tokenizer(bb, inspect_backbone(bb, None))
+    return [len(x) for x in tok(texts, truncation=True, max_length=max_length)["input_ids"]]
+
+
+def matmul_peak(dtype: torch.dtype, device: str, repeats: int = 5) -> float:
+    """GFLOP/s of a large square matmul: the machine's practical ceiling for this dtype."""
+    n = 8192 if device.startswith("cuda") else 2048
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        sync()
+        times.append((time.perf_counter() - t) / 5)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+# ------------------------------------------------------------------- one method, in its own process
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_reference(model: str, texts: list[str], repeats: int, device: str) -> dict:
+    """The paper's recipe: fixed padding to 128, LM head kept, mean over padding too, fp32."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from llmembed.extract.backbones import inspect_backbone, load_tokenizer
+
+    bb = compose("extract", backbone_overrides(model)).backbone
+    info = inspect_backbone(bb, None)
+    tok = load_tokenizer(bb, info)
+    kw = info.source.load_kwargs(None, False)
+    cls = AutoModel if "pooler" in info.poolings else AutoModelForCausalLM
+    net = cls.from_pretrained(info.source.location, dtype=torch.float32, **kw).to(device).eval()
+    seconds, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        chunks = []
+        with torch.no_grad():
+            for i in range(0, len(texts), 32):
+                enc = tok(
+                    texts[i : i + 32],
+                    padding="max_length",
+                    truncation=True,
+                    max_length=min(128, info.max_positions or 128),
+                    return_tensors="pt",
+                ).to(device)
+                hidden = net(**enc, output_hidden_states=True).hidden_states
+                chunks.append(torch.stack([h.mean(dim=1) for h in hidden], 1).float().cpu())
+        out = torch.cat(chunks).numpy()
+        seconds.append(time.perf_counter() - t)
+    return {"seconds": seconds, "shape": list(out.shape)}
+
+
+def run_sentence_transformers(model: str, texts: list[str], repeats: int, device: str) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    path = compose("extract", backbone_overrides(model)).backbone.path
+    st = SentenceTransformer(str(path), device=device)
+    seconds = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = st.encode(texts, batch_size=32, convert_to_numpy=True, show_progress_bar=False)
+        seconds.append(time.perf_counter() - t)
+    return {"seconds": seconds, "shape": list(out.shape)}
+
+
+def run_llmembed(model: str, n: int, repeats: int, dtype: str, device: str, keep: Path) -> dict:
+    """`extract()` into a fresh cache per repeat: timed from after the model load to the manifest."""
+    from llmembed.extract.pipeline import extract
+
+    seconds, loads = [], []
+    for r in range(repeats):
+        root = keep if r == repeats - 1 else Path(tempfile.mkdtemp(prefix="llmembed-bench-"))
+        shutil.rmtree(root, ignore_errors=True)
+        cfg = compose(
+            "extract",
+            [
+                *dataset_overrides(n),
+                *backbone_overrides(model),
+                f"cache.root={root}",
+                f"extract.dtype={dtype}",
+                f"extract.device={device}",
+                "extract.progress=false",
+            ],
+        )
+        res = extract(cfg)
+        ex = res.entry.manifest["extraction"]
+        seconds.append(ex["wall_s"] - ex["load_seconds"])
+        loads.append(ex["load_seconds"])
+        if root != keep:
+            shutil.rmtree(root)
+    m = res.entry.manifest
+    return {
+        "seconds": seconds,
+        "load_s": loads,
+        "entry": str(res.entry.path),
+        "compute_dtype": res.entry.spec["compute_dtype"],
+        "extraction_wall_s": m["extraction"]["wall_s"],
+        "bytes": res.entry.size_bytes(),
+    }
+
+
+def child(args) -> None:
+    texts = json.loads(Path(args.texts_file).read_text())
+    if args.method == "reference":
+        out = run_reference(args.model, texts, args.repeats, args.device)
+    elif args.method == "sentence-transformers":
+        out = run_sentence_transformers(args.model, texts, args.repeats, args.device)
+    else:
+        out = run_llmembed(
+            args.model, len(texts), args.repeats, args.dtype, args.device, Path(args.keep)
+        )
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_gpu_mb"] = (
+        torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    )
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def in_process(method: str, model: str, texts_file: Path, repeats: int, device: str, **kw) -> dict:
+    cmd = [sys.executable, __file__, "--child", method, "--model", model, "--texts-file"]
+    cmd += [str(texts_file), "--repeats", str(repeats), "--device", device]
+    for k, v in kw.items():
+        cmd += [f"--{k}", str(v)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{method} on {model} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+# ------------------------------------------------------------------------------ the measurements
+
+
+def read_entry(path: str):
+    from llmembed.cache.store import Entry
+
+    return Entry(Path(path))
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity per (text, layer) of two (rows, layers, hidden) arrays."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def probe(model: str, n: int, every: int, device: str) -> dict:
+    """5-fold logistic-regression accuracy per layer on float32 and bfloat16 embeddings of the same
+    n texts (entries in the default cache, so that a rerun reuses them)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from llmembed.extract.pipeline import extract
+
+    entries = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = compose(
+            "extract",
+            [
+                *dataset_overrides(n),
+                *backbone_overrides(model),
+                f"extract.dtype={dtype}",
+                f"extract.device={device}",
+                "extract.progress=false",
+            ],
+        )
+        entries[dtype] = extract(cfg).entry
+    layers = entries["float32"].manifest["layers"]
+    picked = sorted({*layers[::every], layers[-1]})
+    y = entries["float32"].column("label")
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    acc = {}
+    for dtype, entry in entries.items():
+        x = entry.read("mean", picked).astype(np.float32)
+        acc[dtype] = []
+        for j in range(len(picked)):
+            clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))
+            acc[dtype].append(float((cross_val_predict(clf, x[:, j], y, cv=folds) == y).mean()))
+    cos = cosines(entries["float32"].read("mean", layers), entries["bfloat16"].read("mean", layers))
+    return {"texts": n, "layers": picked, "accuracy": acc, "mean_cosine_all": float(cos.mean())}
+
+
+def read_times(entry_path: str, repeats: int = 5) -> dict:
+    entry = read_entry(entry_path)
+    layers = entry.manifest["layers"]
+
+    def timed(sel):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            entry.read("mean", sel)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    one, every = timed([layers[len(layers) // 2]]), timed(layers)
+    return {"layers": len(layers), "one_s": one, "all_s": every}
+
+
+def sweep_time(model: str, n: int, cache_root: Path, device: str) -> dict:
+    """A logistic-regression probe on every layer, as `llmembed-classify -m layer=...` runs it."""
+    from omegaconf import OmegaConf
+
+    from llmembed.classify.train import train
+
+    bb = compose("extract", backbone_overrides(model)).backbone
+    cfg = compose(
+        "classify",
+        [
+            *dataset_overrides(n),
+            f"cache.root={cache_root}",
+            f"extract.device={device}",
+            "save_model=false",
+            "extract_missing=false",
+        ],
+    )
+    layers = read_entry(str(next(cache_root.glob("*/*/manifest.json")).parent)).manifest["layers"]
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        for layer in layers:
+            source = {"backbone": OmegaConf.to_container(bb, resolve=True), "pooling": "mean"}
+            cfg.features.sources = [{**source, "layers": [layer]}]
+            train(cfg, Path(out) / f"L{layer}")
+    return {"layers": len(layers), "seconds": time.perf_counter() - t}
+
+
+# ------------------------------------------------------------------------------------- the report
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def row(name, model, res, n, flops, peak, ref_rate, st_rate) -> list[str]:
+    sec = statistics.median(res["seconds"])
+    rate = n / sec
+    gflops = flops / sec / 1e9
+    return [
+        name,
+        model,
+        f"{sec:.2f}",
+        f"{rate:.1f}",
+        f"{res['tokens'] / sec:.0f}",
+        f"{rate / ref_rate:.2f}x" if ref_rate else "-",
+        f"{rate / st_rate:.2f}x" if st_rate else "-",
+        f"{gflops:.0f}",
+        f"{100 * gflops / peak:.0f}%",
+        f"{res['peak_rss_mb']:.0f}",
+    ]
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--texts", type=int, default=512, help="MR texts per method (N)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--decoder", default="smollm2", help="conf name, folder, or llama2-7b-shape")
+    p.add_argument(
+        "--encoder", default="minilm", help="conf name or folder (sentence-transformers)"
+    )
+    p.add_argument("--probe-texts", type=int, default=4000, help="0 skips the bf16 probe")
+    p.add_argument("--probe-every", type=int, default=5, help="probe every k-th layer")
+    p.add_argument("--skip", nargs="*", default=[], help="parts to skip: scaling sweep encoder")
+    p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--texts-file", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
+    p.add_argument("--keep", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.method = args.child
+        return child(args)
+
+    work = Path(tempfile.mkdtemp(prefix="llmembed-bench-"))
+    try:
+        report = measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(report)
+    with open(args.results, "a") as f:
+        f.write("\n" + report + "\n")
+    print(f"appended to {args.results}")
+
+
+def measure(args, work: Path) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M")
+    n, dev = args.texts, args.device
+    decoder = args.decoder
+    if decoder in SHAPES:
+        decoder = str(build_shaped(decoder, work / decoder, dev))
+    texts = load_texts(n)
+    texts_file = work / "texts.json"
+    texts_file.write_text(json.dumps(texts))
+    peaks = {d: matmul_peak(getattr(torch, d), dev) for d in ("float32", "bfloat16")}
+    models = [("decoder", decoder)] + (
+        [] if "encoder" in args.skip else [("encoder", args.encoder)]
+    )
+    rows, notes, entries = [], [], {}
+    for role, model in models:
+        facts = model_facts(model)
+        lengths = token_lengths(model, texts)
+        flops = useful_flops(facts, lengths)
+        runs = {"reference": in_process("reference", model, texts_file, args.repeats, dev)}
+        if role == "encoder":
+            runs["sentence-transformers"] = in_process(
+                "sentence-transformers", model, texts_file, args.repeats, dev
+            )
+        for dtype in ("float32", "bfloat16"):
+            keep = work / f"{role}-{dtype}"
+            runs[f"llmembed {dtype}"] = in_process(
+                "llmembed", model, texts_file, args.repeats, dev, dtype=dtype, keep=keep
+            )
+            entries[role, dtype] = runs[f"llmembed {dtype}"]["entry"]
+        rate = {k: n / statistics.median(v["seconds"]) for k, v in runs.items()}
+        for k, res in runs.items():
+            res["tokens"] = sum(lengths)
+            dtype = "bfloat16" if "bfloat16" in k else "float32"
+            rows.append(
+                row(
+                    k,
+                    Path(model).name,
+                    res,
+                    n,
+                    flops,
+                    peaks[dtype],
+                    rate["reference"],
+                    rate.get("sentence-transformers"),
+                )
+            )
+        fp32, bf16 = (read_entry(entries[role, d]) for d in ("float32", "bfloat16"))
+        for pooling in ("mean", "last"):
+            cos = cosines(
+                fp32.read(pooling, fp32.manifest["layers"]),
+                bf16.read(pooling, bf16.manifest["layers"]),
+            )
+            per_layer = cos.mean(axis=0)
+            notes.append(
+                f"- bf16 vs fp32, {Path(model).name} {pooling} pooling: cosine median "
+                f"{np.median(cos):.6f}, lowest layer mean {per_layer.min():.5f} (layer "
+                f"{int(per_layer.argmin())}), lowest single text {cos.min():.4f}"
+            )
+        speedup = rate["llmembed bfloat16"] / rate["reference"]
+        notes.append(f"- {Path(model).name}: llmembed bf16 is {speedup:.2f}x the reference recipe")
+        if "sentence-transformers" in rate:
+            best = max(rate["llmembed float32"], rate["llmembed bfloat16"])
+            notes.append(
+                f"- {Path(model).name}: llmembed (all {facts['num_layers'] + 1} layers, 3 poolings) "
+                f"is {best / rate['sentence-transformers']:.2f}x sentence-transformers (1 vector)"
+            )
+
+    lines = [
+        f"## {started}: extraction, {n} MR texts, median of {args.repeats}",
+        "",
+        f"Machine: {machine(dev)}. Matmul peak measured in this run: float32 "
+        f"{peaks['float32']:.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} GFLOP/s.",
+        f"Command: `{' '.join([Path(sys.executable).name, 'benchmarks/extract_bench.py', *sys.argv[1:]])}`",
+        "",
+        table(
+            [
+                "method",
+                "model",
+                "s",
+                "texts/s",
+                "tokens/s",
+                "vs reference",
+                "vs sentence-tr.",
+                "useful GFLOP/s",
+                "MFU",
+                "peak RSS MB",
+            ],
+            rows,
+        ),
+        "",
+        *notes,
+    ]
+    if dev.startswith("cuda"):
+        name = torch.cuda.get_device_name(dev)
+        sheet = next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
+        if sheet:
+            lines.append(f"- data-sheet dense bf16 peak of this card: {sheet:.0f} TFLOP/s")
+    if "scaling" not in args.skip:
+        lines += scaling(args, decoder, work, entries)
+    if args.probe_texts:
+        pr = probe(decoder, args.probe_texts, args.probe_every, dev)
+        diffs = [
+            100 * (b - a)
+            for a, b in zip(pr["accuracy"]["float32"], pr["accuracy"]["bfloat16"], strict=True)
+        ]
+        lines += [
+            "",
+            f"Linear probe (5-fold logistic regression, C=0.05, mean pooling) on {pr['texts']} MR "
+            f"texts, {Path(decoder).name}, float32 vs bfloat16 (mean cosine over all layers "
+            f"{pr['mean_cosine_all']:.6f}):",
+            "",
+            table(
+                ["layer", *map(str, pr["layers"])],
+                [
+                    ["float32", *(f"{100 * a:.2f}" for a in pr["accuracy"]["float32"])],
+                    ["bfloat16", *(f"{100 * a:.2f}" for a in pr["accuracy"]["bfloat16"])],
+                    ["difference (points)", *(f"{d:+.2f}" for d in diffs)],
+                ],
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def scaling(args, decoder: str, work: Path, entries: dict) -> list[str]:
+    """Peak RSS at N and 4N texts (default settings), reading one layer against all, and a sweep."""
+    n, dev = args.texts, args.device
+    big = load_texts(4 * n)
+    big_file = work / "texts-4n.json"
+    big_file.write_text(json.dumps(big))
+    root = work / "decoder-4n"
+    at = {
+        n: in_process(
+            "llmembed", decoder, work / "texts.json", 1, dev, dtype="auto", keep=work / "n"
+        ),
+        4 * n: in_process("llmembed", decoder, big_file, 1, dev, dtype="auto", keep=root),
+    }
+    rss = {k: v["peak_rss_mb"] for k, v in at.items()}
+    rt = read_times(at[4 * n]["entry"])
+    lines = [
+        "",
+        f"Scaling ({Path(decoder).name}, `extract.dtype=auto` = {at[n]['compute_dtype']}, default "
+        "shard size):",
+        f"- peak RSS {rss[n]:.0f} MB at {n} texts, {rss[4 * n]:.0f} MB at {4 * n} texts "
+        f"({100 * (rss[4 * n] / rss[n] - 1):+.1f}%)",
+        f"- reading one layer of {rt['layers']} from the {4 * n}-text entry: {1000 * rt['one_s']:.1f} ms, "
+        f"all layers {1000 * rt['all_s']:.1f} ms (ratio {rt['one_s'] / rt['all_s']:.3f}; "
+        f"1/L = {1 / rt['layers']:.3f})",
+    ]
+    if "sweep" not in args.skip:
+        sw = sweep_time(decoder, 4 * n, root, dev)
+        wall = at[4 * n]["extraction_wall_s"]
+        lines.append(
+            f"- a logistic-regression sweep over all {sw['layers']} layers (default C grid) on the "
+            f"{4 * n}-text entry: {sw['seconds']:.1f} s, against {wall:.1f} s for the extraction "
+            f"itself, model load included ({sw['seconds'] / wall:.2f}x)"
+        )
+    return lines
+
+
+def build_shaped(name: str, folder: Path, device: str) -> Path:
+    """A causal LM of a known shape with random weights and SmolLM2's tokenizer (its vocabulary)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmembed.extract.backbones import inspect_backbone, load_tokenizer
+
+    bb = compose("extract", backbone_overrides("smollm2")).backbone
+    tok = load_tokenizer(bb, inspect_backbone(bb, None))
+    config = LlamaConfig(**SHAPES[name], vocab_size=len(tok), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    del model
+    return folder
+
+
+if __name__ == "__main__":
+    main()

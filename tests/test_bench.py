@@ -1,0 +1,44 @@
+"""The extraction benchmark end to end at toy size: every method runs and every figure is reported.
+
+Speed itself is never asserted here (machines are noisy); benchmarks/RESULTS.md holds the figures.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "extract_bench.py"
+
+
+@pytest.mark.slow
+def test_benchmark_reports_every_method_and_figure(tmp_path, tiny_bert):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# earlier figures\n")
+    args = ["--texts", "24", "--repeats", "1", "--probe-texts", "60", "--probe-every", "1"]
+    models = ["--decoder", "tiny-llama-shape", "--encoder", str(tiny_bert)]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), *args, *models, "--results", str(results)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = results.read_text()
+    assert text.startswith("# earlier figures\n")  # appended, not overwritten
+    rows = [r.strip("| ").split(" | ") for r in text.splitlines() if r.startswith("| ")]
+    methods = [r[0] for r in rows if len(r) == 10]
+    decoder = ["reference", "llmembed float32", "llmembed bfloat16"]
+    encoder = ["reference", "sentence-transformers", "llmembed float32", "llmembed bfloat16"]
+    assert methods == ["method", *decoder, *encoder]
+    st = next(r for r in rows if r[0] == "sentence-transformers")
+    assert st[6] == "1.00x" and all(r[5] == "1.00x" for r in rows if r[0] == "reference")
+    assert re.search(r"float32 \d+ GFLOP/s, bfloat16 \d+ GFLOP/s", text)  # measured peaks
+    assert re.search(r"peak RSS \d+ MB at 24 texts, \d+ MB at 96 texts", text)
+    assert re.search(r"all layers [\d.]+ ms \(ratio [\d.]+; 1/L = 0.333\)", text)
+    assert re.search(r"sweep over all 3 layers .* [\d.]+ s, against [\d.]+ s", text)
+    cos = [float(x) for x in re.findall(r"cosine median ([\d.]+)", text)]
+    assert len(cos) == 4 and all(0.99 < c <= 1.0 + 1e-9 for c in cos)
+    probe = next(r for r in text.splitlines() if r.startswith("| bfloat16 |"))
+    assert all(0 <= float(x) <= 100 for x in probe.strip("| ").split(" | ")[1:])
