@@ -23,7 +23,7 @@ class EmbedStats:
     padded_tokens: int = 0  # tokens including padding
     truncated: int = 0  # texts cut at max_length
     seconds: float = 0.0  # tokenizing and forward passes
-    load_seconds: float = 0.0  # loading the model (set by the pipeline)
+    load_seconds: float = 0.0  # loading the model and tokenizer (set by the pipeline)
     oom_retries: int = 0
     forward_calls: int = 0
 
@@ -152,8 +152,9 @@ class Extractor:
         out = self.model(
             input_ids=input_ids, attention_mask=mask, output_hidden_states=True, **kwargs
         )
-        hidden = torch.stack([out.hidden_states[layer] for layer in self.layers])  # (l, B, T, H)
-        pooled = pool_layers(hidden, mask, self.poolings)
+        pooled = pool_layers(
+            [out.hidden_states[layer] for layer in self.layers], mask, self.poolings
+        )
         if "pooler" in self.poolings:
             # The model's pooler reads position 0, which is padding under left padding: hand it the
             # first real token of the last layer instead.

@@ -383,13 +383,18 @@ def _compute(cfg, writer, shards, ds, info, spec, layers, poolings, stored, devi
     model = load_model(
         bb, info, depth=depth, dtype=COMPUTE_DTYPES[spec["compute_dtype"]], device=device
     )
+    tokenizer = load_tokenizer(bb, info)  # seconds for a GGUF file, whose vocabulary is converted
     stats.load_seconds = time.perf_counter() - t0
     log.info(
-        "loaded %s (%d of %d layers) in %.1f s", bb.name, depth, info.num_layers, stats.load_seconds
+        "loaded %s (%d of %d layers) and its tokenizer in %.1f s",
+        bb.name,
+        depth,
+        info.num_layers,
+        stats.load_seconds,
     )
     extractor = Extractor(
         model,
-        load_tokenizer(bb, info),
+        tokenizer,
         layers=layers,
         poolings=poolings,
         max_length=spec["max_length"],
