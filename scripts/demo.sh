@@ -2,7 +2,7 @@
 # The whole LLMEmbed pipeline on the packaged demo data, set-up included (idempotent): extract
 # SmolLM2-135M and MiniLM over 4,000 real MR sentences, sweep every layer, train logreg and the
 # paper's head on the best layer and on fused features, print the results (see scripts/demo.py).
-#   bash scripts/demo.sh                      # about 5 minutes on 2 CPU cores; under a minute when cached
+#   bash scripts/demo.sh                      # about 2 minutes on 2 CPU cores; under a minute when cached
 #   bash scripts/demo.sh dataset.limit=null   # all 10,568 sentences (overrides apply to every step)
 set -euo pipefail
 cd "$(dirname "$0")/.."
