@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 
 # Llama-2-7B's shape (its config.json), built with random weights: no download needed.
 SHAPES = {
@@ -371,6 +370,13 @@ def machine(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
+def data_sheet_peak(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
+
+
 def row(name, model, res, n, flops, peak, ref_rate, st_rate) -> list[str]:
     sec = statistics.median(res["seconds"])
     rate = n / sec
@@ -385,7 +391,8 @@ def row(name, model, res, n, flops, peak, ref_rate, st_rate) -> list[str]:
         f"{rate / st_rate:.2f}x" if st_rate else "-",
         f"{gflops:.0f}",
         f"{100 * gflops / peak:.0f}%",
-        f"{res['peak_rss_mb']:.0f}",
+        f"{res['peak_rss_mb']:.0f}"
+        + (f" (GPU {res['peak_gpu_mb']:.0f})" if res.get("peak_gpu_mb") else ""),
     ]
 
 
@@ -487,6 +494,12 @@ def measure(args, work: Path) -> str:
             )
         speedup = rate["llmembed bfloat16"] / rate["reference"]
         notes.append(f"- {Path(model).name}: llmembed bf16 is {speedup:.2f}x the reference recipe")
+        if sheet := data_sheet_peak(dev):
+            mfu = flops * rate["llmembed bfloat16"] / n / (sheet * 1e12)
+            notes.append(
+                f"- {Path(model).name}: llmembed bf16 MFU against this card's data-sheet dense bf16 "
+                f"peak ({sheet:.0f} TFLOP/s): {100 * mfu:.0f}%"
+            )
         if "sentence-transformers" in rate:
             best = max(rate["llmembed float32"], rate["llmembed bfloat16"])
             notes.append(
@@ -519,11 +532,6 @@ def measure(args, work: Path) -> str:
         "",
         *notes,
     ]
-    if dev.startswith("cuda"):
-        name = torch.cuda.get_device_name(dev)
-        sheet = next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
-        if sheet:
-            lines.append(f"- data-sheet dense bf16 peak of this card: {sheet:.0f} TFLOP/s")
     if "scaling" not in args.skip:
         lines += scaling(args, decoder, work, entries)
     if args.probe_texts:

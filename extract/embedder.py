@@ -46,9 +46,8 @@ class Extractor:
     padding_side: str = "right"
     token_budget: int = 16384  # padded tokens per forward batch; halved on out-of-memory
     device: str = "cpu"
-    out_dtype: type = (
-        np.float32
-    )  # the cache's store dtype: a shard in float16 holds half the memory
+    # The returned arrays' dtype: the store dtype (a float16 shard takes half the memory).
+    out_dtype: type = np.float32
     _kwargs: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
