@@ -226,7 +226,6 @@ def run_llmembed(model: str, n: int, repeats: int, dtype: str, device: str, keep
         "entry": str(res.entry.path),
         "compute_dtype": res.entry.spec["compute_dtype"],
         "extraction_wall_s": m["extraction"]["wall_s"],
-        "bytes": res.entry.size_bytes(),
     }
 
 
@@ -247,7 +246,8 @@ def child(args) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def in_process(method: str, model: str, texts_file: Path, repeats: int, device: str, **kw) -> dict:
+def run_child(method: str, model: str, texts_file: Path, repeats: int, device: str, **kw) -> dict:
+    """One method in a fresh process of this script (`--child`), so that peak RSS is its own."""
     cmd = [sys.executable, __file__, "--child", method, "--model", model, "--texts-file"]
     cmd += [str(texts_file), "--repeats", str(repeats), "--device", device]
     for k, v in kw.items():
@@ -453,14 +453,14 @@ def measure(args, work: Path) -> str:
         facts = model_facts(model)
         lengths = token_lengths(model, texts)
         flops = useful_flops(facts, lengths)
-        runs = {"reference": in_process("reference", model, texts_file, args.repeats, dev)}
+        runs = {"reference": run_child("reference", model, texts_file, args.repeats, dev)}
         if role == "encoder":
-            runs["sentence-transformers"] = in_process(
+            runs["sentence-transformers"] = run_child(
                 "sentence-transformers", model, texts_file, args.repeats, dev
             )
         for dtype in ("float32", "bfloat16"):
             keep = work / f"{role}-{dtype}"
-            runs[f"llmembed {dtype}"] = in_process(
+            runs[f"llmembed {dtype}"] = run_child(
                 "llmembed", model, texts_file, args.repeats, dev, dtype=dtype, keep=keep
             )
             entries[role, dtype] = runs[f"llmembed {dtype}"]["entry"]
@@ -533,7 +533,7 @@ def measure(args, work: Path) -> str:
         *notes,
     ]
     if "scaling" not in args.skip:
-        lines += scaling(args, decoder, work, entries)
+        lines += scaling(args, decoder, work)
     if args.probe_texts:
         pr = probe(decoder, args.probe_texts, args.probe_every, dev)
         diffs = [
@@ -558,7 +558,7 @@ def measure(args, work: Path) -> str:
     return "\n".join(lines)
 
 
-def scaling(args, decoder: str, work: Path, entries: dict) -> list[str]:
+def scaling(args, decoder: str, work: Path) -> list[str]:
     """Peak RSS at N and 4N texts (default settings), reading one layer against all, and a sweep."""
     n, dev = args.texts, args.device
     big = load_texts(4 * n)
@@ -566,10 +566,10 @@ def scaling(args, decoder: str, work: Path, entries: dict) -> list[str]:
     big_file.write_text(json.dumps(big))
     root = work / "decoder-4n"
     at = {
-        n: in_process(
+        n: run_child(
             "llmembed", decoder, work / "texts.json", 1, dev, dtype="auto", keep=work / "n"
         ),
-        4 * n: in_process("llmembed", decoder, big_file, 1, dev, dtype="auto", keep=root),
+        4 * n: run_child("llmembed", decoder, big_file, 1, dev, dtype="auto", keep=root),
     }
     rss = {k: v["peak_rss_mb"] for k, v in at.items()}
     rt = read_times(at[4 * n]["entry"])
