@@ -189,23 +189,38 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextmanager
-def terminate_as_interrupt():
-    """SIGTERM (what SLURM and `kill` send) stops the work like Ctrl-C: the shard being written is
-    discarded, the finished ones stay. Only the main thread can own signal handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def stop_on_signals():
+    """SIGINT (Ctrl-C) and SIGTERM (what SLURM and `kill` send) stop the work at the next batch: the
+    shard being built is discarded, the finished ones stay. Yields `check`, to call between batches.
 
-    def handler(signum, frame):
-        err = KeyboardInterrupt()
-        err.signal_name, err.signal_number = signal.Signals(signum).name, signum
-        raise err
+    The handler only takes note: Python runs handlers between any two bytecodes, also inside a
+    garbage-collection callback, where a raised exception is printed and dropped and the run goes on
+    (seen in CI). A second signal raises at once. Only the main thread can own signal handlers, and a
+    signal the process was started to ignore (SIGINT of a background job) stays ignored."""
+    received: list[int] = []
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    def check() -> None:
+        if received:
+            err = KeyboardInterrupt()
+            err.signal_name, err.signal_number = signal.Signals(received[0]).name, received[0]
+            raise err
+
+    def handler(signum, frame) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            check()
+
+    watched = []
+    if threading.current_thread() is threading.main_thread():
+        watched = [
+            s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN
+        ]
+    previous = {s: signal.signal(s, handler) for s in watched}
     try:
-        yield
+        yield check
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class MissingEntryError(LookupError):
@@ -414,16 +429,18 @@ def _compute(cfg, writer, shards, ds, info, spec, layers, poolings, stored, devi
         dynamic_ncols=True,
     ) as bar:
         seen = {"tokens": 0}
-
-        def on_batch(n: int, tokens: int) -> None:
-            seen["tokens"] += tokens
-            rate = seen["tokens"] / max(bar.format_dict["elapsed"], 1e-9)
-            bar.set_postfix(tok_s=f"{rate:.0f}", refresh=False)
-            bar.update(n)
-
         try:
-            with terminate_as_interrupt():
+            with stop_on_signals() as check_signals:
+
+                def on_batch(n: int, tokens: int) -> None:
+                    seen["tokens"] += tokens
+                    rate = seen["tokens"] / max(bar.format_dict["elapsed"], 1e-9)
+                    bar.set_postfix(tok_s=f"{rate:.0f}", refresh=False)
+                    bar.update(n)
+                    check_signals()
+
                 for i in shards:
+                    check_signals()
                     start, stop = writer.plan[i]
                     emb, shard_stats = extractor.embed(ds.texts[start:stop], on_batch)
                     stats.add(shard_stats)
