@@ -7,6 +7,7 @@ import csv
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -147,3 +148,9 @@ def make_cfg(tmp_path, tiny_llama, data_csv):
             )
 
     return make
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity along the last axis (per text and layer for (rows, layers, hidden))."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from llmembed.extract.embedder import Extractor
-from tests.conftest import sentences
+from tests.conftest import cosine, sentences
 
 
 def load(path, dtype=torch.float32):
@@ -23,10 +23,6 @@ def extractor(path, dtype=torch.float32, **kw):
         "poolings", ["mean", "last", "first"] + (["pooler"] if hasattr(model, "pooler") else [])
     )
     return Extractor(model, tok, layers=list(range(n + 1)), max_length=64, **kw)
-
-
-def cosine(a, b):
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_bert"])

@@ -10,7 +10,7 @@ from sklearn.preprocessing import StandardScaler
 from llmembed.extract.backbones import inspect_backbone, load_model, load_tokenizer
 from llmembed.extract.datasets import load_dataset
 from llmembed.extract.pipeline import extract
-from tests.conftest import read_rows
+from tests.conftest import cosine, read_rows
 
 pytestmark = pytest.mark.slow
 
@@ -94,8 +94,7 @@ def test_smollm2_gguf_full_and_cut_models_agree(tmp_path):
 
     # bfloat16 (the default where the CPU has it): every layer within cosine 0.999 on average.
     bf16 = extract(cfg(tmp_path, "backbone=smollm2", "dataset.limit=300", "extract.dtype=bfloat16"))
-    x, y = (e.entry.read("mean", m["layers"]).astype(np.float64) for e in (full, bf16))
-    cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+    cos = cosine(*(e.entry.read("mean", m["layers"]) for e in (full, bf16)))
     assert cos.mean(axis=0).min() > 0.999, cos.mean(axis=0)
 
 
