@@ -14,6 +14,7 @@ import sys
 
 from llmembed.cache.maintenance import describe, format_table, gc, remove_shard, verify_entry
 from llmembed.cache.store import Cache
+from llmembed.errors import UserError, reported
 
 DEFAULT_ROOT = "~/.cache/llmembed"
 
@@ -33,7 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     clean.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with reported("llmembed-cache"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     cache = Cache(args.root)
+    if cache.root.exists() and not cache.root.is_dir():
+        raise UserError(
+            f"cache root {cache.root} is not a directory; pass --root or set LLMEMBED_CACHE"
+        )
 
     if args.command == "ls":
         print(format_table([describe(e) for e in cache.entries()], cache.root))

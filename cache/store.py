@@ -32,6 +32,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from llmembed.cache.keys import file_sha256, fingerprint, write_json_atomic
+from llmembed.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,12 @@ SPLITS = ("train", "validation", "test")  # stored as int8 codes 0, 1, 2
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A cache entry is damaged or does not match its manifest; the message names the file and the fix."""
+
+
+class CacheRootError(UserError, PermissionError):
+    """The cache root cannot take new entries; the message says how to point elsewhere."""
 
 
 def selection_name(layers: Sequence[int], poolings: Sequence[str]) -> str:
@@ -278,11 +283,15 @@ class EntryWriter:
             for pooling, arr in emb.items():
                 rows, n_layers, hidden = arr.shape  # (rows, layers, hidden)
                 assert rows == n and n_layers == len(layers[pooling])
-                values = arr.astype(self.store_dtype, copy=False)
+                # An array handed in wider than the store dtype holds values beyond its range
+                # (the extractor widened it): stored as it is, losslessly, never clipped.
+                wide = arr.dtype.itemsize > np.dtype(self.store_dtype).itemsize
+                values = arr.astype(np.float32 if wide else self.store_dtype, copy=False)
                 if not np.isfinite(values).all():
                     raise OverflowError(
-                        f"{pooling} embeddings hold values outside the {self.store_dtype.__name__} "
-                        "range (or NaN); store float32 with `extract.store_dtype=float32`"
+                        f"{pooling} embeddings hold NaN or values beyond {values.dtype.name}'s "
+                        "range: the model's own computation overflowed; extract with "
+                        "`extract.dtype=float32` and `extract.store_dtype=float32`"
                     )
                 # One chunk per (shard, layer): reading a layer is one contiguous read per shard.
                 ds = group.create_dataset(
@@ -376,7 +385,7 @@ class Cache:
             probe.touch()
             probe.unlink()
         except OSError as err:
-            raise PermissionError(
+            raise CacheRootError(
                 f"cache root {self.root} is not writable ({err.strerror}); set cache.root=... or "
                 "LLMEMBED_CACHE to a folder you can write"
             ) from None

@@ -12,18 +12,19 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from llmembed.errors import reported
 from llmembed.extract.pipeline import Interrupted, extract
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="extract")
 def main(cfg: DictConfig) -> None:
     try:
-        result = extract(cfg)
+        with reported("llmembed-extract"):
+            result = extract(cfg)
     except Interrupted as stop:
         print(stop, file=sys.stderr)
-        sys.exit(
-            128 + stop.signal_number
-        )  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        sys.exit(128 + stop.signal_number)
     print(result.summary())
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from llmembed.cache.keys import FORMAT_VERSION, fingerprint
 from llmembed.cache.store import STORE_DTYPES, Cache, Entry, EntryWriter
+from llmembed.errors import UserError
 from llmembed.extract.backbones import BackboneInfo, inspect_backbone, load_model, load_tokenizer
 from llmembed.extract.datasets import TextDataset, load_dataset
 from llmembed.extract.embedder import EmbedStats, Extractor
@@ -33,7 +34,7 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 AUTO_DTYPES = ("bfloat16", "float32")  # what `extract.dtype: auto` may resolve to
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An extraction setting is out of range; the message gives the valid values."""
 
 
@@ -127,6 +128,12 @@ def resolve_poolings(requested, info: BackboneInfo, name: str) -> list[str]:
     if requested == "all":
         return list(info.poolings)
     requested = [requested] if isinstance(requested, str) else list(requested)
+    if "first" in requested and info.constant_first:
+        raise ConfigError(
+            f"pooling 'first' of {name} ({info.model_type}) is the state of the BOS token that its "
+            "tokenizer puts before every text: a causal model's first token sees nothing else, so "
+            f"it is the same vector for every text; use one of {list(info.poolings)}"
+        )
     unknown = [p for p in requested if p not in info.poolings]
     if unknown:
         raise ConfigError(
@@ -223,7 +230,7 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
-class MissingEntryError(LookupError):
+class MissingEntryError(UserError, LookupError):
     """No cache entry covers a request and extraction was not allowed; says how to make one."""
 
 
@@ -300,6 +307,15 @@ def extract(
         entry = Entry(value)
         if kind == "hit":
             log.info("cache hit for %s x %s: %s", ds.name, bb.name, entry.path)
+            served = entry.spec["compute_dtype"]
+            if served != spec["compute_dtype"]:
+                log.info(
+                    "extract.dtype=auto: serving the entry computed in %s (this machine would "
+                    "compute %s); set extract.dtype=%s to compute your own",
+                    served,
+                    spec["compute_dtype"],
+                    spec["compute_dtype"],
+                )
             return ExtractResult(entry, hit=True, stats=EmbedStats())
         return ExtractResult(
             entry, hit=False, stats=_fill(cfg, entry, ds, info, spec, layers, poolings, ranks)
@@ -327,6 +343,7 @@ def extract_command(cfg: DictConfig) -> str:
     from importlib.resources import files
 
     from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
     def group(name: str, value: str, fallback: str) -> str:
         known = (files("llmembed.conf") / name / f"{value}.yaml").is_file()
@@ -336,8 +353,11 @@ def extract_command(cfg: DictConfig) -> str:
         group("dataset", cfg.dataset.name, "file"),
         group("backbone", cfg.backbone.name, "local"),
     ]
-    with initialize_config_module("llmembed.conf", version_base=None):
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app, e.g. llmembed-classify
         default = compose("extract", overrides=groups)
+    else:
+        with initialize_config_module("llmembed.conf", version_base=None):
+            default = compose("extract", overrides=groups)
     args = list(groups)
     for section in ("dataset", "backbone", "extract", "cache"):
         for k, v in cfg[section].items():
@@ -475,7 +495,11 @@ def _manifest(
         "hidden_size": info.hidden_size,
         "num_layers": info.num_layers,
         "layers": layers,
-        "poolings": {p: {"layers": v} for p, v in stored.items()},
+        # Per pooling its dataset's dtype: float32 where values went beyond the store dtype.
+        "poolings": {
+            p: {"layers": v, "dtype": "float32" if p in stats.widened else spec["store_dtype"]}
+            for p, v in stored.items()
+        },
         "store_dtype": spec["store_dtype"],
         "dataset": {"name": ds.name, "label_names": ds.label_names, "splits": ds.split_counts()},
         "backbone": {
