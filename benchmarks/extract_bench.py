@@ -10,8 +10,19 @@ appended to benchmarks/RESULTS.md (`--results`).
 
 Methods: `reference` is the recipe of the paper's code, written here as the baseline (every batch of
 32 padded to 128 tokens, the causal-LM class with its LM head, all hidden states, mean over all
-positions padding included, float32); `sentence-transformers` is `SentenceTransformer.encode` on the
-encoder; `llmembed` is `extract()` into a fresh cache, in float32 and bfloat16.
+positions padding included, float32); `llmembed` is `extract()` into a fresh cache, in float32 and
+bfloat16, every layer and pooling (and, on the encoder, one layer with mean pooling).
+
+Peers, each at its best documented setting (one vector per text, load and export untimed):
+`sentence-transformers` `encode` in float32 and with bfloat16 weights (`model_kwargs={"torch_dtype":
+torch.bfloat16}`) on the encoder; `onnxruntime` float32 (the encoder exported with `torch.onnx`, all
+graph optimizations, mean pooling and normalizing as sentence-transformers does; ONNX Runtime has no
+bfloat16 CPU kernels for these ops); `llama.cpp` (llama-cpp-python's embedding mode on the packaged
+GGUF, its own quantized weights, mean pooling, every core) on a GGUF decoder where llama-cpp-python is
+installed. A line per model gives llmembed (all layers) against the fastest peer.
+
+Also measured: peak activation memory (tensors alive at once, `benchmarks/activation_memory.py`) of
+one forward batch at the default token budget, storing 1 layer against all layers.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # benchmarks/activation_memory.py, when run as a script
 
 # Llama-2-7B's shape (its config.json), built with random weights: no download needed.
 SHAPES = {
@@ -54,6 +66,8 @@ SHAPES = {
         "max_position_embeddings": 512,
     },
 }
+# The peers, each one vector per text at its best documented setting (see the module docstring).
+PEERS = ("sentence-transformers", "sentence-transformers bf16", "onnxruntime", "llama.cpp")
 # Dense bfloat16 tensor-core peaks from the vendors' data sheets (TFLOP/s, without sparsity).
 GPU_BF16_PEAK = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H200": 989.4, "A100": 312.0}
 
@@ -194,7 +208,131 @@ def run_sentence_transformers(model: str, texts: list[str], repeats: int, device
     return {"seconds": seconds, "shape": list(out.shape)}
 
 
-def run_llmembed(model: str, n: int, repeats: int, dtype: str, device: str, keep: Path) -> dict:
+def run_sentence_transformers_bf16(model: str, texts: list[str], repeats: int, device: str) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    path = compose("extract", backbone_overrides(model)).backbone.path
+    st = SentenceTransformer(str(path), device=device, model_kwargs={"torch_dtype": torch.bfloat16})
+    seconds = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = st.encode(texts, batch_size=32, convert_to_numpy=True, show_progress_bar=False)
+        seconds.append(time.perf_counter() - t)
+    return {"seconds": seconds, "shape": list(out.shape)}
+
+
+def run_onnxruntime(model: str, texts: list[str], repeats: int, device: str) -> dict:
+    """The encoder exported to ONNX (untimed), run by ONNX Runtime with every graph optimization,
+    batches of 32 sorted by length as sentence-transformers does, mean pooled and normalized."""
+    import onnxruntime as ort
+    from transformers import AutoModel
+
+    from llmembed.extract.backbones import inspect_backbone, load_tokenizer
+
+    bb = compose("extract", backbone_overrides(model)).backbone
+    info = inspect_backbone(bb, None)
+    tok = load_tokenizer(bb, info)
+    net = AutoModel.from_pretrained(info.source.location, dtype=torch.float32).eval()
+    onnx_file = Path(tempfile.mkdtemp(prefix="llmembed-onnx-")) / "model.onnx"
+    sample = tok(["a short text", "a longer text than that one"], padding=True, return_tensors="pt")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    names = [k for k in names if k in sample]
+    axes = {k: {0: "batch", 1: "tokens"} for k in names}
+
+    class ByName(torch.nn.Module):  # the exporter passes inputs by position
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, *inputs):
+            return self.net(**dict(zip(names, inputs, strict=True))).last_hidden_state
+
+    torch.onnx.export(
+        ByName().eval(),
+        tuple(sample[k] for k in names),
+        str(onnx_file),
+        input_names=names,
+        output_names=["last_hidden_state"],
+        dynamic_axes={**axes, "last_hidden_state": {0: "batch", 1: "tokens"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    seconds = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = np.empty((len(texts), info.hidden_size), dtype=np.float32)
+        for i in range(0, len(texts), 32):
+            rows = order[i : i + 32]
+            enc = tok([texts[k] for k in rows], padding=True, truncation=True, return_tensors="np")
+            hidden = sess.run(None, {k: enc[k].astype(np.int64) for k in names})[0]
+            mask = enc["attention_mask"][:, :, None].astype(np.float32)
+            mean = (hidden * mask).sum(1) / mask.sum(1)
+            out[rows] = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+        seconds.append(time.perf_counter() - t)
+    shutil.rmtree(onnx_file.parent, ignore_errors=True)
+    return {"seconds": seconds, "shape": list(out.shape)}
+
+
+def gguf_path(model: str) -> Path | None:
+    from llmembed.extract.backbones import inspect_backbone
+
+    source = inspect_backbone(compose("extract", backbone_overrides(model)).backbone, None).source
+    return Path(source.location) / source.gguf_file if source.kind == "gguf" else None
+
+
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_llama_cpp(model: str, texts: list[str], repeats: int, device: str) -> dict:
+    """llama.cpp's embedding mode on the GGUF file: its quantized weights, mean pooling. Its
+    OpenMP threads spin, which on a shared machine can make every core slower than one: the
+    thread count (every core or one) that embeds 16 texts faster is used."""
+    import llama_cpp
+
+    def load(threads: int):
+        return llama_cpp.Llama(
+            model_path=str(gguf_path(model)),
+            embedding=True,
+            pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+            n_ctx=2048,
+            n_batch=2048,
+            n_ubatch=2048,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+
+    trial = {}
+    for threads in sorted({os.cpu_count() or 1, 1}, reverse=True):
+        net = load(threads)
+        net.embed(texts[:4])  # warm-up
+        t = time.perf_counter()
+        net.embed(texts[:16])
+        trial[threads] = time.perf_counter() - t
+        del net
+    threads = min(trial, key=trial.get)
+    net = load(threads)
+    seconds = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = np.asarray(net.embed(texts, normalize=False))
+        seconds.append(time.perf_counter() - t)
+    return {"seconds": seconds, "shape": list(out.shape), "threads": threads}
+
+
+def run_llmembed(
+    model: str, n: int, repeats: int, dtype: str, device: str, keep: Path, extra: str = ""
+) -> dict:
     """`extract()` into a fresh cache per repeat: timed from after the model load to the manifest."""
     from llmembed.extract.pipeline import extract
 
@@ -211,6 +349,7 @@ def run_llmembed(model: str, n: int, repeats: int, dtype: str, device: str, keep
                 f"extract.dtype={dtype}",
                 f"extract.device={device}",
                 "extract.progress=false",
+                *(x for x in extra.split(";") if x),
             ],
         )
         res = extract(cfg)
@@ -231,13 +370,24 @@ def run_llmembed(model: str, n: int, repeats: int, dtype: str, device: str, keep
 
 def child(args) -> None:
     texts = json.loads(Path(args.texts_file).read_text())
-    if args.method == "reference":
-        out = run_reference(args.model, texts, args.repeats, args.device)
-    elif args.method == "sentence-transformers":
-        out = run_sentence_transformers(args.model, texts, args.repeats, args.device)
+    peers = {
+        "reference": run_reference,
+        "sentence-transformers": run_sentence_transformers,
+        "sentence-transformers bf16": run_sentence_transformers_bf16,
+        "onnxruntime": run_onnxruntime,
+        "llama.cpp": run_llama_cpp,
+    }
+    if args.method in peers:
+        out = peers[args.method](args.model, texts, args.repeats, args.device)
     else:
         out = run_llmembed(
-            args.model, len(texts), args.repeats, args.dtype, args.device, Path(args.keep)
+            args.model,
+            len(texts),
+            args.repeats,
+            args.dtype,
+            args.device,
+            Path(args.keep),
+            args.extra or "",
         )
     out["peak_rss_mb"] = peak_rss_mb()
     out["peak_gpu_mb"] = (
@@ -377,6 +527,30 @@ def data_sheet_peak(device: str) -> float | None:
     return next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
 
 
+def peers_for(role: str, model: str, device: str, notes: list[str]) -> list[str]:
+    """The peers that run on this model here; a note says why one is left out."""
+    if role == "encoder":
+        found = ["sentence-transformers", "sentence-transformers bf16"]
+        try:
+            import onnxruntime  # noqa: F401
+
+            found.append("onnxruntime")
+        except ImportError:
+            notes.append(
+                "- onnxruntime not installed (pip install 'llmembed[bench]'): not compared"
+            )
+        return found
+    if gguf_path(model) is None or device != "cpu":
+        return []
+    if not llama_cpp_available():
+        notes.append(
+            f"- {Path(model).name}: llama-cpp-python is not installed (it compiles llama.cpp; "
+            "`pip install llama-cpp-python`): llama.cpp not compared"
+        )
+        return []
+    return ["llama.cpp"]
+
+
 def row(name, model, res, n, flops, peak, ref_rate, st_rate) -> list[str]:
     sec = statistics.median(res["seconds"])
     rate = n / sec
@@ -412,13 +586,19 @@ def main() -> None:
     )
     p.add_argument("--probe-texts", type=int, default=4000, help="0 skips the bf16 probe")
     p.add_argument("--probe-every", type=int, default=5, help="probe every k-th layer")
-    p.add_argument("--skip", nargs="*", default=[], help="parts to skip: scaling sweep encoder")
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        help="parts to skip: scaling sweep encoder peers memory reference",
+    )
     p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--texts-file", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     p.add_argument("--keep", help=argparse.SUPPRESS)
+    p.add_argument("--extra", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         args.method = args.child
@@ -453,21 +633,38 @@ def measure(args, work: Path) -> str:
         facts = model_facts(model)
         lengths = token_lengths(model, texts)
         flops = useful_flops(facts, lengths)
-        runs = {"reference": run_child("reference", model, texts_file, args.repeats, dev)}
-        if role == "encoder":
-            runs["sentence-transformers"] = run_child(
-                "sentence-transformers", model, texts_file, args.repeats, dev
-            )
+        runs = {}
+        if "reference" not in args.skip:
+            runs["reference"] = run_child("reference", model, texts_file, args.repeats, dev)
+        if "peers" not in args.skip:
+            for peer in peers_for(role, model, dev, notes):
+                try:
+                    runs[peer] = run_child(peer, model, texts_file, args.repeats, dev)
+                except RuntimeError as err:
+                    notes.append(f"- {Path(model).name}: {peer} failed, not compared ({err})"[:400])
         for dtype in ("float32", "bfloat16"):
             keep = work / f"{role}-{dtype}"
             runs[f"llmembed {dtype}"] = run_child(
                 "llmembed", model, texts_file, args.repeats, dev, dtype=dtype, keep=keep
             )
             entries[role, dtype] = runs[f"llmembed {dtype}"]["entry"]
+        if role == "encoder":
+            runs["llmembed bfloat16, last layer, mean"] = run_child(
+                "llmembed",
+                model,
+                texts_file,
+                args.repeats,
+                dev,
+                dtype="bfloat16",
+                keep=work / f"{role}-one",
+                extra="extract.layers=[-1];extract.poolings=[mean]",
+            )
         rate = {k: n / statistics.median(v["seconds"]) for k, v in runs.items()}
+        peer_rates = {k: v for k, v in rate.items() if k in PEERS}
+        fastest = max(peer_rates, key=peer_rates.get) if peer_rates else None
         for k, res in runs.items():
             res["tokens"] = sum(lengths)
-            dtype = "bfloat16" if "bfloat16" in k else "float32"
+            dtype = "bfloat16" if "bf" in k or k == "llama.cpp" else "float32"
             rows.append(
                 row(
                     k,
@@ -476,10 +673,20 @@ def measure(args, work: Path) -> str:
                     n,
                     flops,
                     peaks[dtype],
-                    rate["reference"],
-                    rate.get("sentence-transformers"),
+                    rate.get("reference"),
+                    peer_rates.get(fastest),
                 )
             )
+        best = rate["llmembed bfloat16"]
+        if fastest:
+            notes.append(
+                f"- {Path(model).name}: llmembed (all layers) is {best / rate[fastest]:.2f}x the "
+                f"fastest peer ({fastest}); bfloat16, all {facts['num_layers'] + 1} layers and "
+                f"{'3' if role == 'encoder' else '2'} poolings written to a fresh cache, against "
+                "one vector per text"
+            )
+        else:
+            notes.append(f"- {Path(model).name}: no peer measured")
         fp32, bf16 = (read_entry(entries[role, d]) for d in ("float32", "bfloat16"))
         for pooling in ("mean", "last"):
             cos = cosines(
@@ -492,19 +699,16 @@ def measure(args, work: Path) -> str:
                 f"{np.median(cos):.6f}, lowest layer mean {per_layer.min():.5f} (layer "
                 f"{int(per_layer.argmin())}), lowest single text {cos.min():.4f}"
             )
-        speedup = rate["llmembed bfloat16"] / rate["reference"]
-        notes.append(f"- {Path(model).name}: llmembed bf16 is {speedup:.2f}x the reference recipe")
+        if "reference" in rate:
+            speedup = rate["llmembed bfloat16"] / rate["reference"]
+            notes.append(
+                f"- {Path(model).name}: llmembed bf16 is {speedup:.2f}x the reference recipe"
+            )
         if sheet := data_sheet_peak(dev):
             mfu = flops * rate["llmembed bfloat16"] / n / (sheet * 1e12)
             notes.append(
                 f"- {Path(model).name}: llmembed bf16 MFU against this card's data-sheet dense bf16 "
                 f"peak ({sheet:.0f} TFLOP/s): {100 * mfu:.0f}%"
-            )
-        if "sentence-transformers" in rate:
-            best = max(rate["llmembed float32"], rate["llmembed bfloat16"])
-            notes.append(
-                f"- {Path(model).name}: llmembed (all {facts['num_layers'] + 1} layers, 3 poolings) "
-                f"is {best / rate['sentence-transformers']:.2f}x sentence-transformers (1 vector)"
             )
 
     lines = [
@@ -522,7 +726,7 @@ def measure(args, work: Path) -> str:
                 "texts/s",
                 "tokens/s",
                 "vs reference",
-                "vs sentence-tr.",
+                "vs fastest peer",
                 "useful GFLOP/s",
                 "MFU",
                 "peak RSS MB",
@@ -532,6 +736,8 @@ def measure(args, work: Path) -> str:
         "",
         *notes,
     ]
+    if "memory" not in args.skip:
+        lines += activation_memory(decoder, texts, dev, work / "converted")
     if "scaling" not in args.skip:
         lines += scaling(args, decoder, work)
     if args.probe_texts:
@@ -590,6 +796,68 @@ def scaling(args, decoder: str, work: Path) -> list[str]:
             f"- a logistic-regression sweep over all {sw['layers']} layers (default C grid) on the "
             f"{4 * n}-text entry: {sw['seconds']:.1f} s, against {wall:.1f} s for the extraction "
             f"itself, model load included ({sw['seconds'] / wall:.2f}x)"
+        )
+    return lines
+
+
+def activation_memory(model: str, texts: list[str], device: str, converted: Path) -> list[str]:
+    """Peak activation memory of the first batch (the longest texts, default token budget),
+    storing the last layer only against every layer, pooled inside the layers (the default) and
+    the old way (every hidden state kept until the batch is pooled). Also the load time of a GGUF
+    backbone: de-quantized and converted once, then read from its converted copy."""
+    from activation_memory import LiveTensors
+
+    from llmembed.extract.backbones import inspect_backbone, load_model, load_tokenizer
+    from llmembed.extract.embedder import Extractor
+    from llmembed.extract.pipeline import resolve_token_budget
+
+    bb = compose("extract", backbone_overrides(model)).backbone
+    info = inspect_backbone(bb, None)
+    dtype = torch.bfloat16
+    loads = []
+    for _ in range(2):
+        t = time.perf_counter()
+        net = load_model(
+            bb, info, depth=info.num_layers, dtype=dtype, device=device, converted=converted
+        )
+        tok = load_tokenizer(bb, info, converted=converted)
+        loads.append(time.perf_counter() - t)
+    budget = resolve_token_budget("auto", device, info)
+    order = sorted(texts, key=len, reverse=True)
+    peak = {}
+    for inside in (True, False):
+        for layers in ([info.num_layers], list(range(info.num_layers + 1))):
+            ex = Extractor(
+                net,
+                tok,
+                layers=layers,
+                poolings=["mean", "last"],
+                max_length=512,
+                token_budget=budget,
+            )
+            if not inside:
+                ex.tap_last = None
+            ids, _ = ex.tokenize(order)
+            width = max(len(x) for x in ids)
+            batch = ids[: max(1, budget // width)]
+            with LiveTensors() as live:
+                ex._forward(batch)
+            peak[inside, len(layers)] = live.peak / 2**20
+    name, n_all = Path(model).name, info.num_layers + 1
+    lines = [
+        "",
+        f"Peak activation memory ({name}, bfloat16, one batch of {len(batch)} x {width} tokens at "
+        f"the default token budget {budget}, mean and last pooling; tensors alive at once):",
+        f"- pooled inside the layers (default): 1 stored layer {peak[True, 1]:.1f} MB, all "
+        f"{n_all} {peak[True, n_all]:.1f} MB ({peak[True, n_all] / peak[True, 1]:.2f}x)",
+        f"- every hidden state kept until pooled (before): 1 stored layer {peak[False, 1]:.1f} MB, "
+        f"all {n_all} {peak[False, n_all]:.1f} MB ({peak[False, n_all] / peak[True, 1]:.2f}x "
+        "the default's 1 layer)",
+    ]
+    if info.source.kind == "gguf":
+        lines.append(
+            f"- loading {info.source.gguf_file} and its tokenizer: {loads[0]:.1f} s the first time "
+            f"(de-quantized and converted), {loads[1]:.1f} s from the converted copy"
         )
     return lines
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from llmembed.extract.pooling import first_token_index, pool_layers
+from llmembed.extract.pooling import LayerPooler, first_token_index, pool_layers
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,44 @@ def position_rule(model: torch.nn.Module) -> PositionRule:
 def padding_sides(model: torch.nn.Module) -> tuple[str, ...]:
     """The padding sides under which `model` gives its own unpadded numbers."""
     return position_rule(model).sides
+
+
+def layer_stack(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The model's stack of transformer layers (the ModuleList of `num_hidden_layers` blocks run
+    in order: `layers`, `h`, `encoder.layer`...), or None where there is no such list."""
+    n = model.config.get_text_config().num_hidden_layers
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if not n or not stacks:
+        return None
+    return max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+@contextlib.contextmanager
+def tapped(stack: torch.nn.ModuleList, sink: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """Hand each hidden state to `sink(index, (B, T, H))` as the layers make it: index 0 is the
+    input of the first layer, index i the output of layer i - 1. The model keeps none of them."""
+
+    def first(module, args, kwargs):
+        sink(0, args[0] if args else kwargs["hidden_states"])
+
+    def after(j: int):
+        def hook(module, args, output):
+            sink(j, output[0] if isinstance(output, tuple | list) else output)
+
+        return hook
+
+    handles = [stack[0].register_forward_pre_hook(first, with_kwargs=True)]
+    handles += [layer.register_forward_hook(after(i + 1)) for i, layer in enumerate(stack)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, NaN equal to NaN (padded positions may hold NaN)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _position_padding_idx(model: torch.nn.Module) -> int | None:
@@ -106,6 +145,11 @@ class Extractor:
     out_dtype: type = np.float32
     widened: set[str] = field(init=False, default_factory=set)
     _kwargs: dict = field(init=False, default_factory=dict)
+    # How the last hidden state is taken while pooling inside the layers: "raw" (the last layer's
+    # output) or "final" (the model's last_hidden_state, final norm applied, which is what
+    # `hidden_states[-1]` holds for most full decoders); None: this model's hidden states could not
+    # be matched inside its layers, so every requested layer is kept until the batch is pooled.
+    tap_last: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         assert self.padding_side in SIDES, self.padding_side
@@ -127,6 +171,7 @@ class Extractor:
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model embeds only {vocab}: "
                 "they do not belong together; check backbone.tokenizer"
             )
+        self._stack = layer_stack(self.model)
         self._check_padding()
 
     def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
@@ -232,36 +277,75 @@ class Extractor:
             mask[row, span] = 1
         return input_ids.to(self.device), mask.to(self.device)
 
-    def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """All hidden states of a padded batch, each (B, T, H), positions by the family's rule."""
+    def _run(self, input_ids: torch.Tensor, mask: torch.Tensor, **extra):
+        """The model's forward on a padded batch, positions by the family's rule."""
         kwargs = dict(self._kwargs)
         if self._first_position is not None:
             # Counted over real tokens only, so that left padding does not shift a text.
             kwargs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0) + self._first_position
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, output_hidden_states=True, **kwargs
-        )
-        return out.hidden_states
+        return self.model(input_ids=input_ids, attention_mask=mask, **kwargs, **extra)
+
+    def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """All hidden states of a padded batch, each (B, T, H)."""
+        return self._run(input_ids, mask, output_hidden_states=True).hidden_states
 
     @torch.inference_mode()
     def _forward(self, seqs: list[list[int]]) -> dict[str, np.ndarray]:
         input_ids, mask = self._batch(seqs)
-        hidden = self._hidden(input_ids, mask)
-        pooled = pool_layers([hidden[layer] for layer in self.layers], mask, self.poolings)
+        if self.tap_last is None:
+            hidden = self._hidden(input_ids, mask)
+            pooled = pool_layers([hidden[layer] for layer in self.layers], mask, self.poolings)
+            last = hidden[-1]
+        else:
+            pooled, last = self._pool_inside(input_ids, mask)
         if "pooler" in self.poolings:
             # The model's pooler reads position 0, which is padding under left padding: hand it the
             # first real token of the last layer instead.
-            last = hidden[-1]
             first = last[torch.arange(len(seqs), device=last.device), first_token_index(mask)]
             pooled["pooler"] = self.model.pooler(first[:, None, :]).float()[:, None, :]  # (B, 1, H)
         return {name: t.cpu().numpy() for name, t in pooled.items()}
+
+    def _pool_inside(
+        self, input_ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Pool each requested hidden state as its layer returns it, so that peak memory is one
+        layer's activations whatever the number of stored layers. Same numbers, bit for bit, as
+        pooling the model's `hidden_states` (checked at construction)."""
+        pooler = LayerPooler(mask, self.poolings, len(self.layers))
+        slot = {layer: j for j, layer in enumerate(self.layers)}
+        last_index = len(self._stack)
+        kept: dict[str, torch.Tensor] = {}
+
+        def sink(index: int, h: torch.Tensor) -> None:
+            if index == last_index and self.tap_last != "raw":
+                return
+            if index in slot:
+                pooler.add(slot[index], h)
+            if index == last_index and "pooler" in self.poolings:
+                kept["last"] = h
+
+        with tapped(self._stack, sink):
+            out = self._run(input_ids, mask)
+        if self.tap_last == "final":
+            if last_index in slot:
+                pooler.add(slot[last_index], out.last_hidden_state)
+            kept["last"] = out.last_hidden_state
+        return pooler.out, kept.get("last")
 
     @torch.inference_mode()
     def _check_padding(self) -> None:
         """Refuse a model whose padded batch differs from its own forward pass on each text alone
         (with its default positions): this guards the families that no rule above knows."""
         seqs, _ = self.tokenize(list(PROBE_TEXTS))
-        batched = self._hidden(*self._batch(seqs))
+        input_ids, mask = self._batch(seqs)
+        seen: dict[int, torch.Tensor] = {}
+        if self._stack is not None:
+            with tapped(self._stack, lambda index, h: seen.setdefault(index, h)):
+                out = self._run(input_ids, mask, output_hidden_states=True)
+        else:
+            out = self._run(input_ids, mask, output_hidden_states=True)
+        batched = out.hidden_states
+        self.tap_last = self._tap_mode(seen, batched, out)
         dtype = self.model.get_input_embeddings().weight.dtype
         tolerance = PADDING_TOLERANCE.get(dtype, 0.1)
         for row, seq in enumerate(seqs):
@@ -283,3 +367,28 @@ class Extractor:
                         f"backbone.padding_side={'right' if self.padding_side == 'left' else 'left'}"
                         ", or add a rule for it in llmembed.extract.embedder.position_rule"
                     )
+
+    def _tap_mode(self, seen: dict[int, torch.Tensor], hidden, out) -> str | None:
+        """Whether the states the layer hooks saw are the model's own `hidden_states`, index for
+        index and bit for bit, and where its last one comes from; None (keep every layer until the
+        batch is pooled) for a family whose hidden states are not its layers' inputs and outputs."""
+        last = len(hidden) - 1
+        if (
+            self._stack is None
+            or len(self._stack) != last
+            or not all(j in seen and _same(seen[j], hidden[j]) for j in range(last))
+        ):
+            mode = None
+        elif last in seen and _same(seen[last], hidden[last]):
+            mode = "raw"
+        elif _same(out.last_hidden_state, hidden[last]):
+            mode = "final"
+        else:
+            mode = None
+        if mode is None:
+            log.info(
+                "%s: hidden states are not the inputs and outputs of its layers; keeping every "
+                "requested layer of a batch until it is pooled (memory grows with the layers)",
+                self.model.config.model_type,
+            )
+        return mode

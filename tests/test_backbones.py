@@ -129,3 +129,96 @@ def test_backbone_facts_are_memoized_without_reloading_the_tokenizer(
     monkeypatch.setattr("llmembed.extract.backbones.AutoTokenizer.from_pretrained", no_loading)
     monkeypatch.setattr("llmembed.extract.backbones.AutoConfig.from_pretrained", no_loading)
     assert inspect_backbone(cfg, memo) == first
+
+
+def _gguf_info(tmp_path, tiny_llama):
+    """A BackboneInfo that says GGUF, for the converted-copy tests (the GGUF load is faked)."""
+    from llmembed.extract.backbones import BackboneInfo, Source
+
+    return BackboneInfo(
+        source=Source("gguf", str(tmp_path), "m.gguf"),
+        identity={"gguf_sha256": "ab" * 32},
+        model_type="llama",
+        num_layers=3,
+        hidden_size=32,
+        max_positions=512,
+        poolings=("mean", "last"),
+    )
+
+
+def test_a_gguf_backbone_is_converted_once_and_then_read_from_its_copy(
+    tmp_path, tiny_llama, monkeypatch
+):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from llmembed.extract import backbones
+
+    loads = []
+
+    def fake_gguf(cfg, info):
+        loads.append(info.source.gguf_file)
+        return AutoModel.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+
+    monkeypatch.setattr(backbones, "_load_gguf", fake_gguf)
+    info, cfg = _gguf_info(tmp_path, tiny_llama), OmegaConf.create({"name": "m"})
+    kw = {"depth": 3, "dtype": torch.float32, "device": "cpu", "converted": tmp_path / "converted"}
+    first = backbones.load_model(cfg, info, **kw)
+    second = backbones.load_model(cfg, info, **kw)
+    tok = backbones.load_tokenizer(cfg, info, converted=tmp_path / "converted")
+    assert loads == ["m.gguf"]  # de-quantized once
+    (copy,) = (tmp_path / "converted").iterdir()  # one finished copy, no temporary folder left
+    assert copy.name == f"gguf-{'ab' * 32}-v1" and (copy / "converted.json").is_file()
+    ids = tok("the film was fun", return_tensors="pt")
+    with torch.inference_mode():
+        a, b = (m(**ids, output_hidden_states=True).hidden_states for m in (first, second))
+        own = AutoModel.from_pretrained(tiny_llama)(**ids, output_hidden_states=True)
+    for x, y, z in zip(a, b, own.hidden_states, strict=True):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def test_a_second_writer_of_the_same_copy_keeps_the_first_ones(tmp_path, tiny_llama, monkeypatch):
+    """Two processes converting at once: the one that renames second drops its own copy."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from llmembed.extract import backbones
+
+    info, cfg = _gguf_info(tmp_path, tiny_llama), OmegaConf.create({"name": "m"})
+    converted, calls = tmp_path / "converted", []
+
+    def racing(cfg, info):
+        calls.append(1)
+        if len(calls) == 1:  # while this writer works, another one finishes first
+            backbones.convert_gguf(cfg, info, converted)
+        return AutoModel.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+
+    monkeypatch.setattr(backbones, "_load_gguf", racing)
+    folder = backbones.convert_gguf(cfg, info, converted)
+    assert len(calls) == 2 and [p.name for p in converted.iterdir()] == [folder.name]
+    assert (folder / "converted.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_gguf_copy_gives_identical_hidden_states(tmp_path):
+    import time
+
+    import torch
+
+    from benchmarks.extract_bench import compose
+    from llmembed.extract.backbones import load_model, load_tokenizer
+
+    cfg = compose("extract", ["backbone=smollm2"]).backbone
+    info = inspect_backbone(cfg, None)
+    kw = {"depth": info.num_layers, "dtype": torch.bfloat16, "device": "cpu"}
+    direct, tok = load_model(cfg, info, **kw), load_tokenizer(cfg, info)
+    load_model(cfg, info, **kw, converted=tmp_path)  # converts
+    t = time.perf_counter()
+    copy = load_model(cfg, info, **kw, converted=tmp_path)
+    tok2 = load_tokenizer(cfg, info, converted=tmp_path)
+    assert time.perf_counter() - t < 5  # 1.4 s measured on 2 cores; GGUF: 11-20 s
+    ids = tok("the movie was not very good", return_tensors="pt")
+    assert tok2("the movie was not very good")["input_ids"] == ids["input_ids"][0].tolist()
+    with torch.inference_mode():
+        a = direct(**ids, output_hidden_states=True).hidden_states
+        b = copy(**ids, output_hidden_states=True).hidden_states
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

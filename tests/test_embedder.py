@@ -237,3 +237,69 @@ def test_massive_activations_extract_with_default_settings(tmp_path, tiny_llama,
     np.testing.assert_allclose(
         half.entry.read("last", layers), wide.entry.read("last", layers), rtol=1e-3, atol=1e-4
     )
+
+
+def test_every_family_pools_inside_its_layers():
+    """Each family's hidden states are its layers' inputs and outputs (the last one raw or final-
+    normed, as the family's own `hidden_states` holds it): none falls back to keeping them all."""
+    from tests.test_families import FAMILIES, build
+
+    for family in sorted(FAMILIES):
+        model, tok = build(family)
+        side = embedder.padding_sides(model)[0]
+        ex = Extractor(
+            model, tok, layers=[0, 1, 2], poolings=["mean"], max_length=64, padding_side=side
+        )
+        assert ex.tap_last in ("raw", "final"), family
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_bert"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pooling_inside_the_layers_gives_the_same_bits_as_keeping_hidden_states(
+    which, side, dtype, request
+):
+    path = request.getfixturevalue(which)
+    texts = [t for t, _ in sentences(12)]
+    inside = extractor(path, dtype, padding_side=side, token_budget=64)
+    kept = extractor(path, dtype, padding_side=side, token_budget=64)
+    kept.tap_last = None  # the old path: output_hidden_states=True, pooled after the forward
+    a, _ = inside.embed(texts)
+    b, _ = kept.embed(texts)
+    assert inside.tap_last is not None and set(a) == set(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_peak_activation_memory_does_not_grow_with_the_stored_layers():
+    """31 stored layers within 1.2x of 1 at the same token budget (the old path kept them all)."""
+    from transformers import LlamaConfig
+
+    from benchmarks.activation_memory import LiveTensors
+    from tests.test_families import tokenizer
+
+    tok = tokenizer("bos")
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=30,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = AutoModel.from_config(config).eval()
+    words = [t for t, _ in sentences(96)]
+    texts = [" ".join(words[i : i + 4]) for i in range(0, 96, 4)]  # about 40 tokens each, as MR
+    peak = {}
+    for tap in (True, False):
+        for layers in ([30], list(range(31))):
+            ex = Extractor(model, tok, layers=layers, poolings=["mean", "last"], max_length=64)
+            if not tap:
+                ex.tap_last = None
+            with LiveTensors() as live:
+                ex.embed(texts)
+            peak[tap, len(layers)] = live.peak
+    assert peak[True, 31] <= 1.2 * peak[True, 1], peak
+    assert peak[False, 31] > 2 * peak[True, 31], peak  # what keeping every layer cost
