@@ -1,0 +1,164 @@
+"""Fine-tuning an encoder end to end (the counterpart of experiment 4b): the encoder, a pooling and
+a linear layer, AdamW with a linear warm-up and decay, early stopping on validation accuracy (the
+best epoch's weights kept), the test split scored once at the end."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger("results.finetune")
+
+
+@dataclass
+class FineTuneConfig:
+    lr: float = 5e-5  # AdamW learning rate (peak, after warm-up)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    batch_size: int = 32  # texts per step
+    max_epochs: int = 4  # upper bound; early stopping usually ends sooner
+    patience: int = 1  # epochs without a better validation accuracy before stopping
+    warmup: float = 0.1  # share of all steps with a linear warm-up, then linear decay to 0
+    max_length: int = 128  # tokens per text (truncated)
+    pooling: str = "mean"  # mean over real tokens, or "first" (CLS)
+    seed: int = 0
+
+
+class EncoderClassifier(nn.Module):
+    def __init__(self, encoder: nn.Module, n_classes: int, pooling: str):
+        super().__init__()
+        self.encoder, self.pooling = encoder, pooling
+        self.classifier = nn.Linear(encoder.config.hidden_size, n_classes)
+
+    def forward(self, input_ids, attention_mask):  # (B, T) -> (B, classes) logits
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "first":
+            pooled = h[:, 0]
+        else:
+            m = attention_mask[:, :, None].to(h.dtype)  # (B, T, 1)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.classifier(pooled)
+
+
+@dataclass
+class FineTuneResult:
+    model: EncoderClassifier
+    best_epoch: int
+    history: list[dict] = field(default_factory=list)  # per epoch: train loss, validation accuracy
+    train_s: float = 0.0
+    params_trained: int = 0
+
+
+def _batches(tok, texts, labels, idx, cfg: FineTuneConfig):
+    for start in range(0, len(idx), cfg.batch_size):
+        rows = idx[start : start + cfg.batch_size]
+        enc = tok(
+            [texts[i] for i in rows],
+            padding=True,
+            truncation=True,
+            max_length=cfg.max_length,
+            return_tensors="pt",
+        )
+        yield enc["input_ids"], enc["attention_mask"], torch.as_tensor(labels[rows])
+
+
+@torch.inference_mode()
+def predict(
+    model: EncoderClassifier, tok, texts: list[str], cfg: FineTuneConfig, batch_size: int = 64
+) -> np.ndarray:
+    model.eval()
+    order = np.argsort([len(t) for t in texts])  # similar lengths together: less padding
+    out = np.zeros(len(texts), dtype=np.int64)
+    for start in range(0, len(texts), batch_size):
+        rows = order[start : start + batch_size]
+        enc = tok(
+            [texts[i] for i in rows],
+            padding=True,
+            truncation=True,
+            max_length=cfg.max_length,
+            return_tensors="pt",
+        )
+        dev = model.classifier.weight.device
+        logits = model(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
+        out[rows] = logits.argmax(1).cpu().numpy()
+    return out
+
+
+def fine_tune(
+    encoder,
+    tok,
+    texts: list[str],
+    labels: np.ndarray,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    n_classes: int,
+    cfg: FineTuneConfig,
+) -> FineTuneResult:
+    """Train encoder + linear head on `train_rows`; keep the epoch with the best validation accuracy."""
+    torch.manual_seed(cfg.seed)
+    dev = next(encoder.parameters()).device
+    model = EncoderClassifier(encoder, n_classes, cfg.pooling).float().to(dev).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
+    steps = cfg.max_epochs * math.ceil(len(train_rows) / cfg.batch_size)
+    warm = max(1, int(cfg.warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+    )
+    rng = np.random.default_rng(cfg.seed)
+    best_acc, best_state, best_epoch, history = -1.0, None, -1, []
+    t0 = time.perf_counter()
+    for epoch in range(cfg.max_epochs):
+        model.train()
+        losses = []
+        for ids, mask, y in _batches(tok, texts, labels, rng.permutation(train_rows), cfg):
+            dev = model.classifier.weight.device
+            loss = nn.functional.cross_entropy(model(ids.to(dev), mask.to(dev)), y.to(dev))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        pred = predict(model, tok, [texts[i] for i in val_rows], cfg)
+        acc = float((pred == labels[val_rows]).mean())
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                "first_loss": losses[0],
+                "last_loss": losses[-1],
+                "val_accuracy": acc,
+            }
+        )
+        log.info(
+            "epoch %d: train loss %.4f, validation accuracy %.4f",
+            epoch,
+            history[-1]["train_loss"],
+            acc,
+        )
+        if acc > best_acc:
+            best_acc, best_state, best_epoch = acc, copy.deepcopy(model.state_dict()), epoch
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    return FineTuneResult(
+        model,
+        best_epoch,
+        history,
+        time.perf_counter() - t0,
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )

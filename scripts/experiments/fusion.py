@@ -1,0 +1,222 @@
+"""Experiment 2: fusion (full run ~45 min on 2 idle CPU cores, 5-10x under load).
+
+Per split, for SmolLM2 alone and SmolLM2 + MiniLM:
+
+- best single layer: the (layer, pooling) with the best validation accuracy (from experiment 1);
+- last layer: SmolLM2 hidden state 30, mean pooling (from experiment 1);
+- concatenation: the k best SmolLM2 layers on validation (k from `results.fusion.ks`, chosen on
+  validation; + MiniLM adds that split's best MiniLM layer), logistic regression;
+- the paper's co-occurrence head (`head=llmembed`) on the paper's last five layers (+ MiniLM L6;
+  with `results.fusion.cooc_on_chosen=true` also on the layers the concatenation chose), σ from
+  `results.fusion.sigmas` chosen on validation.
+
+    .venv/bin/python -m scripts.experiments.fusion [hydra overrides]    # conf/experiment/results_fusion.yaml
+
+Needs <results.out_dir>/layers.json (experiment 1). Per set: 5 splits x 2 feature sets x (4
+concatenations + 2 σ of the paper's head) = 40 logreg and 20 head fits. Estimated full run: about
+45 min on two idle CPU cores (the paper's head ~45 s per fit on MR's 7,400 training rows, judged
+from the demo's 18 s on 2,800 rows); 5-10x that on the loaded shared machine (the pilot, TREC + MR
+with dataset.limit=600 and 2 splits: 8 min 18 s, ~25 s per head fit on 420 rows). Setting
+`results.fusion.cooc_on_chosen=true` adds 20 head fits per set.
+
+Writes <results.out_dir>/fusion.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from scripts.experiments.common import (
+    Scores,
+    choose,
+    chosen_test,
+    classify,
+    continue_result,
+    experiment_cfgs,
+    head_config,
+    header,
+    pre_extract,
+    read_json,
+    setup_logging,
+    with_changes,
+    write_json,
+)
+
+EXPERIMENT, MODULE = "results_fusion", "scripts.experiments.fusion"
+
+
+def from_layers(curves: dict, key: str) -> list[Scores]:
+    """Experiment 1's scores of one (backbone, pooling) curve, one Scores per layer."""
+    return [
+        Scores(
+            f"{key}:L{p['layer']}",
+            {int(s): v for s, v in p["per_split"].items()},
+            p["info"],
+        )
+        for p in curves[key]
+    ]
+
+
+def ranked_layers(curve: list[Scores], seed: int) -> list[int]:
+    """Layers of one curve from best to worst validation accuracy on split `seed` (ties: lower layer)."""
+    order = sorted(range(len(curve)), key=lambda i: (-curve[i].validation(seed), i))
+    return [int(curve[i].name.rsplit(":L", 1)[1]) for i in order]
+
+
+def one_split(cfg, seed: int):
+    return with_changes(cfg, seeds=[seed])
+
+
+def run_dataset(cfg, layers_result: dict) -> dict:
+    fcfg = cfg.results.fusion
+    seeds = [int(s) for s in cfg.seeds]
+    curves = layers_result["curves"]
+    smol_mean, mini_mean = from_layers(curves, "smollm2:mean"), from_layers(curves, "minilm:mean")
+    smol_all = [s for k in curves if k.startswith("smollm2:") for s in from_layers(curves, k)]
+    mini_all = [s for k in curves if k.startswith("minilm:") for s in from_layers(curves, k)]
+    missing = set(seeds) - set(smol_mean[0].per_split)
+    if missing:
+        raise SystemExit(
+            f"layers.json has no scores for splits {sorted(missing)}; rerun experiment 1"
+        )
+    run_dir = Path(cfg.results.run_dir) / "fusion" / cfg.dataset.name
+    paper_head = {f"head.params.{k}": v for k, v in fcfg.head.items()}
+    rows: dict[str, dict] = {}
+
+    def report(name: str, picks: dict[int, Scores], candidates: int, **extra) -> None:
+        rows[name] = {
+            "candidates": candidates,  # configurations trained per split to make the choice
+            "test": chosen_test(picks),
+            "chosen_per_split": {s: picks[s].name for s in seeds},
+            "info": {s: picks[s].info for s in seeds},
+            **extra,
+        }
+
+    last = smol_mean[-1]
+    report("SmolLM2 last layer (L30, mean), logreg", {s: last for s in seeds}, 1)
+    report(
+        "SmolLM2 best single layer (validation), logreg",
+        {s: choose(smol_all, s) for s in seeds},
+        len(smol_all),
+    )
+    both_single = smol_all + mini_all
+    report(
+        "SmolLM2 or MiniLM best single layer (validation), logreg",
+        {s: choose(both_single, s) for s in seeds},
+        len(both_single),
+    )
+
+    chosen_layers: dict[str, dict[int, list[dict]]] = {"smollm2": {}, "smollm2+minilm": {}}
+    for combo in ("smollm2", "smollm2+minilm"):
+        concat_picks, cooc_picks, paper_picks = {}, {}, {}
+        for seed in seeds:
+            ranked = ranked_layers(smol_mean, seed)
+            mini_best = ranked_layers(mini_mean, seed)[0]
+            cands = []
+            for k in fcfg.ks:
+                sources = [
+                    {
+                        "backbone": "smollm2",
+                        "layers": sorted(ranked[:k]),
+                        "pooling": "mean",
+                        "role": "llm",
+                    }
+                ]
+                if combo == "smollm2+minilm":
+                    sources.append(
+                        {
+                            "backbone": "minilm",
+                            "layers": [mini_best],
+                            "pooling": "mean",
+                            "role": "encoder",
+                        }
+                    )
+                c = with_changes(
+                    one_split(cfg, seed),
+                    **{"features.sources": sources, "features.fusion": "concat"},
+                )
+                name = f"{combo} concat k={k}: " + describe(sources)
+                cands.append(classify(c, run_dir / f"s{seed}" / f"{combo}-concat-k{k}", name))
+                cands[-1].info["sources"] = sources
+            concat_picks[seed] = choose(cands, seed)
+            chosen_layers[combo][seed] = concat_picks[seed].info["sources"]
+
+            # The paper's head: on the paper's layers and on the layers the concatenation chose.
+            paper_sources = [
+                {
+                    "backbone": "smollm2",
+                    "layers": list(fcfg.paper_layers),
+                    "pooling": "mean",
+                    "role": "llm",
+                }
+            ]
+            if combo == "smollm2+minilm":
+                paper_sources.append({**dict(fcfg.encoder_paper), "role": "encoder"})
+            variants = [("paper layers", paper_sources, paper_picks)]
+            if fcfg.cooc_on_chosen:
+                variants.append(("chosen layers", chosen_layers[combo][seed], cooc_picks))
+            for label, sources, store in variants:
+                cands = []
+                for sigma in fcfg.sigmas:
+                    c = with_changes(
+                        one_split(cfg, seed),
+                        **{
+                            "head": head_config("llmembed"),
+                            "features.sources": sources,
+                            "features.fusion": "cooccurrence",
+                            "head.params.sigma": float(sigma),
+                            **paper_head,
+                        },
+                    )
+                    name = f"{combo} co-occurrence σ={sigma} ({label}): " + describe(sources)
+                    tag = label.replace(" ", "-")
+                    cands.append(
+                        classify(c, run_dir / f"s{seed}" / f"{combo}-cooc-{tag}-s{sigma}", name)
+                    )
+                store[seed] = choose(cands, seed)
+        what = "SmolLM2" if combo == "smollm2" else "SmolLM2 + MiniLM"
+        report(
+            f"{what} concatenation of layers chosen on validation, logreg",
+            concat_picks,
+            len(fcfg.ks),
+        )
+        report(
+            f"{what} co-occurrence head, paper's last five layers (σ on validation)",
+            paper_picks,
+            len(fcfg.sigmas),
+        )
+        if fcfg.cooc_on_chosen:
+            report(
+                f"{what} co-occurrence head, layers chosen on validation (σ on validation)",
+                cooc_picks,
+                len(fcfg.sigmas),
+            )
+    return {"dataset": cfg.dataset.name, "rows": rows, "chosen_layers": chosen_layers}
+
+
+def describe(sources: list[dict]) -> str:
+    return " + ".join(
+        f"{s['backbone']} L{','.join(map(str, s['layers']))} ({s['pooling']})" for s in sources
+    )
+
+
+def main(argv: list[str]) -> None:
+    setup_logging()
+    cfgs = experiment_cfgs(EXPERIMENT, argv)
+    out_dir = Path(cfgs[0].results.out_dir)
+    layers = read_json(out_dir / "layers.json", "experiment 2 (fusion)")
+    result = {**header(cfgs[0], EXPERIMENT, MODULE, argv), "datasets": {}}
+    result = continue_result(out_dir / "fusion.json", result)
+    for cfg in cfgs:
+        if cfg.dataset.name not in layers["datasets"]:
+            raise SystemExit(f"layers.json has no {cfg.dataset.name}: run experiment 1 on it first")
+        pre_extract(cfg, argv, ["smollm2", "minilm"])
+        result["datasets"][cfg.dataset.name] = run_dataset(
+            cfg, layers["datasets"][cfg.dataset.name]
+        )
+        write_json(out_dir / "fusion.json", result)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,326 @@
+"""Experiment 3: the paper's recipe against llmembed's defaults, one factor at a time (full run
+~1.5 h on 2 idle CPU cores, ~8 h under the load of 2026-11-27; minutes of forward passes on a GPU).
+
+1. Pooling (our own forward pass over the packaged SmolLM2 with transformers, since llmembed stores
+   only mask-aware poolings): mask-aware mean (llmembed) vs the mean over a fixed padded length
+   (the paper's code: right padding to max_length, pads in the mean); SmolLM2's tokenizer adds no
+   BOS, so a BOS is put in front to measure the paper's situation: mean with the BOS state vs
+   without it, and the paper's full recipe (BOS and padding in the mean). Each variant: logistic
+   regression on the paper's mean of the last five layers, and on the best single layer (chosen per
+   split on validation among `results.recipe.layers`).
+2. Layers: the paper's last five (mean, and concatenated) through llmembed; experiment 2's layers
+   chosen on validation are read from fusion.json by the page.
+3. Head: the paper-faithful head (`standardize=false project_same_width=false`) vs llmembed's head on
+   the paper's features (SmolLM2 last five + MiniLM), σ chosen on validation for each.
+
+    .venv/bin/python -m scripts.experiments.recipe [hydra overrides]   # conf/experiment/results_recipe.yaml
+
+Estimated full run: two padded forward passes of SmolLM2 per set (MR 10,566 x 64 tokens, TREC
+5,381 x 32, BBC 2,125 x 512: 3.9M padded tokens in all, ~25 min at ~2,500 tokens/s on two idle
+cores), 5 variants x 17 feature sets x 5 splits of logistic regression (~30 min) and 2 heads x 2 σ
+x 5 splits of the paper's head (~25 min): about 1.5 h on two idle CPU cores. Under the load of
+2026-11-27 the padded pass ran at ~150 padded tokens/s (the pilot, dataset.limit=600, 2 splits,
+TREC: 258 s + 434 s for the two passes), i.e. 7 h for the full passes: run this one where a GPU
+is (the passes move to CUDA by themselves) or on an idle machine.
+
+Writes <results.out_dir>/recipe.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmembed.classify.heads import LogRegHead
+from llmembed.meter import Meter
+from scripts.experiments.common import (
+    SPLIT_CODES,
+    Scores,
+    backbone_path,
+    choose,
+    chosen_test,
+    classify,
+    continue_result,
+    experiment_cfgs,
+    head_config,
+    head_threads,
+    header,
+    load_model,
+    load_tokenizer,
+    log,
+    pre_extract,
+    resolve_compute_dtype,
+    setup_logging,
+    split_datasets,
+    summary_of,
+    with_changes,
+    write_json,
+)
+
+EXPERIMENT, MODULE = "results_recipe", "scripts.experiments.recipe"
+
+
+@torch.inference_mode()
+def pooled_variants(
+    model,
+    texts: list[str],
+    tok,
+    *,
+    pad_to: int,
+    pad_id: int,
+    bos_id: int | None,
+    layers: list[int],
+    token_budget: int = 1024,
+) -> dict[str, np.ndarray]:
+    """Mean-pooled hidden states of `layers` for every text, right-padded to `pad_to` tokens.
+
+    Returns {variant: (texts, layers, hidden) float32}. Without `bos_id`: "masked" (mean over the
+    real tokens, llmembed's rule) and "padded" (mean over all `pad_to` positions, pads included, the
+    paper's). With `bos_id` in front of every text: "masked_bos" (BOS state in the mean),
+    "masked_nobos" (BOS position left out), "padded_bos" (the paper's full recipe: BOS and pads)
+    and "padded_nobos". Under right padding a causal model's real positions never see the pads, so
+    the masked variants equal those of an unpadded forward pass."""
+    ids = tok(texts, add_special_tokens=False, truncation=False)["input_ids"]
+    room = pad_to - (bos_id is not None)
+    seqs = [([bos_id] if bos_id is not None else []) + s[:room] for s in ids]
+    n, batch = len(seqs), max(1, token_budget // pad_to)
+    names = (
+        ["masked_bos", "masked_nobos", "padded_bos", "padded_nobos"]
+        if bos_id is not None
+        else ["masked", "padded"]
+    )
+    hidden = model.config.get_text_config().hidden_size
+    out = {k: np.zeros((n, len(layers), hidden), dtype=np.float32) for k in names}
+    for start in range(0, n, batch):
+        chunk = seqs[start : start + batch]
+        x = torch.full((len(chunk), pad_to), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), pad_to), dtype=torch.long)
+        for i, s in enumerate(chunk):
+            x[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        dev = model.device
+        states = model(
+            input_ids=x.to(dev), attention_mask=mask.to(dev), output_hidden_states=True
+        ).hidden_states
+        h = torch.stack([states[j] for j in layers], dim=1).float().cpu()  # (B, L, T, H)
+        m = mask[:, None, :, None].float()  # (B, 1, T, 1)
+        sl = slice(start, start + len(chunk))
+        if bos_id is None:
+            out["masked"][sl] = ((h * m).sum(2) / m.sum(2)).numpy()
+            out["padded"][sl] = h.mean(2).numpy()
+        else:
+            nobos = m.clone()
+            nobos[:, :, 0] = 0
+            out["masked_bos"][sl] = ((h * m).sum(2) / m.sum(2)).numpy()
+            out["masked_nobos"][sl] = ((h * nobos).sum(2) / nobos.sum(2).clamp(min=1)).numpy()
+            out["padded_bos"][sl] = h.mean(2).numpy()
+            out["padded_nobos"][sl] = h[:, :, 1:].mean(2).numpy()
+    return out
+
+
+VARIANTS = {  # variant -> (forward pass, what the page calls it)
+    "masked": ("plain", "mask-aware mean, no BOS (llmembed)"),
+    "padded": ("plain", "mean over the padded length, no BOS"),
+    "masked_bos": ("bos", "BOS in front, mask-aware mean with the BOS state"),
+    "masked_nobos": ("bos", "BOS in front, mask-aware mean without the BOS state"),
+    "padded_bos": ("bos", "BOS in front, mean over the padded length (the paper's code)"),
+}
+
+
+def custom_states(cfg, ds) -> tuple[dict[str, np.ndarray], dict]:
+    """All variants for the data set's rows, computed once and kept in results.work_dir."""
+    r = cfg.results.recipe
+    pad_to = int(r.pad_to[cfg.dataset.name])
+    work = (
+        Path(cfg.results.work_dir).expanduser() / f"{ds.name}-{ds.fingerprint()[:12]}-pad{pad_to}"
+    )
+    path = backbone_path("smollm2")
+    tok = load_tokenizer(path)
+    pad_id = (
+        tok.convert_tokens_to_ids(r.pad_token)
+        if r.pad_token
+        else (tok.unk_token_id if tok.unk_token_id is not None else tok.pad_token_id)
+    )
+    bos_id = tok.convert_tokens_to_ids(r.bos_token) if r.bos_token else tok.bos_token_id
+    layers = [int(x) for x in r.layers]
+    info = {
+        "pad_to": pad_to,
+        "pad_token": tok.convert_ids_to_tokens(pad_id),
+        "bos_token": tok.convert_ids_to_tokens(bos_id),
+        "layers": layers,
+        "work_dir": str(work),
+        "tokenizer_adds_bos": tok("good")["input_ids"][0] == tok.bos_token_id,
+    }
+    dtype = resolve_compute_dtype(r.dtype)
+    info["dtype"] = str(dtype).removeprefix("torch.")
+    # Everything that changes the numbers names the folder, so a changed setting never reads old ones.
+    settings = {"info": {k: v for k, v in info.items() if k != "work_dir"}, "model": path}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    work = work.with_name(f"{work.name}-{key[:10]}")
+    info["work_dir"] = str(work)
+    files = {k: work / f"{k}.npy" for k in VARIANTS}
+    if all(f.is_file() for f in files.values()) and (work / "info.json").is_file():
+        return {k: np.load(f).astype(np.float32) for k, f in files.items()}, json.loads(
+            (work / "info.json").read_text()
+        )
+    model = load_model(path, "base", dtype)
+    work.mkdir(parents=True, exist_ok=True)
+    out, cost = {}, {}
+    for bos in (None, bos_id):
+        with Meter([]) as meter:
+            out.update(
+                pooled_variants(
+                    model,
+                    ds.texts,
+                    tok,
+                    pad_to=pad_to,
+                    pad_id=pad_id,
+                    bos_id=bos,
+                    layers=layers,
+                    token_budget=int(r.token_budget),
+                )
+            )
+        cost["bos" if bos is not None else "plain"] = {
+            **meter.figures(),
+            "texts": len(ds),
+            "padded_tokens": len(ds) * pad_to,
+        }
+        log.info(
+            "padded forward pass (%s BOS): %.1f s", "with" if bos is not None else "no", meter.wall
+        )
+    for k, f in files.items():  # float16 halves the disk unless a value is beyond its range
+        np.save(f, out[k].astype(np.float16 if np.abs(out[k]).max() < 6e4 else np.float32))
+    info["cost"] = cost
+    (work / "info.json").write_text(json.dumps(info, indent=1))
+    return {k: out[k] for k in VARIANTS}, info
+
+
+def logreg_scores(name: str, X: np.ndarray, splits: dict, cfg) -> Scores:
+    """LogRegHead (C chosen on validation, as llmembed's logreg) on our own features, per split."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    per, fit_s = {}, 0.0
+    for seed, ds in splits.items():
+        tr, va, te = (ds.split == SPLIT_CODES[p] for p in ("train", "validation", "test"))
+        t = time.perf_counter()
+        head = LogRegHead(
+            Cs=tuple(cfg.head.params.Cs), max_iter=int(cfg.head.params.max_iter), random_state=seed
+        )
+        with head_threads(cfg):
+            head.fit(X[tr], ds.labels[tr], validation=(X[va], ds.labels[va]))
+        fit_s += time.perf_counter() - t
+        per[seed] = {}
+        for part, rows in (("validation", va), ("test", te)):
+            pred = head.predict(X[rows])
+            per[seed][part] = {
+                "accuracy": float(accuracy_score(ds.labels[rows], pred)),
+                "macro_f1": float(
+                    f1_score(ds.labels[rows], pred, average="macro", zero_division=0)
+                ),
+            }
+    return Scores(name, per, {"fit_s": round(fit_s, 2)})
+
+
+def run_dataset(cfg) -> dict:
+    r = cfg.results.recipe
+    seeds = [int(s) for s in cfg.seeds]
+    splits = split_datasets(cfg)
+    states, info = custom_states(cfg, next(iter(splits.values())))
+    layers = [int(x) for x in r.layers]
+    last_idx = [layers.index(int(x)) for x in r.last]
+    rows: dict[str, dict] = {}
+    for variant, (_, label) in VARIANTS.items():
+        X = states[variant]
+        last5 = logreg_scores(f"{variant}:last5-mean", X[:, last_idx].mean(1), splits, cfg)
+        singles = [
+            logreg_scores(f"{variant}:L{layer}", X[:, j], splits, cfg)
+            for j, layer in enumerate(layers)
+        ]
+        picks = {s: choose(singles, s) for s in seeds}
+        rows[f"pooling: {label}; last five layers, mean"] = {
+            "test": summary_of(last5),
+            "validation": summary_of(last5, "validation"),
+            "variant": variant,
+        }
+        rows[f"pooling: {label}; best single layer on validation"] = {
+            "test": chosen_test(picks),
+            "variant": variant,
+            "chosen_per_split": {s: picks[s].name for s in seeds},
+        }
+
+    run_dir = Path(cfg.results.run_dir) / "recipe" / cfg.dataset.name
+    smol_last = {
+        "backbone": "smollm2",
+        "layers": [int(x) for x in r.last],
+        "pooling": "mean",
+        "role": "llm",
+    }
+    for fusion, label in (
+        ("mean", "the paper's last five layers, mean"),
+        ("concat", "the paper's last five layers, concatenated"),
+    ):
+        c = with_changes(cfg, **{"features.sources": [smol_last], "features.fusion": fusion})
+        s = classify(c, run_dir / f"last5-{fusion}", label)
+        rows[f"layers: {label} (llmembed, logreg)"] = {
+            "test": summary_of(s),
+            "validation": summary_of(s, "validation"),
+            "info": s.info,
+        }
+
+    paper_head = {f"head.params.{k}": v for k, v in r.head.items()}
+    sources = [smol_last, {**dict(r.encoder), "role": "encoder"}]
+    for label, extra in (
+        (
+            "the paper-faithful head (standardize=false, project_same_width=false)",
+            {"head.params.standardize": False, "head.params.project_same_width": False},
+        ),
+        ("llmembed's head (standardized, every block projected)", {}),
+    ):
+        picks = {}
+        for seed in seeds:
+            cands = []
+            for sigma in r.sigmas:
+                c = with_changes(
+                    cfg,
+                    **{
+                        "seeds": [seed],
+                        "head": head_config("llmembed"),
+                        "features.sources": sources,
+                        "features.fusion": "cooccurrence",
+                        "head.params.sigma": float(sigma),
+                        **paper_head,
+                        **extra,
+                    },
+                )
+                tag = "faithful" if extra else "llmembed"
+                cands.append(
+                    classify(c, run_dir / f"s{seed}" / f"head-{tag}-s{sigma}", f"{tag} σ={sigma}")
+                )
+            picks[seed] = choose(cands, seed)
+        rows[f"head: {label}, σ on validation; SmolLM2 last five + MiniLM L6"] = {
+            "test": chosen_test(picks),
+            "chosen_per_split": {s: picks[s].name for s in seeds},
+            "info": {s: picks[s].info for s in seeds},
+        }
+    return {"dataset": cfg.dataset.name, "rows": rows, "custom_extraction": info}
+
+
+def main(argv: list[str]) -> None:
+    setup_logging()
+    cfgs = experiment_cfgs(EXPERIMENT, argv)
+    out_dir = Path(cfgs[0].results.out_dir)
+    result = {**header(cfgs[0], EXPERIMENT, MODULE, argv), "datasets": {}}
+    result = continue_result(out_dir / "recipe.json", result)
+    for cfg in cfgs:
+        pre_extract(cfg, argv, ["smollm2", "minilm"])
+        result["datasets"][cfg.dataset.name] = run_dataset(cfg)
+        write_json(out_dir / "recipe.json", result)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,432 @@
+"""Write docs/RESULTS.md (and docs/results/summary.csv) from the result files of experiments 1-5.
+
+    .venv/bin/python -m scripts.experiments.write_results [--results docs/results] [--out docs/RESULTS.md]
+
+Every figure on the page comes from a JSON file in the results folder, written by a runner whose
+command (and committed config) the page prints beside it. A missing file leaves its section saying
+which command fills it. Estimated run: seconds.
+"""
+
+# ruff: noqa: E501  (the page's prose lives in long f-strings; wrapping them would not read better)
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from scripts.experiments.common import machine
+
+EXPERIMENTS = [  # (file, title, runner module, config)
+    ("layers", "1. Layer curves", "scripts.experiments.layers", "results_layers"),
+    ("fusion", "2. Fusion", "scripts.experiments.fusion", "results_fusion"),
+    (
+        "recipe",
+        "3. The paper's recipe against llmembed's defaults",
+        "scripts.experiments.recipe",
+        "results_recipe",
+    ),
+    (
+        "counterparts",
+        "4. Counterparts at the same scale",
+        "scripts.experiments.counterparts",
+        "results_counterparts",
+    ),
+    ("cost", "5. Cost", "scripts.experiments.cost", "results_cost"),
+]
+
+DATASETS = {
+    "mr": "packaged `mr`: 10,566 movie-review snippets (2 repeated ones dropped) labelled by the sign of "
+    "Hutto & Gilbert's (2014) crowd-rated valence. They are **not** Pang & Lee's MR labels, so no figure "
+    "here is comparable with published MR results.",
+    "trec": "packaged `trec`: 5,381 unique questions (1 repeat dropped), 6 coarse question types.",
+    "bbc": "packaged `bbc`: 2,125 BBC News articles after dropping 100 repeated ones, 5 topics; long "
+    "documents, truncated at 512 tokens by llmembed (`extract.max_length`).",
+}
+
+
+def ci(s: dict | None, digits: int = 3) -> str:
+    """`mean [lo, hi]` of a summary over splits."""
+    if not s:
+        return "–"
+    lo, hi = s["ci"]
+    return f"{s['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def num(x, fmt: str = "{:,.1f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def load(results: Path, name: str) -> dict | None:
+    p = results / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def sec_layers(r: dict, rel: str, summary: list) -> list[str]:
+    out = []
+    for ds, d in r["datasets"].items():
+        rows = []
+        for backbone, c in d["chosen_on_validation"].items():
+            picks = sorted(set(c["per_split"].values()))
+            rows.append(
+                [backbone, ", ".join(picks), ci(c["test"]["accuracy"]), ci(c["test"]["macro_f1"])]
+            )
+            summary.append(
+                ["layers", ds, f"{backbone} best (layer, pooling) on validation", c["test"]]
+            )
+        for key, curve in d["curves"].items():
+            last = curve[-1]
+            rows.append(
+                [
+                    f"{key} last layer (L{last['layer']})",
+                    "fixed",
+                    ci(last["test"]["accuracy"]),
+                    ci(last["test"]["macro_f1"]),
+                ]
+            )
+            summary.append(["layers", ds, f"{key} L{last['layer']}", last["test"]])
+        out += [
+            f"**{ds}**",
+            "",
+            table(
+                ["probe", "chosen per split (validation)", "test accuracy", "test macro-F1"], rows
+            ),
+            "",
+            f"![{ds} layer curves]({rel}/layers_{ds}.png)",
+            "",
+        ]
+        # the full curve, compactly
+        for key, curve in d["curves"].items():
+            out.append(
+                f"- {key}: "
+                + " ".join(f"L{p['layer']} {p['test']['accuracy']['mean']:.3f}" for p in curve)
+            )
+        out.append("")
+    return out
+
+
+def sec_rows(r: dict, name: str, summary: list, extra=None) -> list[str]:
+    out = []
+    for ds, d in r["datasets"].items():
+        rows = []
+        for method, row in d["rows"].items():
+            chosen = row.get("chosen_per_split")
+            chosen = (
+                "; ".join(f"{s}: {v.split(': ', 1)[0]}" for s, v in chosen.items())
+                if chosen
+                else "fixed"
+            )
+            rows.append([method, ci(row["test"]["accuracy"]), ci(row["test"]["macro_f1"]), chosen])
+            summary.append([name, ds, method, row["test"]])
+        out += [
+            f"**{ds}**",
+            "",
+            table(
+                [
+                    "features and head",
+                    "test accuracy",
+                    "test macro-F1",
+                    "chosen per split (validation)",
+                ],
+                rows,
+            ),
+            "",
+        ]
+        if extra:
+            out += extra(d)
+    return out
+
+
+def recipe_extra(d: dict) -> list[str]:
+    i = d.get("custom_extraction", {})
+    return [
+        f"Our own forward pass: padded to {i.get('pad_to')} tokens with `{i.get('pad_token')}`, BOS `{i.get('bos_token')}` "
+        f"(SmolLM2's tokenizer adds a BOS itself: {i.get('tokenizer_adds_bos')}), {i.get('dtype', 'cached')} compute.",
+        "",
+    ]
+
+
+def sec_counterparts(r: dict, summary: list) -> list[str]:
+    out = []
+    for ds, d in r["datasets"].items():
+        rows = []
+        p = d.get("prompting")
+        if p:
+            for shot in ("zero_shot", "few_shot"):
+                c = p[shot]["cost_per_1000"]
+                rows.append(
+                    [
+                        f"prompting SmolLM2, {shot.replace('_', '-')}",
+                        ci(p[shot]["test"]["accuracy"]),
+                        ci(p[shot]["test"]["macro_f1"]),
+                        num(c["seconds"]),
+                        num(c["joules"]),
+                        "0",
+                    ]
+                )
+                summary.append(["counterparts", ds, f"prompting {shot}", p[shot]["test"]])
+        f = d.get("finetuning")
+        if f:
+            c = f["train_cost_per_1000"]
+            rows.append(
+                [
+                    "fine-tuning MiniLM",
+                    ci(f["test"]["accuracy"]),
+                    ci(f["test"]["macro_f1"]),
+                    num(c["seconds"]) + " (training)",
+                    num(c["joules"]),
+                    f"{f['params_trained']:,}",
+                ]
+            )
+            summary.append(["counterparts", ds, "fine-tuning MiniLM", f["test"]])
+        out += [
+            f"**{ds}**",
+            "",
+            table(
+                [
+                    "method",
+                    "test accuracy",
+                    "test macro-F1",
+                    "seconds / 1,000 texts",
+                    "joules / 1,000 texts",
+                    "parameters trained",
+                ],
+                rows,
+            ),
+            "",
+        ]
+        if p:
+            out += [
+                f"Template: `{json.dumps(p['template'])[1:-1]}`, label words: {', '.join(f'{k} → {v}' for k, v in p['words'].items())}; "
+                f"{p['few_shot']['shots_per_class']} demonstration(s) per class in few-shot.",
+                "",
+            ]
+    return out
+
+
+def sec_cost(r: dict) -> list[str]:
+    out = []
+    for ds, d in r["datasets"].items():
+        rows = []
+        for name, m in d["methods"].items():
+            c = m["cost"]
+            if m["kind"] == "llmembed":
+                ext = num(c["extraction_seconds_per_1000"])
+                train, params, cache = (
+                    num(c["training_seconds_per_1000"], "{:,.2f}"),
+                    f"{c['params_trained']:,}",
+                    f"{num(c['cache_mb_entries'])} ({num(c['cache_mb_read'])} read)",
+                )
+                joules = num(c["extraction_joules_per_1000"])
+            elif m["kind"] == "prompting":
+                ext, train, params, cache, joules = (
+                    "–",
+                    "– (scoring: " + num(c["seconds"]) + ")",
+                    "0",
+                    "–",
+                    num(c["joules"]),
+                )
+            else:
+                ext, train, params, cache = (
+                    "–",
+                    num(c["train"]["seconds"]),
+                    f"{c['params_trained']:,}",
+                    "–",
+                )
+                joules = num(c["train"]["joules"])
+            rows.append(
+                [
+                    name,
+                    f"{m['test']['accuracy']['mean']:.3f}",
+                    ext,
+                    train,
+                    joules,
+                    cache,
+                    params,
+                    num(m["end_to_end_seconds"]),
+                ]
+            )
+        out += [
+            f"**{ds}** ({d['rows']['train']:,} training, {d['rows']['validation']:,} validation, {d['rows']['test']:,} test rows per split)",
+            "",
+            table(
+                [
+                    "method",
+                    "test accuracy",
+                    "extraction s / 1k texts",
+                    "training s / 1k training rows",
+                    "joules / 1k",
+                    "cache MB",
+                    "parameters trained",
+                    "end to end, s",
+                ],
+                rows,
+            ),
+            "",
+        ]
+        if d["ratios"]:
+            rr = [
+                [
+                    x["llmembed"],
+                    x["counterpart"],
+                    num(x["runtime"], "{:.1%}"),
+                    num(x["electricity"], "{:.1%}"),
+                    num(x["params_used"], "{:.1%}"),
+                    num(x["params_trained"], "{:.2%}"),
+                    f"{x['accuracy_difference']:+.3f}",
+                ]
+                for x in d["ratios"]
+            ]
+            out += [
+                table(
+                    [
+                        "llmembed method",
+                        "counterpart",
+                        "runtime",
+                        "electricity",
+                        "parameters used",
+                        "parameters trained",
+                        "accuracy difference",
+                    ],
+                    rr,
+                ),
+                "",
+            ]
+    notes = {
+        m["cost"].get("training_energy_note")
+        for d in r["datasets"].values()
+        for m in d["methods"].values()
+        if m["kind"] == "llmembed"
+    }
+    notes.discard(None)
+    if notes:
+        out += [
+            f"Joules: none on this machine ({'; '.join(sorted(notes))}); on NVIDIA GPUs the same code reads NVML.",
+            "",
+        ]
+    p = r["paper_ratios"]
+    out += [
+        f"The paper reports LLMEmbed at {p['parameters']:.0%} of the parameters, {p['electricity']:.1%} of the electricity and "
+        f"{p['runtime']:.1%} of the runtime of its prompt-based counterparts; the ratios above are the same quotients at this scale "
+        "(end to end: the labelled set to one split's test predictions; definitions in `scripts/experiments/cost.py`).",
+        "",
+    ]
+    return out
+
+
+def write(results: Path, out: Path) -> str:
+    rel = (
+        str(results.relative_to(out.parent)) if results.is_relative_to(out.parent) else str(results)
+    )
+    found = {name: load(results, name) for name, *_ in EXPERIMENTS}
+    any_result = next((v for v in found.values() if v), None)
+    m = (any_result or {}).get("machine") or machine()
+    lines = [
+        "# Results: the paper's findings and their counterparts, measured with llmembed",
+        "",
+        "Generated by `.venv/bin/python -m scripts.experiments.write_results` from the JSON files in "
+        f"`{rel}/`; do not edit by hand. Each section names the command and the committed config that made its figures.",
+        "",
+    ]
+    limits = {v.get("dataset_limit") for v in found.values() if v}
+    if limits - {None}:
+        lines += [
+            f"> **Pilot figures**: runs on a subsample (`dataset.limit={sorted(limits - {None})}`), not the full sets.",
+            "",
+        ]
+    lines += [
+        "## Reproduce",
+        "",
+        "From the repository root, after `bash scripts/setup.sh`, in this order (experiment 2 reads experiment 1's "
+        "validation scores, experiment 5 reads 1-4); each command composes its committed config "
+        "(`conf/experiment/results_*.yaml`, whose first lines repeat the command) and takes Hydra overrides:",
+        "",
+        "```bash",
+        "export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1",
+        *[f".venv/bin/python -m {module}" for _, _, module, _ in EXPERIMENTS],
+        ".venv/bin/python -m scripts.experiments.write_results",
+        "```",
+        "",
+        "## Protocol",
+        "",
+        "- Five repeated stratified train / validation / test splits per data set (70 / 10 / 20): "
+        "`seeds='[0,1,2,3,4]' resplit=true`; every split reads the same cache entry, so no forward pass is repeated.",
+        "- Every choice (C of logistic regression, epochs of the torch heads, layers, pooling, σ, fusion layers, "
+        "fine-tuning epochs) is made on the validation rows of each split; the test rows of a split are scored once, "
+        "for the configuration chosen on that split. Layer curves show test scores of every layer for reading, never for choosing.",
+        "- Figures: mean over the five splits and its 95% t-interval, `mean [low, high]`, for accuracy and macro-F1.",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, GPU: {m.get('gpu') or 'none'}; torch {m.get('torch')}, {m.get('torch_threads')} threads. "
+        "Shared with other work while measuring: timings are indicative.",
+        "",
+        "## Data",
+        "",
+        *[f"- {v}" for v in DATASETS.values()],
+        "",
+    ]
+    summary: list = []
+    for name, title, module, config in EXPERIMENTS:
+        r = found[name]
+        lines += [f"## {title}", ""]
+        cmds = r.get("commands", [r["command"]]) if r else [f".venv/bin/python -m {module}"]
+        lines += [
+            f"Command: {' then '.join(f'`{c}`' for c in cmds)} (config `conf/experiment/{config}.yaml`).",
+            "",
+        ]
+        if not r:
+            lines += ["_Not run yet._", ""]
+            continue
+        if name == "layers":
+            lines += sec_layers(r, rel, summary)
+        elif name == "fusion":
+            lines += sec_rows(r, name, summary)
+        elif name == "recipe":
+            lines += sec_rows(r, name, summary, recipe_extra)
+        elif name == "counterparts":
+            lines += sec_counterparts(r, summary)
+        else:
+            lines += sec_cost(r)
+        lines += ["_Reading: to be written from the full runs._", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    if not summary:
+        return "\n".join(lines)
+    with open(results / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "experiment",
+                "dataset",
+                "method",
+                "accuracy",
+                "accuracy_lo",
+                "accuracy_hi",
+                "macro_f1",
+                "macro_f1_lo",
+                "macro_f1_hi",
+                "splits",
+            ]
+        )
+        for exp, ds, method, t in summary:
+            a, f1 = t["accuracy"], t["macro_f1"]
+            w.writerow([exp, ds, method, a["mean"], *a["ci"], f1["mean"], *f1["ci"], a["n"]])
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=Path("docs/results"))
+    ap.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
+    a = ap.parse_args()
+    write(a.results.resolve(), a.out.resolve())
+    summary = a.results / "summary.csv"
+    print(f"wrote {a.out}" + (f" and {summary}" if summary.is_file() else ""))
+
+
+if __name__ == "__main__":
+    main()

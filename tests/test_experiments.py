@@ -1,0 +1,313 @@
+"""The results runners' own parts (scripts/experiments/), on tiny random models: the prompting
+scorer, MiniLM-style fine-tuning, the padded / BOS poolings llmembed does not store, choosing on
+validation only, and the page generator. Seconds in all."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer, BertModel, LlamaConfig, LlamaForCausalLM, LlamaModel
+
+from llmembed.classify.heads import LLMEmbedHead
+from scripts.experiments.common import (
+    Scores,
+    choose,
+    chosen_test,
+    classify,
+    over_splits,
+    params_trained,
+    with_changes,
+)
+from scripts.experiments.finetune import FineTuneConfig, fine_tune, predict
+from scripts.experiments.prompting import PromptScorer, draw_shots, few_shot_prefix, render
+from scripts.experiments.recipe import pooled_variants
+from scripts.experiments.write_results import write
+
+
+@pytest.fixture(scope="module")
+def llama_tok(tiny_llama):
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def causal_lm(tiny_llama, bias_word: str | None, tok) -> LlamaForCausalLM:
+    """The tiny Llama with an LM head; `bias_word` gets a +8 logit bias at every position."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig.from_pretrained(tiny_llama)).eval()
+    old = model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        if bias_word is not None:
+            head.bias[tok.convert_tokens_to_ids(bias_word)] = 8.0
+    model.lm_head = head
+    return model
+
+
+def naive_scores(model, tok, prompts, words) -> np.ndarray:
+    """Each (prompt, word) alone through the full model: the sum of the word's token log-probs."""
+    out = np.zeros((len(prompts), len(words)))
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            base = tok(p)["input_ids"]
+            for k, w in enumerate(words):
+                wid = tok(" " + w, add_special_tokens=False)["input_ids"]
+                lp = torch.log_softmax(model(torch.tensor([base + wid])).logits[0].float(), -1)
+                out[i, k] = sum(lp[len(base) - 1 + j, t].item() for j, t in enumerate(wid))
+    return out
+
+
+PROMPTS = ["the film was", "a very long story , not fun", "plot"]
+
+
+@pytest.mark.parametrize("biased", ["good", "bad"])
+def test_prompting_picks_the_label_the_model_is_biased_toward(tiny_llama, llama_tok, biased):
+    model = causal_lm(tiny_llama, biased, llama_tok)
+    scorer = PromptScorer(model, llama_tok, ["bad", "good"], token_budget=16)
+    assert scorer.single
+    pred = scorer.predict([render("Review: {text} is", t) for t in PROMPTS])
+    assert pred.tolist() == [["bad", "good"].index(biased)] * len(PROMPTS)
+
+
+def test_prompting_scores_equal_each_prompt_alone(tiny_llama, llama_tok):
+    """Batched, right-padded, LM head on the scored positions only: the same log-probs as one
+    prompt at a time through the full model, for one-token and two-token label words."""
+    model = causal_lm(tiny_llama, None, llama_tok)
+    for words in (["bad", "good"], ["very good", "bad", "not fun"]):
+        scorer = PromptScorer(model, llama_tok, words, token_budget=12)
+        np.testing.assert_allclose(
+            scorer.scores(PROMPTS), naive_scores(model, llama_tok, PROMPTS, words), atol=1e-4
+        )
+
+
+def test_few_shot_demonstrations_come_from_training_rows_of_every_class(llama_tok):
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    train = np.array([0, 1, 2, 3, 4, 5])
+    shots = draw_shots(labels, train, 2, seed=3)
+    assert sorted(labels[shots].tolist()) == [0, 0, 1, 1, 2, 2] and set(shots) <= set(
+        train.tolist()
+    )
+    assert draw_shots(labels, train, 2, seed=3) == shots  # seeded
+    prefix = few_shot_prefix(
+        llama_tok, "Review: {text}\nSentiment:", ["bad", "good"], [("great fun film", 1)], 2
+    )
+    assert prefix == "Review: great fun\nSentiment: good\n\n"  # the text cut to 2 tokens
+
+
+def toy_texts(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    pos, neg, filler = (
+        ["great", "fun", "love", "best"],
+        ["awful", "boring", "hate", "worst"],
+        ["the", "film", "plot", "was", "a"],
+    )
+    texts, labels = [], []
+    for i in range(n):
+        y = i % 2
+        words = list(rng.choice(filler, 4)) + list(rng.choice(pos if y else neg, 2))
+        texts.append(" ".join(rng.permutation(words)))
+        labels.append(y)
+    return texts, np.array(labels)
+
+
+def test_fine_tuning_lowers_the_loss_and_learns_the_task(tiny_bert):
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    texts, labels = toy_texts(96)
+    tr, va = np.arange(64), np.arange(64, 96)
+    cfg = FineTuneConfig(
+        lr=3e-3, batch_size=16, max_epochs=6, patience=6, max_length=16, warmup=0.0
+    )
+    res = fine_tune(BertModel.from_pretrained(tiny_bert), tok, texts, labels, tr, va, 2, cfg)
+    first, last = res.history[0]["first_loss"], res.history[-1]["train_loss"]
+    assert last < 0.5 * first, res.history
+    assert res.history[res.best_epoch]["val_accuracy"] >= 0.9
+    assert (
+        predict(res.model, tok, [texts[i] for i in va], cfg) == labels[va]
+    ).mean() == res.history[res.best_epoch]["val_accuracy"]
+    assert res.params_trained == sum(
+        p.numel() for p in res.model.parameters()
+    )  # the whole encoder + head
+
+
+def test_padded_and_bos_poolings_match_their_definitions(tiny_llama, llama_tok):
+    """Masked means equal each text's own unpadded forward pass; padded means average every one of
+    the pad_to positions of the padded forward pass; the BOS variants put a BOS in front."""
+    model = LlamaModel.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    texts, pad_to, layers, pad = (
+        ["the film was fun", "bad", "a very long story"],
+        8,
+        [0, 2, 3],
+        llama_tok.eos_token_id,
+    )
+    bos = llama_tok.bos_token_id
+    plain = pooled_variants(
+        model,
+        texts,
+        llama_tok,
+        pad_to=pad_to,
+        pad_id=pad,
+        bos_id=None,
+        layers=layers,
+        token_budget=16,
+    )
+    with_bos = pooled_variants(
+        model,
+        texts,
+        llama_tok,
+        pad_to=pad_to,
+        pad_id=pad,
+        bos_id=bos,
+        layers=layers,
+        token_budget=16,
+    )
+    with torch.no_grad():
+        for i, t in enumerate(texts):
+            ids = llama_tok(t, add_special_tokens=False)["input_ids"]
+            for prefix, out in (([], plain), ([bos], with_bos)):
+                seq = prefix + ids
+                alone = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+                padded = torch.tensor([seq + [pad] * (pad_to - len(seq))])
+                mask = (torch.arange(pad_to) < len(seq)).long()[None]
+                full = model(padded, attention_mask=mask, output_hidden_states=True).hidden_states
+                for j, layer in enumerate(layers):
+                    own, every = alone[layer][0], full[layer][0]
+                    if prefix:
+                        np.testing.assert_allclose(out["masked_bos"][i, j], own.mean(0), atol=1e-5)
+                        np.testing.assert_allclose(
+                            out["masked_nobos"][i, j], own[1:].mean(0), atol=1e-5
+                        )
+                        np.testing.assert_allclose(
+                            out["padded_bos"][i, j], every.mean(0), atol=1e-5
+                        )
+                        np.testing.assert_allclose(
+                            out["padded_nobos"][i, j], every[1:].mean(0), atol=1e-5
+                        )
+                    else:
+                        np.testing.assert_allclose(out["masked"][i, j], own.mean(0), atol=1e-5)
+                        np.testing.assert_allclose(out["padded"][i, j], every.mean(0), atol=1e-5)
+    assert not np.allclose(
+        plain["padded"], plain["masked"], atol=1e-3
+    )  # padding does change the mean
+
+
+def scores(name: str, val: list[float], test: list[float]) -> Scores:
+    per = {
+        s: {"validation": {"accuracy": v, "macro_f1": v}, "test": {"accuracy": t, "macro_f1": t}}
+        for s, (v, t) in enumerate(zip(val, test, strict=True))
+    }
+    return Scores(name, per)
+
+
+def test_choices_are_made_on_validation_per_split_and_ignore_test():
+    a = scores(
+        "a", [0.80, 0.70, 0.75], [0.99, 0.99, 0.99]
+    )  # best on test, never best on validation...
+    b = scores("b", [0.85, 0.60, 0.75], [0.50, 0.50, 0.50])
+    c = scores("c", [0.81, 0.90, 0.70], [0.60, 0.70, 0.80])
+    picks = {s: choose([a, b, c], s) for s in range(3)}
+    assert [picks[s].name for s in range(3)] == [
+        "b",
+        "c",
+        "a",
+    ]  # split 2: tie a/b goes to the first
+    t = chosen_test(picks)["accuracy"]
+    assert t["values"] == [0.50, 0.70, 0.99] and t["mean"] == pytest.approx(0.73)
+    assert t["ci"][0] < t["mean"] < t["ci"][1]
+    assert over_splits([0.8, 0.8])["ci"] == [0.8, 0.8]
+
+
+def test_classify_runs_llmembed_over_repeated_splits(classify_cfg, tmp_path):
+    """One call of llmembed's train over two resplit seeds: per-split scores and the head's size."""
+    cfg = classify_cfg(
+        [("llama", [1], "mean")], "head=logreg", "seeds=[0,1]", "resplit=true", "save_model=false"
+    )
+    s = classify(cfg, tmp_path / "run", "llama L1")
+    assert sorted(s.per_split) == [0, 1]
+    assert all(0 <= s.validation(seed) <= 1 for seed in (0, 1))
+    assert s.per_split[0]["test"] != s.per_split[1]["test"] or s.info["rows"]["test"] > 0
+    assert s.info["params_trained"] == 32 + 1  # binary logistic regression on 32 features
+    assert s.info["n_seeds"] == 2
+    one = classify(with_changes(cfg, seeds=[1]), tmp_path / "one", "llama L1, split 1")
+    assert one.per_split[1] == s.per_split[1]  # a split is the same drawn alone or among others
+
+
+def test_overrides_may_add_head_parameters_but_nothing_else(classify_cfg):
+    """The paper-faithful head's `standardize` / `project_same_width` are not in
+    conf/head/llmembed.yaml (the CLI needs `+head.params...`); a misspelled key still fails."""
+    cfg = classify_cfg([("llama", [1], "mean")], "head=llmembed")
+    out = with_changes(cfg, **{"head.params.standardize": False, "seeds": [3]})
+    assert (out.head.params.standardize, list(out.seeds), "standardize" in cfg.head.params) == (
+        False,
+        [3],
+        False,
+    )
+    with pytest.raises(Exception, match="parms"):
+        with_changes(cfg, **{"head.parms.standardize": False})
+
+
+def test_parameter_count_of_the_papers_head_matches_the_fitted_module():
+    rng = np.random.default_rng(0)
+    sizes, roles = (8, 8, 6), ("llm", "llm", "encoder")
+    X, y = rng.normal(size=(40, sum(sizes))).astype(np.float32), np.arange(40) % 3
+    cfg = OmegaConf.create({"head": {"params": {"width": 8, "hidden": [16, 4]}}})
+    for same in (True, False):
+        cfg.head.params.project_same_width = same
+        head = LLMEmbedHead(
+            block_sizes=sizes,
+            block_roles=roles,
+            width=8,
+            hidden=(16, 4),
+            max_epochs=1,
+            project_same_width=same,
+            device="cpu",
+        ).fit(X, y)
+        metrics = {
+            "n_features": sum(sizes),
+            "head": "llmembed",
+            "runs": [{"test": {"per_class": {"a": 0, "b": 0, "c": 0}}}],
+            "sources": [
+                {"backbone": "dec", "layers": [1, 2], "role": "llm"},
+                {"backbone": "enc", "layers": [3], "role": "encoder"},
+            ],
+        }
+        counted = params_trained(metrics, cfg, widths={"dec": 8, "enc": 6})
+        assert counted == sum(p.numel() for p in head.module_.parameters())
+
+
+def test_results_page_shows_every_figure_with_its_interval_and_command(tmp_path):
+    results = tmp_path / "docs" / "results"
+    results.mkdir(parents=True)
+    acc = {"mean": 0.8123, "ci": [0.8001, 0.8245], "n": 5, "std": 0.01}
+    row = {
+        "test": {"accuracy": acc, "macro_f1": acc},
+        "chosen_per_split": {"0": "smollm2 concat k=3: L14,15,16"},
+    }
+    fusion = {
+        "command": ".venv/bin/python -m scripts.experiments.fusion",
+        "dataset_limit": None,
+        "machine": {"cpu": "Test CPU", "cores": 2, "gpu": None, "torch": "x", "torch_threads": 2},
+        "datasets": {"trec": {"rows": {"SmolLM2 concatenation, logreg": row}}},
+    }
+    (results / "fusion.json").write_text(json.dumps(fusion))
+    page = write(results, tmp_path / "docs" / "RESULTS.md")
+    cells = "| 0.812 [0.800, 0.825] | 0.812 [0.800, 0.825] | 0: smollm2 concat k=3 |"
+    assert f"| SmolLM2 concatenation, logreg {cells}" in page
+    assert (
+        "`.venv/bin/python -m scripts.experiments.fusion` (config `conf/experiment/results_fusion.yaml`)"
+        in page
+    )
+    assert "Test CPU, 2 cores" in page and "_Not run yet._" in page  # the other experiments
+    with open(results / "summary.csv", newline="") as f:
+        first = next(csv.DictReader(f))
+    assert (first["method"], float(first["accuracy_lo"]), first["splits"]) == (
+        "SmolLM2 concatenation, logreg",
+        0.8001,
+        "5",
+    )
