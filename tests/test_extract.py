@@ -32,7 +32,10 @@ def test_entry_holds_every_layer_and_pooling_in_dataset_order(make_cfg, tiny_lla
     res = extract(make_cfg("extract.store_dtype=float32"))
     assert not res.hit and res.stats.texts == 60
     m = res.entry.manifest
-    assert m["layers"] == [0, 1, 2, 3] and sorted(m["poolings"]) == ["last", "mean"]  # no BOS "first"
+    assert m["layers"] == [0, 1, 2, 3] and sorted(m["poolings"]) == [
+        "last",
+        "mean",
+    ]  # no BOS "first"
     assert m["rows"] == 60 and m["dataset"]["label_names"] == ["neg", "pos"]
     assert sum(m["dataset"]["splits"].values()) == 60 and m["dataset"]["splits"]["test"] == 12
 
