@@ -1,4 +1,4 @@
-"""Label new texts with a saved model: run the needed extraction in memory, fuse, predict."""
+"""Label new texts with a saved model: embed them exactly as the cache did, fuse, predict."""
 
 from __future__ import annotations
 
@@ -7,43 +7,55 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from llmembed.cache.store import STORE_DTYPES
+from llmembed.cache.store import EntrySpec
 from llmembed.classify.saved import load_trained
-from llmembed.extract.backbones import inspect_backbone, load_model, load_tokenizer
-from llmembed.extract.embedder import Extractor
-from llmembed.extract.pipeline import COMPUTE_DTYPES, resolve_device, resolve_token_budget
+from llmembed.extract.backbones import inspect_backbone
+from llmembed.extract.embed import embed_texts
+from llmembed.extract.plan import BackboneRef, ExtractPlan, resolve_device
 from llmembed.fuse.features import fuse_blocks
 
 log = logging.getLogger(__name__)
 
 
+class ModelMismatchError(ValueError):
+    """The backbone a saved model names is no longer the one it was trained on."""
+
+
+def source_plan(source: dict, device: str = "auto") -> ExtractPlan:
+    """The plan that computes a saved source's layers: the entry spec it was trained on (weights'
+    identity, dtypes, max length, prompt, storage rounding), storing only its layers and pooling."""
+    ref = BackboneRef.from_config(source["backbone"])
+    spec = EntrySpec.from_dict(source["spec"])
+    info = inspect_backbone(ref, None)
+    if info.identity != spec.backbone:
+        raise ModelMismatchError(
+            f"the weights at {ref.path} are not those the model was trained on (their hashes "
+            "differ); point the saved model.json's backbone path at the original weights"
+        )
+    layers, pooling = tuple(source["layers"]), source["pooling"]
+    return ExtractPlan(
+        backbone=ref,
+        info=info,
+        spec=spec,
+        read_specs=(spec,),
+        layers=layers,
+        poolings=(pooling,),
+        need_layers=layers,
+        need_poolings=(pooling,),
+        device=device,
+        token_budget="auto",
+        shard_mb=64.0,
+        progress=False,
+        cache_root=Path("."),  # predict computes in memory and never touches the cache
+    )
+
+
 def embed_source(source: dict, texts: list[str], device: str) -> list[np.ndarray]:
     """One block (n, hidden) per layer of a saved source, computed exactly as the cache did."""
-    bb = OmegaConf.create(source["backbone"])
-    spec = source["spec"]
-    info = inspect_backbone(bb, None)
-    layers, pooling = source["layers"], source["pooling"]
-    depth = info.num_layers if pooling == "pooler" else max(layers)
-    model = load_model(
-        bb, info, depth=depth, dtype=COMPUTE_DTYPES[spec["compute_dtype"]], device=device
-    )
-    extractor = Extractor(
-        model,
-        load_tokenizer(bb, info),
-        layers=layers,
-        poolings=[pooling],
-        max_length=spec["max_length"],
-        prompt=spec["prompt"],
-        truncation_side=spec["truncation_side"],
-        padding_side=bb.padding_side,
-        token_budget=resolve_token_budget("auto", device, info),
-        device=str(model.get_input_embeddings().weight.device),
-        # Training read these numbers from the cache at its storage precision: round the same way.
-        out_dtype=STORE_DTYPES[spec["store_dtype"]],
-    )
-    values = extractor.embed(texts)[0][pooling].astype(np.float32)  # (n, layers, hidden)
+    plan = source_plan(source, device)
+    emb, _ = embed_texts(plan, texts, device)
+    values = emb[source["pooling"]].astype(np.float32)  # (n, layers, hidden)
     return [values[:, j] for j in range(values.shape[1])]
 
 

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from llmembed.classify.heads import HEADS
 
-FORMAT = 1
+FORMAT = 2  # 2: each source carries its full cache entry spec (weights identity included)
 
 
 def save_trained(folder: Path, head, *, head_name: str, info: dict) -> Path:

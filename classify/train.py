@@ -20,8 +20,11 @@ from llmembed.cache.store import SPLITS
 from llmembed.classify.heads import HEADS
 from llmembed.classify.metrics import evaluate, summarize
 from llmembed.classify.saved import save_trained
-from llmembed.extract.datasets import load_dataset
-from llmembed.fuse.features import load_features, parse_sources, resolve_fusion
+from llmembed.extract.command import extract_command
+from llmembed.extract.datasets import TextDataset, load_dataset
+from llmembed.extract.pipeline import ExtractResult, extract_texts
+from llmembed.extract.plan import make_plan
+from llmembed.fuse.features import Source, load_features, parse_sources, resolve_fusion
 from llmembed.meter import Meter
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,22 @@ def head_params(cfg: DictConfig, feats, seed: int) -> dict:
     return {**params, "random_state": seed}
 
 
+def stored_rows(cfg: DictConfig, src: Source, ds: TextDataset) -> ExtractResult:
+    """The cache entry holding a source's layers for the data set's texts. The policy lives here:
+    with `extract_missing` the extraction stage computes what the cache lacks (only those texts);
+    without, a miss fails at once with the `llmembed-extract` command that fills it."""
+    plan = make_plan(cfg.extract, src.backbone, cfg.cache, need=(list(src.layers), [src.pooling]))
+    command = None
+    if not cfg.extract_missing:
+        section = {"dataset": cfg.dataset, "backbone": src.backbone}
+        command = extract_command(
+            OmegaConf.create({**section, "extract": cfg.extract, "cache": cfg.cache})
+        )
+    return extract_texts(
+        plan, ds.texts, name=ds.name, allow_extract=cfg.extract_missing, fill_command=command
+    )
+
+
 def train(cfg: DictConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +69,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         fusion = resolve_fusion(cfg.features.fusion, cfg.head.name)
         seeds = [int(s) for s in cfg.seeds]
         ds = load_dataset(cfg.dataset)
-        feats = load_features(cfg, sources, ds, allow_extract=cfg.extract_missing)
+        feats = load_features(sources, [stored_rows(cfg, src, ds) for src in sources], ds)
         t_features = time.perf_counter() - t0
         X = feats.fuse(fusion)
         y, split = feats.labels, feats.split
@@ -101,7 +120,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                 "hit": r.hit,
                 "seconds": r.stats.seconds,
                 "texts": r.stats.texts,
-                "entry_cost": {k: r.entry.manifest["extraction"].get(k) for k in ENTRY_COST},
+                "entry_cost": entry_cost(r.entry.manifest),
             }
             for s, r in zip(sources, feats.entries, strict=True)
         ],
@@ -126,16 +145,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                         "backbone": OmegaConf.to_container(s.backbone, resolve=True),
                         "layers": feats.layers[i],
                         "pooling": s.pooling,
-                        "spec": {
-                            k: r.entry.spec[k]
-                            for k in (
-                                "compute_dtype",
-                                "store_dtype",
-                                "max_length",
-                                "truncation_side",
-                                "prompt",
-                            )
-                        },
+                        "spec": r.entry.spec.as_dict(),  # the computation, weights' identity included
                     }
                     for i, (s, r) in enumerate(zip(sources, feats.entries, strict=True))
                 ],
@@ -153,6 +163,19 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         len(seeds),
     )
     return metrics
+
+
+def entry_cost(manifest) -> dict:
+    """What making an entry cost, summed over its appends (wall, CPU, energy; rows computed)."""
+    records = manifest.extractions
+    out = {}
+    for k in ENTRY_COST:
+        values = [r.get(k) for r in records]
+        if k in ("energy_note", "device"):
+            out[k] = values[-1] if values else None
+        else:
+            out[k] = None if not values or None in values else round(sum(values), 3)
+    return out
 
 
 def write_predictions(path: Path, feats, proba: np.ndarray) -> None:
