@@ -313,13 +313,17 @@ class Entry:
         """(rows,) S32 text hashes of every stored row, in stored order."""
         return self.index().all_hashes
 
+    @staticmethod
+    def _find(idx: _Index, hashes: np.ndarray) -> np.ndarray:
+        """Positions of `hashes` in the sorted index; -1 where not stored."""
+        if not len(idx.sorted_hashes):
+            return np.full(len(hashes), -1, dtype=np.int64)
+        at = np.searchsorted(idx.sorted_hashes, hashes).clip(max=len(idx.sorted_hashes) - 1)
+        return np.where(idx.sorted_hashes[at] == hashes, at, -1)
+
     def holds(self, hashes: np.ndarray) -> np.ndarray:
         """(n,) bool: which of `hashes` the entry stores."""
-        idx = self.index()
-        if not len(idx.sorted_hashes):
-            return np.zeros(len(hashes), dtype=bool)
-        at = np.searchsorted(idx.sorted_hashes, hashes).clip(max=len(idx.sorted_hashes) - 1)
-        return idx.sorted_hashes[at] == hashes
+        return self._find(self.index(), hashes) >= 0
 
     def read(
         self, pooling: str, layers: Sequence[int], hashes: np.ndarray | None = None
@@ -337,28 +341,29 @@ class Entry:
             raise KeyError(f"layers {missing} are not stored for {pooling!r}; stored: {stored}")
         idx = self.index()
         if hashes is None:
-            where_shard, where_row = idx.shard_pos, idx.row
-            starts = np.cumsum([0, *[s.rows for s in idx.shards]])
-            out_pos = starts[idx.shard_pos] + idx.row  # each stored row at its stored position
+            # Every stored row, in stored order.
+            where_shard = np.repeat(np.arange(len(idx.shards)), [s.rows for s in idx.shards])
+            where_row = np.concatenate([np.arange(s.rows) for s in idx.shards] or [[]]).astype(int)
         else:
             hashes = np.asarray(hashes, dtype=f"S{HASH_BYTES}")
-            found = self.holds(hashes)
-            if not found.all():
+            at = self._find(idx, hashes)
+            if (at < 0).any():
                 raise KeyError(
-                    f"{int((~found).sum())} of {len(hashes)} requested texts are not stored in "
+                    f"{int((at < 0).sum())} of {len(hashes)} requested texts are not stored in "
                     f"{self.path}; rerun the extraction to add them"
                 )
-            at = np.searchsorted(idx.sorted_hashes, hashes)
             where_shard, where_row = idx.shard_pos[at], idx.row[at]
-            out_pos = np.arange(len(hashes))
         # h5py wants increasing indices; read in that order, then put back the order asked for.
         col = [stored.index(layer) for layer in layers]
         order = sorted(set(col))
         back = [order.index(i) for i in col]
-        out = np.empty((len(out_pos), len(layers), m.hidden_size), dtype=np.float32)
+        # Read the needed shards' layers whole (one contiguous chunk per shard and layer), then pick
+        # the rows in memory: one gather in the stored dtype, one conversion to float32.
+        blocks, offset = [], np.zeros(len(idx.shards), dtype=np.int64)
+        needed = np.bincount(where_shard, minlength=len(idx.shards)) > 0
+        total = 0
         for s, shard in enumerate(idx.shards):
-            mine = np.flatnonzero(where_shard == s)
-            if not len(mine):
+            if not needed[s]:
                 continue
             with self._open(shard) as f:
                 ds = self._load(shard, lambda f=f: f["emb"][pooling])
@@ -368,20 +373,15 @@ class Entry:
                         f"{self.path / shard.file}: emb/{pooling} has shape {ds.shape}, the manifest "
                         f"says {expected}; run `llmembed-cache verify --repair` and rerun the extraction"
                     )
-                # One contiguous chunk per (shard, layer): read whole layers, pick rows in memory.
-                block = self._load(shard, lambda ds=ds: ds[:, order, :])  # (rows, layers, hidden)
-            if back != list(range(len(order))):
-                block = block[:, back, :]
-            dst, src = out_pos[mine], where_row[mine]
-            if (
-                len(dst) == shard.rows
-                and (src == np.arange(shard.rows)).all()
-                and (np.diff(dst) == 1).all()
-            ):
-                out[dst[0] : dst[0] + shard.rows] = block  # a whole shard in stored order
-            else:
-                out[dst] = block[src]  # gather in float16, convert once while scattering
-        return out
+                blocks.append(self._load(shard, lambda ds=ds: ds[:, order, :]))  # (rows, k, hidden)
+            offset[s], total = total, total + shard.rows
+        if not blocks:
+            return np.empty((0, len(layers), m.hidden_size), dtype=np.float32)
+        stacked = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        picked = np.take(stacked, offset[where_shard] + where_row, axis=0)  # (n, k, hidden)
+        if back != list(range(len(order))):
+            picked = picked[:, back, :]
+        return picked.astype(np.float32)
 
     def _load(self, shard: ShardInfo, read):
         try:
