@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10000)
     ap.add_argument("--layers", type=int, default=13)
     ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     texts = [f"text number {i}" for i in range(args.rows)]
@@ -91,16 +91,18 @@ def main() -> None:
             with h5py.File(block, "r") as f:
                 return f["x"][:].astype(np.float32)
 
-        def median(fn):
-            times = []
+        def medians(*fns):
+            """Median seconds of each, the calls interleaved so that load and caches hit all alike."""
+            times = [[] for _ in fns]
             for _ in range(args.repeats):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            return statistics.median(times)
+                for fn, t in zip(fns, times, strict=True):
+                    start = time.perf_counter()
+                    fn()
+                    t.append(time.perf_counter() - start)
+            return [statistics.median(t) for t in times]
 
         np.testing.assert_array_equal(by_hash_cold()[:, 0], contiguous()[order])
-        b, a, cold = median(contiguous), median(by_hash), median(by_hash_cold)
+        b, a, cold = medians(contiguous, by_hash, by_hash_cold)
         print(
             f"{args.rows} rows, one of {args.layers} layers x {args.hidden} (float16, "
             f"{len(starts)} shards): contiguous block {1000 * b:.1f} ms; by text hash "
