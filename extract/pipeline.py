@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import cached_property
 from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -138,6 +140,41 @@ def _plan_append(
     return shards, [s for s in shards if s.index not in done]
 
 
+@dataclass(frozen=True)
+class Request:
+    """What a caller asks for: the texts, who asks (a data set's name), how to stop."""
+
+    texts: list[str]
+    hashes: np.ndarray  # (n,) S32, text_hashes(texts)
+    name: str
+    check_stop: Callable[[], None] | None = None
+
+    @cached_property
+    def by_hash(self) -> dict[str, str]:
+        """Hex text hash -> text (duplicates collapse: each distinct text is computed once)."""
+        return dict(zip(hashes_to_hex(self.hashes), self.texts, strict=True))
+
+    def stop_here(self) -> None:
+        if self.check_stop is not None:
+            self.check_stop()
+
+
+@dataclass(frozen=True)
+class Append:
+    """The main process's decision on a miss, the same on every process: which entry (and so which
+    spec, layers and poolings) takes the new shards, which shards are still to compute."""
+
+    path: Path
+    spec: dict
+    layers: tuple[int, ...]
+    poolings: tuple[str, ...]
+    todo: tuple[PlannedShard, ...]
+    total: int  # shards of the append, finished ones included
+
+    def plan(self, plan: ExtractPlan) -> ExtractPlan:
+        return plan.for_spec(EntrySpec.from_dict(self.spec)).storing(self.layers, self.poolings)
+
+
 def extract_texts(
     plan: ExtractPlan,
     texts: list[str],
@@ -155,50 +192,53 @@ def extract_texts(
     batches; a KeyboardInterrupt from it (or from Ctrl-C) stops the run, keeping finished shards.
     `name` (a data set's) is recorded as a user of the entry.
     """
-    hashes = text_hashes(texts)
+    request = Request(list(texts), text_hashes(texts), name, check_stop)
     cache = Cache(plan.cache_root, group_writable=plan.group_writable)
     ranks = Ranks()
     with cache.creating(), ExitStack() as held:
-        decision = None
+        decision: Path | Append | Exception | None = None
         if ranks.is_main:
             try:
-                decision = _decide(cache, plan, hashes, held, name, allow_extract, fill_command)
+                if (entry := find_entry(plan, request.hashes)) is not None:
+                    decision = entry.path
+                elif not allow_extract:
+                    raise MissingEntryError(_missing_message(cache, plan, request, fill_command))
+                else:
+                    decision = _decide(cache, plan, request.hashes, held)
             except Exception as err:  # the other processes must hear of it, not wait forever
-                decision = ("error", err)
+                decision = err
         decision = ranks.broadcast(decision)
-        if decision[0] == "error":
-            raise decision[1]
-        if decision[0] == "hit":
-            entry = Entry(decision[1])
+        if isinstance(decision, Exception):
+            raise decision
+        if isinstance(decision, Path):
+            entry = Entry(decision)
             if ranks.is_main:
                 entry.touch(name)
             log.info("cache hit for %s x %s: %s", name, plan.backbone.name, entry.path)
-            return ExtractResult(entry, hashes, hit=True, stats=EmbedStats(), name=name)
-        _, path, spec, layers, poolings, todo, total = decision
-        target = plan.for_spec(EntrySpec.from_dict(spec)).storing(layers, poolings)
-        entry = Entry(path)
-        by_hash = dict(zip(hashes_to_hex(hashes), texts, strict=True))
-        stats = _fill(target, entry, todo, total, by_hash, ranks, name, check_stop)
+            return ExtractResult(entry, request.hashes, hit=True, stats=EmbedStats(), name=name)
+        stats = _fill(decision.plan(plan), decision, request, ranks)
+        entry = Entry(decision.path)
         if ranks.is_main:
             entry.touch(name)
-        return ExtractResult(entry, hashes, hit=False, stats=stats, name=name)
+        return ExtractResult(entry, request.hashes, hit=False, stats=stats, name=name)
 
 
-def _decide(cache, plan, hashes, held: ExitStack, name, allow_extract, fill_command):
-    if (entry := find_entry(plan, hashes)) is not None:
-        return ("hit", entry.path)
-    if not allow_extract:
-        raise MissingEntryError(
-            f"no cache entry under {cache.root} holds all {len(hashes)} texts of {name} for "
-            f"{plan.backbone.name} (layers {list(plan.need_layers)}, poolings "
-            f"{list(plan.need_poolings)})"
-            + (f"; make it with:\n  {fill_command}" if fill_command else "")
-        )
+def _missing_message(cache: Cache, plan: ExtractPlan, request: Request, command) -> str:
+    return (
+        f"no cache entry under {cache.root} holds all {len(request.hashes)} texts of "
+        f"{request.name} for {plan.backbone.name} (layers {list(plan.need_layers)}, poolings "
+        f"{list(plan.need_poolings)})" + (f"; make it with:\n  {command}" if command else "")
+    )
+
+
+def _decide(cache: Cache, plan: ExtractPlan, hashes: np.ndarray, held: ExitStack) -> Path | Append:
+    """On the main process, after a miss: take the target key's lock (held until the job ends) and
+    fix the append; or the entry another job made meanwhile."""
     cache.check_writable()  # readers need no write access; writers learn it now
     target, entry = _target(cache, plan, hashes)
     held.enter_context(cache.lock(target.key))
     if (found := find_entry(plan, hashes)) is not None:  # made meanwhile by another job
-        return ("hit", found.path)
+        return found.path
     writer = EntryWriter(entry, key=target.key)
     writer.discard_leftovers()
     shards, todo = _plan_append(writer, target, hashes)
@@ -209,50 +249,47 @@ def _decide(cache, plan, hashes, held: ExitStack, name, allow_extract, fill_comm
             len(shards) - len(todo),
             len(shards),
         )
-    return (
-        "fill",
-        entry.path,
-        target.spec.as_dict(),
-        list(target.layers),
-        list(target.poolings),
-        todo,
-        len(shards),
+    return Append(
+        entry.path, target.spec.as_dict(), target.layers, target.poolings, tuple(todo), len(shards)
     )
 
 
-def _fill(plan, entry, todo, total, by_hash, ranks: Ranks, name, check_stop) -> EmbedStats:
-    writer = EntryWriter(entry, key=plan.key)
-    mine = todo[ranks.index :: ranks.count]
+def _fill(plan: ExtractPlan, append: Append, request: Request, ranks: Ranks) -> EmbedStats:
+    """Every process computes its share of the new shards; the main process then commits."""
+    writer = EntryWriter(Entry(append.path), key=plan.key)
+    mine = append.todo[ranks.index :: ranks.count]
     device = ranks.device if plan.device == "auto" else plan.device
     gpus = [int(device.split(":")[1]) if ":" in device else 0] if device.startswith("cuda") else []
     stats = EmbedStats()
     with Meter(gpus, cpu_energy=ranks.is_local_main) as meter:
         if mine:
-            _compute(plan, writer, mine, total, by_hash, device, stats, name, check_stop)
+            stats = _compute(plan, writer, mine, request, device)
     parts = ranks.gather((stats, meter.figures()))
     work = EmbedStats()
     for part, _ in parts:
         work.add(part)
     ranks.barrier()  # every shard is on disk
     if ranks.is_main:
+        entry = writer.entry
         base = entry.manifest if entry.complete else None
+        figures = combine([f for _, f in parts])
         writer.commit(
             base=base,
             fields=_manifest_fields(plan, base),
-            extraction=_extraction_record(work, device, name, combine([f for _, f in parts])),
+            extraction=_extraction_record(work, device, request.name, figures),
         )
     ranks.barrier()  # the manifest is on disk before any process returns
     return work
 
 
-def _compute(plan, writer, shards, total, by_hash, device, stats, name, check_stop) -> None:
+def _compute(plan, writer: EntryWriter, shards, request: Request, device: str) -> EmbedStats:
     """Run the model over this process's new shards and write each as it finishes."""
+    stats = EmbedStats()
     extractor, stats.load_seconds = load_embedder(plan, device)
-    rows = sum(len(s.hashes) for s in shards)
     with tqdm(
-        total=rows,
+        total=sum(len(s.hashes) for s in shards),
         unit="text",
-        desc=f"{name} x {plan.backbone.name}",
+        desc=f"{request.name} x {plan.backbone.name}",
         disable=not plan.progress,
         dynamic_ncols=True,
     ) as bar:
@@ -263,14 +300,13 @@ def _compute(plan, writer, shards, total, by_hash, device, stats, name, check_st
             rate = seen["tokens"] / max(bar.format_dict["elapsed"], 1e-9)
             bar.set_postfix(tok_s=f"{rate:.0f}", refresh=False)
             bar.update(n)
-            if check_stop is not None:
-                check_stop()
+            request.stop_here()
 
         try:
             for shard in shards:
-                if check_stop is not None:
-                    check_stop()
-                emb, shard_stats = extractor.embed([by_hash[h] for h in shard.hashes], on_batch)
+                request.stop_here()
+                texts = [request.by_hash[h] for h in shard.hashes]
+                emb, shard_stats = extractor.embed(texts, on_batch)
                 stats.add(shard_stats)
                 writer.write_shard(
                     shard.index, hashes=hex_to_hashes(shard.hashes), emb=emb, layers=plan.stored
@@ -278,8 +314,8 @@ def _compute(plan, writer, shards, total, by_hash, device, stats, name, check_st
         except KeyboardInterrupt as err:
             raise Interrupted(
                 f"interrupted ({getattr(err, 'signal_name', 'SIGINT')}): {len(writer.done())} of "
-                f"{total} new shards are complete in {writer.entry.path}; rerun the same "
-                "command to resume with the rest",
+                f"{len(writer.pending())} new shards are complete in {writer.entry.path}; rerun "
+                "the same command to resume with the rest",
                 getattr(err, "signal_number", signal.SIGINT),
             ) from None
     if stats.truncated:
@@ -288,6 +324,7 @@ def _compute(plan, writer, shards, total, by_hash, device, stats, name, check_st
             stats.truncated,
             plan.spec.max_length,
         )
+    return stats
 
 
 def _manifest_fields(plan: ExtractPlan, base: Manifest | None) -> dict:
