@@ -210,7 +210,18 @@ class Entry:
 
     @property
     def spec(self) -> EntrySpec:
-        return EntrySpec.from_dict(json.loads((self.path.parent / "spec.json").read_text()))
+        """The computation this entry holds; it must still hash to the entry's key."""
+        path = self.path.parent / "spec.json"
+        try:
+            spec = EntrySpec.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CacheError(f"{path} cannot be read ({err}); remove {self.path.parent}") from None
+        if spec.key != self.key:
+            raise CacheError(
+                f"{path} no longer hashes to the key {self.key} (it was changed); remove "
+                f"{self.path.parent} with `llmembed-cache rm {self.key}`"
+            )
+        return spec
 
     @property
     def manifest_path(self) -> Path:
@@ -296,6 +307,7 @@ class Entry:
         shards = self.manifest.shards
         if self._index is not None and self._index.shards == shards:
             return self._index
+        self.spec  # noqa: B018  (checks that spec.json still hashes to the key)
         parts = []
         for shard in shards:
             with self._open(shard) as f:

@@ -232,6 +232,15 @@ def test_a_shard_from_another_entry_fails_with_a_clear_error(make_cfg, tmp_path)
         a.read("mean", [0])
 
 
+def test_a_changed_spec_fails_reads_with_a_clear_error(make_cfg):
+    res = extract(make_cfg())
+    path = res.entry.path.parent / "spec.json"
+    spec = json.loads(path.read_text())
+    path.write_text(json.dumps({**spec, "max_length": 9}))
+    with pytest.raises(CacheError, match="no longer hashes to the key"):
+        type(res.entry)(res.entry.path).read("mean", [0])
+
+
 def test_entries_of_the_old_format_are_ignored(make_cfg, tmp_path):
     cfg = make_cfg()
     old = tmp_path / "cache" / ("ab" * 16)
