@@ -26,6 +26,7 @@ from llmembed.cache.maintenance import (
     verify_entry,
 )
 from llmembed.cache.store import Cache
+from llmembed.errors import UserError, reported
 
 DEFAULT_ROOT = "~/.cache/llmembed"
 
@@ -50,7 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     remove.add_argument("entry", help="<key>/<sel> as `ls` shows it, or a key (all its selections)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with reported("llmembed-cache"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     cache = Cache(args.root)
+    if cache.root.exists() and not cache.root.is_dir():
+        raise UserError(
+            f"cache root {cache.root} is not a directory; pass --root or set LLMEMBED_CACHE"
+        )
 
     if args.command == "ls":
         rows = [describe(e) for e in cache.entries()] + [

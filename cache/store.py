@@ -43,6 +43,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from llmembed.cache.keys import FORMAT_VERSION, file_sha256, fingerprint, write_json_atomic
+from llmembed.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,12 @@ STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 HASH_BYTES = 32  # sha256 digest per row
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """A cache entry is damaged or does not match its manifest; the message names the file and the fix."""
+
+
+class CacheRootError(UserError, PermissionError):
+    """The cache root cannot take new entries; the message says how to point elsewhere."""
 
 
 def selection_name(layers: Sequence[int], poolings: Sequence[str]) -> str:
@@ -519,11 +524,13 @@ class EntryWriter:
             for pooling, arr in emb.items():
                 rows, n_layers, hidden = arr.shape  # (rows, layers, hidden)
                 assert rows == n and n_layers == len(layers[pooling])
-                # Each pooling is written in its own array's dtype (the extractor's output dtype).
+                # Each pooling is written in its own array's dtype: the store dtype, or float32
+                # where the extractor widened it for values beyond the store dtype's range.
                 if not np.isfinite(arr).all():
                     raise OverflowError(
-                        f"{pooling} embeddings hold values outside the {arr.dtype} range (or NaN); "
-                        "store float32 with `extract.store_dtype=float32`"
+                        f"{pooling} embeddings hold NaN or values beyond {arr.dtype}'s range: the "
+                        "model's own computation overflowed; extract with `extract.dtype=float32` "
+                        "and `extract.store_dtype=float32`"
                     )
                 # One chunk per (shard, layer): reading a layer is one contiguous read per shard.
                 ds = group.create_dataset(
@@ -635,7 +642,7 @@ class Cache:
             probe.touch()
             probe.unlink()
         except OSError as err:
-            raise PermissionError(
+            raise CacheRootError(
                 f"cache root {self.root} is not writable ({err.strerror}); set cache.root=... or "
                 "LLMEMBED_CACHE to a folder you can write"
             ) from None

@@ -12,46 +12,186 @@ import argparse
 import csv
 import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
+import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+
+from llmembed.errors import UserError, reported
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="classify")
 def classify_main(cfg: DictConfig) -> float:
     from llmembed.classify.train import train
 
-    metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    with reported("llmembed-classify"):
+        metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
     acc, f1 = metrics["test"]["accuracy"], metrics["test"]["macro_f1"]
+    lo, hi = acc["ci"]
     print(
         f"{metrics['head']} on {' + '.join(metrics['features'])}: test accuracy {acc['mean']:.4f}"
-        f" ± {acc['std']:.4f}, macro-F1 {f1['mean']:.4f} ({len(metrics['seeds'])} seed(s), "
-        f"{metrics['timings']['total_s']:.1f} s)"
+        f" (95% CI {lo:.4f}-{hi:.4f}), macro-F1 {f1['mean']:.4f} ({len(metrics['seeds'])} "
+        f"seed(s), {metrics['timings']['total_s']:.1f} s)"
     )
-    return metrics["validation"]["accuracy"][
-        "mean"
-    ]  # what a sweeper maximizes: never the test score
+    # What a sweeper maximizes: never the test score.
+    return metrics["validation"]["accuracy"]["mean"]
 
 
-def read_texts(path: Path, column: str | None) -> list[str]:
-    """Texts from a .txt file (one per line) or a CSV/TSV/JSONL file's text column."""
-    from llmembed.extract.datasets import read_table
+@dataclass
+class PredictInput:
+    """What llmembed-predict reads: texts, where each is (for messages), and a table's optional id
+    and label columns."""
 
-    if path.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json"):
-        rows = read_table(path)
-        column = column or "text"
-        if rows and column not in rows[0]:
-            raise SystemExit(
-                f"{path} has no column {column!r}; its columns: {list(rows[0])}. Use --text-column"
+    texts: list[str]
+    refs: list[str]  # "line 3" (a table's header is line 1), "row 2" (parquet)
+    id_column: str | None = None
+    ids: list | None = None  # the id column's values as given, written first in the output
+    label_column: str | None = None
+    labels: list[str] | None = None  # canonical labels (as at training), for scoring
+
+
+def _input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text-column", help="column holding the texts (default: text)")
+    parser.add_argument(
+        "--id-column",
+        help="column of row ids copied to the output (default: id, if the table has one; '' for none)",
+    )
+    parser.add_argument(
+        "--label-column",
+        help="column of true labels: accuracy and macro-F1 go to stderr (default: label, if the "
+        "table has one; '' for none)",
+    )
+
+
+def read_texts(
+    path: Path,
+    text_column: str | None = None,
+    *,
+    id_column: str | None = None,
+    label_column: str | None = None,
+) -> PredictInput:
+    """Texts from a .txt file (one per line, blank lines skipped) or from a CSV/TSV/JSONL/JSON/
+    parquet table's text column, with its id and label columns. A column left as None is taken by
+    its default name where the table has it; '' turns it off. Texts and labels pass the checks of
+    training data (a blank text or a missing label is an error naming the row)."""
+    from llmembed.extract.tables import SUFFIXES, check_texts, read_rows
+
+    if path.is_dir() or not path.exists():
+        raise UserError(
+            f"{path} is not a file; give a .txt file (one text per line) or a "
+            "CSV/TSV/JSONL/JSON/parquet table"
+        )
+    if path.suffix.lower() not in SUFFIXES:
+        if text_column or id_column or label_column:
+            raise UserError(
+                f"{path} is read as plain text (one text per line), which has no columns; "
+                "--text-column, --id-column and --label-column need a CSV/TSV/JSONL/JSON/parquet"
             )
-        return [r[column] for r in rows]
-    return [
-        line.rstrip("\n")
-        for line in path.read_text(encoding="utf-8-sig").splitlines()
-        if line.strip()
-    ]
+        return _read_lines(path)
+    defaults = {"id": id_column, "label": label_column}
+    needed = [text_column or "text"] + [c or d for d, c in defaults.items() if c != ""]
+    table = read_rows(path, needed)
+    rows, refs, columns = table.rows, table.refs, table.columns
+    if not rows:
+        raise UserError(f"{path} holds no texts")
+    text_column = text_column or "text"
+    _require_column(columns, text_column, path, "--text-column")
+    texts = [r[text_column] for r in rows]
+    check_texts(texts, refs, path)
+    id_column = _optional_column(columns, id_column, "id", path, "--id-column")
+    label_column = _optional_column(columns, label_column, "label", path, "--label-column")
+    return PredictInput(
+        texts,
+        refs,
+        id_column,
+        [r[id_column] for r in rows] if id_column else None,
+        label_column,
+        _true_labels([r[label_column] for r in rows], refs, path) if label_column else None,
+    )
+
+
+def _read_lines(path: Path) -> PredictInput:
+    texts, refs = [], []
+    for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if line.strip():
+            texts.append(line.rstrip("\n"))
+            refs.append(f"line {i}")
+    if not texts:
+        raise UserError(f"{path} holds no texts")
+    return PredictInput(texts, refs)
+
+
+def _require_column(columns: list, name: str, path: Path, option: str) -> None:
+    if name not in columns:
+        raise UserError(f"{path} has no column {name!r}; its columns: {columns}. Use {option}")
+
+
+def _optional_column(
+    columns: list, given: str | None, default: str, path: Path, option: str
+) -> str | None:
+    """The column to read: the one given (which must exist), none for '', else the default name
+    where the table has it."""
+    if given == "":
+        return None
+    if given is None:
+        return default if default in columns else None
+    _require_column(columns, given, path, option)
+    return given
+
+
+def _true_labels(raw: list, refs: list[str], path: Path) -> list[str]:
+    from llmembed.extract.tables import DatasetError, normalize_labels
+
+    try:
+        return normalize_labels(raw, refs, path)
+    except DatasetError as err:
+        raise UserError(f"{err}; or pass --label-column '' to predict without scoring") from None
+
+
+def _score_lines(inp: PredictInput, predicted: list[str], names: list[str]) -> list[str]:
+    """Accuracy (95% Wilson interval) and macro-F1 (95% bootstrap interval) against the input's
+    labels. Labels the model was never trained on are named and count as errors: the model cannot
+    give them, and leaving those rows out would flatter the score."""
+    from llmembed.classify.metrics import evaluate
+    from llmembed.extract.tables import shown
+
+    unknown = sorted(set(inp.labels) - set(names))
+    every = list(names) + unknown
+    code = {name: i for i, name in enumerate(every)}
+    m = evaluate(
+        np.array([code[y] for y in inp.labels]), np.array([code[y] for y in predicted]), every
+    )
+    lines = []
+    if unknown:
+        where = [r for r, y in zip(inp.refs, inp.labels, strict=True) if y in unknown]
+        lines.append(
+            f"warning: {len(where)} of {m['n']} texts have labels the model was not trained on "
+            f"({unknown}: {shown(where)}); its classes are {names}. They count as errors below"
+        )
+        if len(unknown) == len(set(inp.labels)):
+            lines.append(
+                f"warning: no label in column {inp.label_column!r} is one of the model's classes; "
+                "is it the right column (--label-column) and the right model?"
+            )
+    (lo, hi), (flo, fhi) = m["accuracy_ci"], m["macro_f1_ci"]
+    lines.append(
+        f"accuracy {m['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}), macro-F1 {m['macro_f1']:.4f} "
+        f"(95% CI {flo:.4f}-{fhi:.4f}) on {m['n']} texts labelled in column {inp.label_column!r}"
+    )
+    return lines
+
+
+def _backbone_paths(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--backbone-path takes NAME=PATH, got {pair!r}")
+        out[name] = path
+    return out
 
 
 def predict_main(argv: list[str] | None = None) -> int:
@@ -59,23 +199,72 @@ def predict_main(argv: list[str] | None = None) -> int:
         prog="llmembed-predict", description="Label new texts with a saved model."
     )
     parser.add_argument("model", type=Path, help="a model folder written by llmembed-classify")
-    parser.add_argument("texts", type=Path, help=".txt (one text per line) or .csv/.tsv/.jsonl")
-    parser.add_argument("--text-column", help="column holding the texts (default: text)")
+    parser.add_argument(
+        "texts", type=Path, help=".txt (one text per line) or .csv/.tsv/.jsonl/.json/.parquet"
+    )
+    _input_options(parser)
     parser.add_argument("--output", type=Path, help="write a CSV here instead of printing it")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--backbone-path",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="where a backbone of the model is on this machine (repeatable)",
+    )
+    parser.add_argument(
+        "--allow-other-weights",
+        action="store_true",
+        help="use backbone weights that differ from those the model was trained on",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped with a backbone (never taken from model.json)",
+    )
     args = parser.parse_args(argv)
+    with reported("llmembed-predict"):
+        return _predict(args)
+
+
+def _predict(args: argparse.Namespace) -> int:
     from llmembed.classify.predict import predict_texts
 
-    texts = read_texts(args.texts, args.text_column)
-    labels, proba, names = predict_texts(args.model, texts, device=args.device)
+    if args.output is not None and args.output.resolve() == args.texts.resolve():
+        raise UserError(f"--output {args.output} is the input file; write somewhere else")
+    inp = read_texts(
+        args.texts, args.text_column, id_column=args.id_column, label_column=args.label_column
+    )
+    labels, proba, names = predict_texts(
+        args.model,
+        inp.texts,
+        device=args.device,
+        backbone_paths=_backbone_paths(args.backbone_path),
+        trust_remote_code=args.trust_remote_code,
+        allow_other_weights=args.allow_other_weights,
+    )
     with open(args.output, "w", newline="") if args.output else nullcontext(sys.stdout) as out:
-        w = csv.writer(out)
-        w.writerow(["label", *[f"p_{n}" for n in names], "text"])
-        for text, label, p in zip(texts, labels, proba, strict=True):
-            w.writerow([label, *[f"{x:.6f}" for x in p], text])
+        _write_predictions(out, inp, labels, proba, names)
     if args.output:
-        print(f"{len(texts)} predictions written to {args.output}", file=sys.stderr)
+        print(f"{len(inp.texts)} predictions written to {args.output}", file=sys.stderr)
+    if inp.labels is not None:
+        for line in _score_lines(inp, labels, names):
+            print(line, file=sys.stderr)
     return 0
+
+
+def _write_predictions(
+    out, inp: PredictInput, labels: list[str], proba: np.ndarray, names: list[str]
+) -> None:
+    """One CSV row per text: [id,] label (predicted), p_<class>..., [true_label,] text."""
+    w = csv.writer(out)
+    ids = [inp.id_column] if inp.ids is not None else []
+    truth = ["true_label"] if inp.labels is not None else []
+    w.writerow([*ids, "label", *[f"p_{n}" for n in names], *truth, "text"])
+    for i, (text, label, p) in enumerate(zip(inp.texts, labels, proba, strict=True)):
+        row_id = [inp.ids[i]] if inp.ids is not None else []
+        true = [inp.labels[i]] if inp.labels is not None else []
+        w.writerow([*row_id, label, *[f"{x:.6f}" for x in p], *true, text])
 
 
 def report_main(argv: list[str] | None = None) -> int:
@@ -91,8 +280,8 @@ def report_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from llmembed.classify.report import write_report
 
-    table = write_report(args.runs, args.out or args.runs[0])
-    print(table)
+    with reported("llmembed-report"):
+        print(write_report(args.runs, args.out or args.runs[0]))
     return 0
 
 

@@ -26,7 +26,13 @@ log = logging.getLogger(__name__)
 def _holdout(X, y, validation, seed):
     """(X_train, y_train, X_val, y_val): the given validation set, or 12.5% of the training rows."""
     if validation is not None:
-        return X, y, *validation
+        X_val, y_val = check_X_y(*validation, dtype=np.float32)
+        if X_val.shape[1] != X.shape[1]:
+            raise ValueError(
+                f"validation X has {X_val.shape[1]} features but X has {X.shape[1]}: "
+                "give validation rows with the same columns"
+            )
+        return X, y, X_val, y_val
     X_tr, X_val, y_tr, y_val = train_test_split(
         X, y, test_size=0.125, random_state=seed, stratify=y
     )
@@ -103,9 +109,17 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         return self
 
 
+MIN_DELTA = 1e-4  # a validation loss counts as an improvement only when it beats the best by this
+
+
 class TorchHead(ClassifierMixin, BaseEstimator):
     """Shared training for torch heads: Adam, mini-batches, cross-entropy on logits (no softmax
-    before the loss), early stopping on validation loss, the best epoch's weights kept."""
+    before the loss), early stopping on validation loss.
+
+    An epoch improves when its validation loss beats the best so far by MIN_DELTA; `best_epoch_`
+    is the last such epoch and its weights are the ones kept. Training stops `patience` epochs
+    after it (so `len(history_) == best_epoch_ + patience + 1`) unless `max_epochs` ends it first.
+    """
 
     lr: float
     weight_decay: float
@@ -114,6 +128,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
     patience: int
     random_state: int
     device: str
+    standardize: bool = True  # LLMEmbedHead makes it a parameter; MLPHead always standardizes
 
     def _build(self, n_features: int, n_classes: int) -> nn.Module:
         raise NotImplementedError
@@ -127,51 +142,74 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         X, y = check_X_y(X, y, dtype=np.float32)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         self.n_features_in_ = X.shape[1]
-        X_tr, y_tr, X_val, y_val = _holdout(
-            X,
-            y_idx,
-            None
-            if validation is None
-            else (validation[0], np.searchsorted(self.classes_, validation[1])),
-            self.random_state,
-        )
+        if validation is not None:
+            validation = (validation[0], self._label_indices(validation[1]))
+        X_tr, y_tr, X_val, y_val = _holdout(X, y_idx, validation, self.random_state)
         torch.manual_seed(self.random_state)
-        self.module_ = self._build(X.shape[1], len(self.classes_)).to(self._device())
-        # Standardization is part of the module, so a saved state dict carries it.
-        self.module_.set_scaler(X_tr.mean(0), X_tr.std(0) + 1e-6)
+        dev = self._device()
+        self.module_ = self._build(X.shape[1], len(self.classes_)).to(dev)
+        if self.standardize:  # part of the module, so a saved state dict carries it
+            self.module_.set_scaler(X_tr.mean(0), X_tr.std(0) + 1e-6)
         opt = torch.optim.Adam(
             self.module_.parameters(), lr=self.lr, weight_decay=self.weight_decay
         )
-        dev = self._device()
         xt, yt = torch.from_numpy(X_tr).to(dev), torch.from_numpy(y_tr).long().to(dev)
-        xv, yv = torch.from_numpy(np.asarray(X_val)).to(dev), torch.from_numpy(y_val).long().to(dev)
+        xv, yv = torch.from_numpy(X_val).to(dev), torch.from_numpy(y_val).long().to(dev)
         gen = torch.Generator().manual_seed(self.random_state)
-        best, best_loss, waited, self.history_ = None, float("inf"), 0, []
+        best, best_loss, self.best_epoch_, self.history_ = None, float("inf"), -1, []
         for epoch in range(self.max_epochs):
-            self.module_.train()
-            for idx in torch.randperm(len(xt), generator=gen).split(self.batch_size):
-                loss = nn.functional.cross_entropy(self.module_(xt[idx]), yt[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            self.module_.eval()
-            with torch.no_grad():
-                logits = self.module_(xv)
-                val_loss = nn.functional.cross_entropy(logits, yv).item()
-                val_acc = (logits.argmax(1) == yv).float().mean().item()
+            self._train_epoch(opt, xt, yt, gen)
+            val_loss, val_acc = self._validate(xv, yv)
             self.history_.append({"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc})
-            if val_loss < best_loss - 1e-4:
-                best, best_loss, waited = copy.deepcopy(self.module_.state_dict()), val_loss, 0
-            else:
-                waited += 1
-                if waited >= self.patience:
-                    break
+            if val_loss < best_loss - MIN_DELTA:
+                best, best_loss = copy.deepcopy(self.module_.state_dict()), val_loss
+                self.best_epoch_ = epoch
+            elif epoch - self.best_epoch_ >= self.patience:
+                break
+        if best is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: validation loss was never finite "
+                f"({self.history_[0]['val_loss']} after epoch 0); lower lr or check the inputs"
+            )
         self.module_.load_state_dict(best)
-        self.best_epoch_ = min(self.history_, key=lambda h: h["val_loss"])["epoch"]
+        self.module_.eval()
         log.info(
-            "%s: best epoch %d of %d", type(self).__name__, self.best_epoch_, len(self.history_)
+            "%s: best epoch %d (validation loss %.4f) of %d, patience %d",
+            type(self).__name__,
+            self.best_epoch_,
+            best_loss,
+            len(self.history_),
+            self.patience,
         )
         return self
+
+    def _label_indices(self, y) -> np.ndarray:
+        """Validation labels as indices into classes_; a label training never saw is an error
+        (searchsorted alone would map it silently onto a neighbouring class)."""
+        y = np.asarray(y)
+        unseen = np.setdiff1d(y, self.classes_)
+        if len(unseen):
+            raise ValueError(
+                f"validation labels {unseen.tolist()} do not occur in the training labels "
+                f"{self.classes_.tolist()}"
+            )
+        return np.searchsorted(self.classes_, y)
+
+    def _train_epoch(self, opt, xt, yt, gen) -> None:
+        self.module_.train()
+        for idx in torch.randperm(len(xt), generator=gen).split(self.batch_size):
+            loss = nn.functional.cross_entropy(self.module_(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    def _validate(self, xv, yv) -> tuple[float, float]:
+        """(validation loss, validation accuracy) of the module as it is now."""
+        self.module_.eval()
+        with torch.no_grad():
+            logits = self.module_(xv)
+            loss = nn.functional.cross_entropy(logits, yv).item()
+            return loss, (logits.argmax(1) == yv).float().mean().item()
 
     def predict_proba(self, X):
         check_is_fitted(self)
@@ -258,26 +296,35 @@ class MLPHead(TorchHead):
         return _MLP(n_features, n_classes, tuple(self.hidden), self.dropout)
 
 
+ROLES = ("llm", "encoder")
+
+
 class _CoOccurrence(_Scaled):
     """The paper's fusion network.
 
-    Each block (one LLM layer, one encoder) is projected to `width` with ReLU and dropout; the
-    pairwise products P = Z·Zᵀ between projected blocks go through 2·sigmoid(σ·P) − 1; the upper
-    triangle (diagonal included: the rest repeats it) is flattened and concatenated with the mean
-    of the LLM blocks; an MLP maps that to the classes.
+    Each block (one LLM layer, one encoder) is projected to `width` with ReLU and dropout (an
+    encoder block already `width` wide is fed as it is when `project_same_width` is False, as in the
+    paper's code); the pairwise products P = Z·Zᵀ between projected blocks go through
+    2·sigmoid(σ·P) − 1; the upper triangle (diagonal included: the rest repeats it) is flattened and
+    concatenated with the mean of the blocks marked "llm"; an MLP maps that to the classes.
     """
 
-    def __init__(self, block_sizes, n_llm_blocks, n_classes, width, hidden, dropout, sigma):
+    def __init__(
+        self, block_sizes, block_roles, n_classes, width, hidden, dropout, sigma, project_same_width
+    ):
         super().__init__(sum(block_sizes))
         self.block_sizes = list(block_sizes)
-        self.n_llm = n_llm_blocks
+        self.llm_blocks = [i for i, r in enumerate(block_roles) if r == "llm"]
         self.sigma = sigma
         self.proj = nn.ModuleList(
-            nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Dropout(dropout)) for d in block_sizes
+            nn.Identity()
+            if d == width and role == "encoder" and not project_same_width
+            else nn.Sequential(nn.Linear(d, width), nn.ReLU(), nn.Dropout(dropout))
+            for d, role in zip(block_sizes, block_roles, strict=True)
         )
         n = len(block_sizes)
         self.register_buffer("pairs", torch.triu_indices(n, n), persistent=False)
-        layers, in_width = [], self.pairs.shape[1] + block_sizes[0]
+        layers, in_width = [], self.pairs.shape[1] + block_sizes[self.llm_blocks[0]]
         for h in hidden:
             layers += [nn.Linear(in_width, h), nn.ReLU(), nn.Dropout(dropout)]
             in_width = h
@@ -291,24 +338,59 @@ class _CoOccurrence(_Scaled):
         products = z @ z.transpose(1, 2)  # (B, S, S)
         co = 2 * torch.sigmoid(self.sigma * products) - 1
         co = co[:, self.pairs[0], self.pairs[1]]  # (B, S(S+1)/2)
-        llm_mean = torch.stack(blocks[: self.n_llm], dim=0).mean(dim=0)  # (B, d_llm)
+        llm_mean = torch.stack([blocks[i] for i in self.llm_blocks]).mean(dim=0)  # (B, d_llm)
         return self.mlp(torch.cat([co, llm_mean], dim=1))
+
+
+def check_blocks(sizes: list[int], roles: list[str], n_features: int) -> None:
+    """Errors a user can trip with block_sizes / block_roles, each naming the fix."""
+    if sum(sizes) != n_features:
+        raise ValueError(
+            f"block_sizes {sizes} add up to {sum(sizes)} but X has {n_features} columns"
+        )
+    if len(roles) != len(sizes):
+        raise ValueError(
+            f"block_roles has {len(roles)} entries for {len(sizes)} blocks (block_sizes {sizes}): "
+            f"give one role per block, each one of {ROLES}"
+        )
+    wrong = [(i, r) for i, r in enumerate(roles) if r not in ROLES]
+    if wrong:
+        raise ValueError(f"block_roles {roles}: entries {wrong} are not one of {ROLES}")
+    llm_sizes = {sizes[i] for i, r in enumerate(roles) if r == "llm"}
+    if not llm_sizes:
+        raise ValueError(
+            f"block_roles {roles} marks no block 'llm': the paper's head averages the LLM's "
+            "layers, so mark at least one"
+        )
+    if len(llm_sizes) > 1:
+        raise ValueError(
+            f"the blocks marked 'llm' must share one width to be averaged; their widths: "
+            f"{[sizes[i] for i, r in enumerate(roles) if r == 'llm']} (block_sizes {sizes})"
+        )
 
 
 class LLMEmbedHead(TorchHead):
     """The paper's head (LLMEmbed, ACL 2024): learned co-occurrence fusion of several layers and
-    backbones. `block_sizes` gives the widths of the blocks laid side by side in X; the first
-    `n_llm_blocks` are the LLM's layers (equal widths), whose mean joins the fused features."""
+    backbones.
+
+    `block_sizes` gives the widths of the blocks laid side by side in X and `block_roles` what each
+    is: "llm" (a layer of the decoder LLM; all of one width, at least one, in any position) or
+    "encoder"; the mean of the "llm" blocks joins the fused features. `standardize=False` feeds raw
+    inputs and `project_same_width=False` feeds an encoder block already `width` wide without a
+    projection: both as in the paper's code. The defaults standardize and project every block.
+    """
 
     def __init__(
         self,
         *,
         block_sizes=(),
-        n_llm_blocks=1,
+        block_roles=(),
         width=1024,
         hidden=(1024, 256),
         dropout=0.5,
         sigma=0.01,
+        standardize=True,
+        project_same_width=True,
         lr=1e-4,
         weight_decay=0.0,
         batch_size=1024,
@@ -318,11 +400,13 @@ class LLMEmbedHead(TorchHead):
         device="auto",
     ):
         self.block_sizes = block_sizes
-        self.n_llm_blocks = n_llm_blocks
+        self.block_roles = block_roles
         self.width = width
         self.hidden = hidden
         self.dropout = dropout
         self.sigma = sigma
+        self.standardize = standardize
+        self.project_same_width = project_same_width
         self.lr = lr
         self.weight_decay = weight_decay
         self.batch_size = batch_size
@@ -332,23 +416,17 @@ class LLMEmbedHead(TorchHead):
         self.device = device
 
     def _build(self, n_features, n_classes):
-        sizes = list(self.block_sizes)
-        if sum(sizes) != n_features:
-            raise ValueError(
-                f"block_sizes {sizes} add up to {sum(sizes)} but X has {n_features} columns"
-            )
-        if not 1 <= self.n_llm_blocks <= len(sizes) or len(set(sizes[: self.n_llm_blocks])) != 1:
-            raise ValueError(
-                f"n_llm_blocks={self.n_llm_blocks} must name leading blocks of one width: {sizes}"
-            )
+        sizes, roles = list(self.block_sizes), list(self.block_roles)
+        check_blocks(sizes, roles, n_features)
         return _CoOccurrence(
             sizes,
-            self.n_llm_blocks,
+            roles,
             n_classes,
             self.width,
             tuple(self.hidden),
             self.dropout,
             self.sigma,
+            self.project_same_width,
         )
 
 

@@ -1,5 +1,11 @@
 """A trained model as a folder: `model.json` (head parameters, feature spec, label names, backbone
-and extraction settings) and `head.safetensors` (weights). Nothing is pickled."""
+identities and extraction settings), `head.safetensors` (weights) and `README.md` (a model card).
+Nothing is pickled.
+
+`head.safetensors` also carries, in its metadata, the part of model.json that gives its weights a
+meaning (label names, sources, fusion, head parameters): a model.json edited afterwards (labels
+swapped, layers changed) no longer matches its weights and is refused instead of predicting wrongly.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,55 @@ import json
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from llmembed.classify.heads import HEADS
+from llmembed.errors import UserError
 
-FORMAT = 2  # 2: each source carries its full cache entry spec (weights identity included)
+# 2: sources record the backbone's identity, its conf name and role; the weights carry the contract.
+FORMAT = 2
+CONTRACT_KEY = "llmembed.contract"
 
 
-def save_trained(folder: Path, head, *, head_name: str, info: dict) -> Path:
+class SavedModelError(UserError):
+    """A model folder cannot be used as it is; the message says why and what to do."""
+
+
+def _contract(meta: dict) -> dict:
+    """What the weights mean: everything but the backbones' locations, which may differ per machine."""
+    return {
+        "head": meta["head"],
+        "params": meta["params"],
+        "label_names": meta["label_names"],
+        "fusion": meta["fusion"],
+        "sources": [
+            {k: s[k] for k in ("identity", "role", "layers", "pooling", "spec")}
+            for s in meta["sources"]
+        ],
+    }
+
+
+def save_trained(
+    folder: Path, head, *, head_name: str, info: dict, group_writable: bool = False
+) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    meta = json.loads(
+        json.dumps(
+            {"format": FORMAT, "head": head_name, "params": head.get_params(), **info},
+            default=_jsonable,
+        )
+    )
     state = {k: np.ascontiguousarray(v) for k, v in head.state().items()}
-    save_file(state, str(folder / "head.safetensors"))
-    meta = {"format": FORMAT, "head": head_name, "params": head.get_params(), **info}
-    (folder / "model.json").write_text(json.dumps(meta, indent=2, default=_jsonable))
+    contract = json.dumps(_contract(meta), sort_keys=True)
+    save_file(state, str(folder / "head.safetensors"), metadata={CONTRACT_KEY: contract})
+    (folder / "model.json").write_text(json.dumps(meta, indent=2))
+    # Readable by whoever the model is handed to (safetensors writes 0600); on a shared node with
+    # `cache.group_writable`, writable by the group as well.
+    mode = 0o664 if group_writable else 0o644
+    for path in (folder / "head.safetensors", folder / "model.json"):
+        path.chmod(mode)
     return folder
 
 
@@ -33,16 +74,111 @@ def _jsonable(value):
 
 
 def load_trained(folder: Path):
-    """(head, meta) from a folder written by `save_trained`."""
+    """(head, meta) from a folder written by `save_trained`, after checking that model.json still
+    matches the weights."""
     folder = Path(folder)
-    meta_path = folder / "model.json"
+    meta_path, weights = folder / "model.json", folder / "head.safetensors"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{folder} is not a saved llmembed model (no model.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(
-            f"{folder}: model format {meta.get('format')}, this llmembed reads {FORMAT}"
+        raise SavedModelError(f"{folder} is not a saved llmembed model (no model.json)")
+    if not weights.is_file():
+        raise SavedModelError(f"{folder} has no head.safetensors; copy the whole folder")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise SavedModelError(
+            f"{meta_path} is not valid JSON ({err}); copy the folder again"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise SavedModelError(
+            f"{folder}: model format {found}, this llmembed reads format {FORMAT}; "
+            "train the model again with this version"
         )
+    check_contract(meta, weights)
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
-    head = HEADS[meta["head"]](**params).load_state(load_file(str(folder / "head.safetensors")))
+    try:
+        head = HEADS[meta["head"]](**params).load_state(load_file(str(weights)))
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise SavedModelError(f"{weights} does not fit the head in {meta_path} ({err})") from None
+    n_classes = len(meta["label_names"])
+    if len(set(meta["label_names"])) != n_classes or not np.all(
+        (head.classes_ >= 0) & (head.classes_ < n_classes)
+    ):
+        raise SavedModelError(
+            f"{meta_path}: label_names {meta['label_names']} do not fit the head's classes "
+            f"{head.classes_.tolist()}"
+        )
     return head, meta
+
+
+def check_contract(meta: dict, weights: Path) -> None:
+    """model.json must say what the weights were trained with."""
+    try:
+        with safe_open(str(weights), framework="numpy") as f:
+            stored = (f.metadata() or {}).get(CONTRACT_KEY)
+        written = _contract(meta)
+    except (OSError, KeyError, TypeError, ValueError) as err:  # unreadable file, missing field
+        raise SavedModelError(
+            f"{weights.parent} is damaged or incomplete ({type(err).__name__}: {err}); copy the "
+            "whole folder again or train the model again"
+        ) from None
+    if stored is None:
+        raise SavedModelError(f"{weights} carries no llmembed contract; train the model again")
+    stored = json.loads(stored)
+    if stored != written:
+        changed = [k for k in written if stored.get(k) != written[k]]
+        raise SavedModelError(
+            f"{weights.parent / 'model.json'} was edited after training: {changed} no longer match "
+            "the weights in head.safetensors; restore the original model.json"
+        )
+
+
+def write_model_card(folder: Path, meta: dict, metrics: dict) -> Path:
+    """README.md beside the weights: what the model is, how well it did, how to run it."""
+    data = metrics["data"]
+    lines = [
+        f"# llmembed model: {data['name']}",
+        "",
+        f"A `{meta['head']}` head on frozen-backbone features ({meta['fusion']} fusion), trained "
+        "with llmembed (LLMEmbed, ACL 2024).",
+        "",
+        "| backbone | role | layers | pooling | identity |",
+        "|---|---|---|---|---|",
+    ]
+    for s in meta["sources"]:
+        ident = s["identity"]
+        pin = (
+            ident.get("commit")
+            or ident.get("gguf_sha256")
+            or f"{len(ident.get('files', {}))} files hashed"
+        )
+        lines.append(
+            f"| {s['backbone']['name']} | {s['role'] or '-'} | {s['layers']} | {s['pooling']} | "
+            f"{str(pin)[:16]} |"
+        )
+    test = metrics["test"]
+    acc, f1 = test["accuracy"], test["macro_f1"]
+    lo, hi = acc["ci"]
+    lines += [
+        "",
+        f"Data: `{data['name']}`"
+        + (f" ({data['path']})" if data.get("path") else "")
+        + f", {data['rows']} rows after dropping {data['duplicates_dropped']} duplicates; "
+        f"labels {meta['label_names']}; split rows {metrics['rows']}.",
+        "",
+        f"Test accuracy **{acc['mean']:.4f}** (95% CI {lo:.4f}-{hi:.4f}), macro-F1 "
+        f"{f1['mean']:.4f}, over {acc['n']} run(s) (seeds {metrics['seeds']}).",
+        "",
+        "Predict:",
+        "",
+        "```bash",
+        "llmembed-predict path/to/this/folder texts.txt   # or .csv/.tsv/.jsonl with a text column",
+        "```",
+        "",
+        "A backbone not found at its recorded path is given with `--backbone-path NAME=PATH`; its "
+        "weights are checked against the identity above before use.",
+        "",
+    ]
+    path = Path(folder) / "README.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -18,14 +18,21 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from llmembed.cache.keys import fingerprint, write_json_atomic
 from llmembed.cache.store import SPLITS
 from llmembed.classify.metrics import evaluate, summarize
-from llmembed.classify.saved import save_trained
+from llmembed.classify.saved import save_trained, write_model_card
 from llmembed.extract.command import extract_command
-from llmembed.extract.datasets import TextDataset, load_dataset
+from llmembed.extract.datasets import TextDataset, load_dataset, resplit
 from llmembed.extract.pipeline import ExtractResult, extract_texts
 from llmembed.extract.plan import make_plan
-from llmembed.fuse.features import Source, load_features, parse_sources, resolve_fusion
+from llmembed.fuse.features import (
+    Source,
+    block_roles,
+    load_features,
+    parse_sources,
+    resolve_fusion,
+)
 from llmembed.meter import Meter
 
 log = logging.getLogger(__name__)
@@ -37,14 +44,14 @@ ENTRY_COST = ("rows_computed", "wall_s", "cpu_s", "energy_j", "energy_note", "de
 def build_head(cfg: DictConfig, feats, seed: int):
     """The head `head.params` describes, built by Hydra's `instantiate` from its `_target_`: a
     scikit-learn estimator of your own is a config file (conf/head/*.yaml), not a code change.
-    What depends on the features (the paper's head's block sizes and LLM blocks) and the seed are
-    given to estimators whose constructor takes them."""
+    What depends on the features (the paper's head's block sizes and declared block roles) and the
+    seed are given to estimators whose constructor takes them."""
     accepted = inspect.signature(get_class(cfg.head.params._target_)).parameters
     extra = {"random_state": seed}
     if "block_sizes" in accepted:
         extra["block_sizes"] = tuple(feats.block_sizes)
-    if "n_llm_blocks" in accepted:
-        extra["n_llm_blocks"] = feats.source_of_block.count(0)  # the first source is the LLM
+    if "block_roles" in accepted:
+        extra["block_roles"] = block_roles(feats.sources, feats.source_of_block)
     head = instantiate(
         cfg.head.params, _convert_="all", **{k: v for k, v in extra.items() if k in accepted}
     )
@@ -82,6 +89,43 @@ def stored_rows(cfg: DictConfig, src: Source, ds: TextDataset) -> ExtractResult:
     )
 
 
+def data_identity(cfg: DictConfig, ds: TextDataset) -> dict:
+    """What tells this run's data apart from another's under the same name: the report never
+    merges runs on different files or subsets."""
+    d = cfg.dataset
+    return {
+        "name": ds.name,
+        "source": d.source,
+        "path": d.get("path"),
+        "limit": d.get("limit"),
+        "seed": d.seed,
+        "rows": len(ds),
+        "duplicates_dropped": int(getattr(ds, "duplicates_dropped", 0)),
+        # The rows themselves (texts, labels), not the split: seeds of one data set share it.
+        "fingerprint": fingerprint(
+            {"texts": ds.texts, "labels": ds.labels, "names": ds.label_names}, length=12
+        ),
+    }
+
+
+def test_set_intervals(summary: dict, runs: list[dict]) -> None:
+    """On one fixed test split, seeds only move the head (logistic regression not at all), so an
+    interval over seeds would claim a precision the test set does not have: there the interval is
+    the hull of the runs' own test-set intervals (Wilson for accuracy, bootstrap for macro-F1)."""
+    for metric in ("accuracy", "macro_f1"):
+        own = [r[f"{metric}_ci"] for r in runs]
+        summary[metric]["ci"] = [min(lo for lo, _ in own), max(hi for _, hi in own)]
+        summary[metric]["ci_kind"] = "test set"
+
+
+def splits_per_seed(cfg: DictConfig, ds: TextDataset, seeds: list[int]) -> dict[int, np.ndarray]:
+    """The data set's split for every seed, or with `resplit` one stratified split drawn per seed
+    (no forward pass: the features of every row are already there)."""
+    if not cfg.get("resplit", False):
+        return {seed: ds.split for seed in seeds}
+    return {seed: resplit(ds, seed).split for seed in seeds}
+
+
 def train(cfg: DictConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -96,11 +140,12 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         feats = load_features(sources, [stored_rows(cfg, src, ds) for src in sources], ds)
         t_features = time.perf_counter() - t0
         X = feats.fuse(fusion)
-        y, split = feats.labels, feats.split
-        tr, va, te = (split == 0), (split == 1), (split == 2)
+        y = feats.labels
+        splits = splits_per_seed(cfg, ds, seeds)
 
         runs, heads, t_fit = [], [], 0.0
         for seed in seeds:
+            tr, va, te = (splits[seed] == code for code in range(3))
             head = build_head(cfg, feats, seed)
             t = time.perf_counter()
             fit_head(head, X[tr], y[tr], (X[va], y[va]))
@@ -108,6 +153,11 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
             runs.append(
                 {
                     "seed": seed,
+                    "rows": {
+                        "train": int(tr.sum()),
+                        "validation": int(va.sum()),
+                        "test": int(te.sum()),
+                    },
                     "validation": evaluate(y[va], head.predict(X[va]), feats.label_names),
                     "test": evaluate(y[te], head.predict(X[te]), feats.label_names),
                 }
@@ -121,12 +171,22 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
             )
 
     test = summarize([r["test"] for r in runs])
+    if not cfg.get("resplit", False):
+        test_set_intervals(test, [r["test"] for r in runs])
     metrics = {
         "dataset": ds.name,
-        "rows": {"train": int(tr.sum()), "validation": int(va.sum()), "test": int(te.sum())},
+        "data": data_identity(cfg, ds),
+        "resplit": bool(cfg.get("resplit", False)),
+        "rows": runs[0]["rows"],
         "sources": [
-            {"backbone": s.backbone.name, "layers": list(s.layers), "pooling": s.pooling}
-            for s in sources
+            {
+                "backbone": s.backbone.name,
+                "layers": feats.layers[i],  # resolved: -1 is the last hidden state's index
+                "requested_layers": list(s.layers),
+                "pooling": s.pooling,
+                "role": s.role,
+            }
+            for i, s in enumerate(sources)
         ],
         "features": feats.block_names,
         "n_features": int(X.shape[1]),
@@ -159,7 +219,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     if cfg.save_model and not hasattr(heads[0], "state"):
         log.warning("%s has no state() to save as safetensors: no model saved", type(heads[0]))
     elif cfg.save_model:
-        save_trained(
+        model_dir = save_trained(
             out_dir / "model",
             heads[0],
             head_name=cfg.head.name,
@@ -167,25 +227,25 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                 "label_names": feats.label_names,
                 "fusion": fusion,
                 "sources": [
-                    {
-                        "backbone": OmegaConf.to_container(s.backbone, resolve=True),
-                        "layers": feats.layers[i],
-                        "pooling": s.pooling,
-                        "spec": r.entry.spec.as_dict(),  # the computation, weights' identity included
-                    }
+                    saved_source(s, feats.layers[i], r.entry.spec.as_dict())
                     for i, (s, r) in enumerate(zip(sources, feats.entries, strict=True))
                 ],
             },
+            group_writable=cfg.cache.get("group_writable", False),
         )
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        meta = json.loads((model_dir / "model.json").read_text())
+        write_model_card(model_dir, meta, metrics)
+    write_json_atomic(out_dir / "metrics.json", metrics)  # a killed run leaves none, not half
     proba = probabilities(heads[0], X, len(feats.label_names))
-    write_predictions(out_dir / "predictions.csv", feats, proba)
+    write_predictions(out_dir / "predictions.csv", ds, splits[seeds[0]], proba)
+    lo, hi = test["accuracy"]["ci"]
     log.info(
-        "%s on %s: test accuracy %.4f ± %.4f, macro-F1 %.4f (%d seeds)",
+        "%s on %s: test accuracy %.4f (95%% CI %.4f-%.4f), macro-F1 %.4f (%d seeds)",
         cfg.head.name,
         ",".join(feats.block_names),
         test["accuracy"]["mean"],
-        test["accuracy"]["std"],
+        lo,
+        hi,
         test["macro_f1"]["mean"],
         len(seeds),
     )
@@ -205,11 +265,30 @@ def entry_cost(manifest) -> dict:
     return out
 
 
-def write_predictions(path: Path, feats, proba: np.ndarray) -> None:
-    """Every row's split, true label, predicted label and class probabilities (first seed's head)."""
-    names = feats.label_names
+def saved_source(source, layers: list[int], spec: dict) -> dict:
+    """How a saved model finds and checks one source's backbone on another machine: a shipped
+    backbone by its conf name, any other by its path (overridable with --backbone-path), and the
+    weights' identity (hub commit or content hashes), which predict checks before using them."""
+    backbone = OmegaConf.to_container(source.backbone, resolve=True)
+    if source.conf_name is not None:
+        backbone["conf"] = source.conf_name
+    return {
+        "backbone": backbone,
+        "identity": spec["backbone"],
+        "role": source.role,
+        "layers": layers,
+        "pooling": source.pooling,
+        "spec": spec,  # the computation to reproduce: dtypes, max length, prompt, ...
+    }
+
+
+def write_predictions(path: Path, ds: TextDataset, split: np.ndarray, proba: np.ndarray) -> None:
+    """Every row's id, split, true label, predicted label, class probabilities (first seed's head)
+    and text."""
+    names = ds.label_names
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["row_id", "split", "label", "predicted", *[f"p_{n}" for n in names]])
-        for rid, sp, y, p in zip(feats.row_ids, feats.split, feats.labels, proba, strict=True):
-            w.writerow([rid, SPLITS[sp], names[y], names[int(p.argmax())], *np.round(p, 6)])
+        w.writerow(["row_id", "split", "label", "predicted", *[f"p_{n}" for n in names], "text"])
+        rows = zip(ds.row_ids, split, ds.labels, proba, ds.texts, strict=True)
+        for rid, sp, y, p, text in rows:
+            w.writerow([rid, SPLITS[sp], names[y], names[int(p.argmax())], *np.round(p, 6), text])

@@ -14,18 +14,25 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
 
 from llmembed.cache.keys import JsonMemo, file_sha256, fingerprint
+from llmembed.errors import UserError
 
 log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "last", "first", "pooler")
+# Bump when the facts `inspect_backbone` remembers change meaning, so old memos are not trusted.
+_FACTS_VERSION = 2
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # Files that define a local model's numbers: weights, config, tokenizer, custom code.
 _MODEL_FILES = (".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken", ".py", ".gguf")
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
     """The backbone cannot be used as configured; the message says what to change."""
 
 
@@ -128,11 +135,37 @@ class BackboneInfo:
     hidden_size: int
     max_positions: int | None
     poolings: tuple[str, ...]  # the poolings this model supports
+    # A causal model whose tokenizer puts the same special token (BOS) before every text: its
+    # `first` state has seen only that token, so it is one vector for all texts; not offered.
+    constant_first: bool = False
+
+
+def is_causal(config) -> bool:
+    """Whether each token sees only those before it: a decoder config, or a model type with a
+    causal-LM class and no masked-LM class (BERT and RoBERTa have both: they are encoders)."""
+    if getattr(config, "is_decoder", False):
+        return True
+    causal_lm = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    masked_lm = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if causal_lm or masked_lm:
+        return causal_lm and not masked_lm
+    # A type transformers does not know (remote code): its declared classes tell.
+    heads = getattr(config, "architectures", None) or []
+    return any(h.endswith("ForCausalLM") for h in heads) and not any(
+        h.endswith("ForMaskedLM") for h in heads
+    )
+
+
+def adds_fixed_first_token(tokenizer) -> bool:
+    """Whether the tokenizer puts the same special token (BOS, CLS) in front of every text."""
+    a, b = (tokenizer(t)["input_ids"] for t in ("good", "The end."))
+    return bool(a and b) and a[0] == b[0] and a[0] in tokenizer.all_special_ids
 
 
 def inspect_backbone(cfg, memo: Path | None) -> BackboneInfo:
-    """Identity, depth, width and poolings of a backbone, without loading its weights. The shape
-    facts are remembered in `memo` by identity: reading a GGUF header alone takes seconds."""
+    """Identity, depth, width and poolings of a backbone, without loading its weights. The facts
+    are remembered in `memo` by identity: reading a GGUF header, or converting its tokenizer,
+    takes seconds."""
     source = resolve_source(cfg.path)
     _require_gguf(source)
     ident = identity(source, cfg.get("revision"), memo)
@@ -140,7 +173,9 @@ def inspect_backbone(cfg, memo: Path | None) -> BackboneInfo:
         ident = {**ident, "tokenizer": identity(resolve_source(cfg.tokenizer), None, memo)}
     trust = bool(cfg.get("trust_remote_code", False))
     facts = JsonMemo(memo)
-    key = "info:" + fingerprint({"identity": ident, "trust_remote_code": trust})
+    key = "info:" + fingerprint(
+        {"identity": ident, "trust_remote_code": trust, "version": _FACTS_VERSION}
+    )
     known = facts.get(key)
     if known is None:
         kw = source.load_kwargs(ident.get("commit"), trust)
@@ -150,12 +185,20 @@ def inspect_backbone(cfg, memo: Path | None) -> BackboneInfo:
         with torch.device("meta"):
             skeleton = AutoModel.from_config(config, trust_remote_code=trust)
         has_pooler = getattr(skeleton, "pooler", None) is not None
+        constant_first = is_causal(config) and adds_fixed_first_token(
+            _tokenizer(cfg, source, ident.get("commit"))
+        )
         known = {
             "model_type": config.model_type,
             "num_layers": int(text.num_hidden_layers),
             "hidden_size": int(text.hidden_size),
             "max_positions": getattr(text, "max_position_embeddings", None),
-            "poolings": [p for p in POOLINGS if p != "pooler" or has_pooler],
+            "poolings": [
+                p
+                for p in POOLINGS
+                if (p != "pooler" or has_pooler) and (p != "first" or not constant_first)
+            ],
+            "constant_first": constant_first,
         }
         facts.put(key, known)
     return BackboneInfo(
@@ -163,10 +206,14 @@ def inspect_backbone(cfg, memo: Path | None) -> BackboneInfo:
     )
 
 
+def _tokenizer(cfg, source: Source, commit: str | None):
+    src = resolve_source(cfg.tokenizer) if cfg.get("tokenizer") else source
+    kw = src.load_kwargs(commit, cfg.get("trust_remote_code", False))
+    return AutoTokenizer.from_pretrained(src.location, **kw)
+
+
 def load_tokenizer(cfg, info: BackboneInfo):
-    src = resolve_source(cfg.tokenizer) if cfg.get("tokenizer") else info.source
-    kw = src.load_kwargs(info.identity.get("commit"), cfg.get("trust_remote_code", False))
-    tok = AutoTokenizer.from_pretrained(src.location, **kw)
+    tok = _tokenizer(cfg, info.source, info.identity.get("commit"))
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise BackboneError(f"the tokenizer of {cfg.path} has neither a pad nor an EOS token")

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import hydra
 from omegaconf import DictConfig
 
+from llmembed.errors import reported
 from llmembed.extract.pipeline import Interrupted, extract
 
 
@@ -56,7 +57,7 @@ def stop_on_signals():
 @hydra.main(version_base=None, config_path="../conf", config_name="extract")
 def main(cfg: DictConfig) -> None:
     try:
-        with stop_on_signals() as check:
+        with reported("llmembed-extract"), stop_on_signals() as check:
             result = extract(cfg, check_stop=check)
     except Interrupted as stop:
         print(stop, file=sys.stderr)

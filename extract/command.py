@@ -11,6 +11,7 @@ def extract_command(cfg) -> str:
     """`llmembed-extract ...` with the config's data set, backbone, extraction and cache settings
     (only those that differ from the defaults)."""
     from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
     def group(name: str, value: str, fallback: str) -> str:
         known = (files("llmembed.conf") / name / f"{value}.yaml").is_file()
@@ -20,8 +21,11 @@ def extract_command(cfg) -> str:
         group("dataset", cfg.dataset.name, "file"),
         group("backbone", cfg.backbone.name, "local"),
     ]
-    with initialize_config_module("llmembed.conf", version_base=None):
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app, e.g. llmembed-classify
         default = compose("extract", overrides=groups)
+    else:
+        with initialize_config_module("llmembed.conf", version_base=None):
+            default = compose("extract", overrides=groups)
     args = list(groups)
     for section in ("dataset", "backbone", "extract", "cache"):
         for k, v in cfg[section].items():

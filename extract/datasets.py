@@ -1,32 +1,99 @@
-"""Labelled text sets: packaged offline sets, the paper's hub sets, and local CSV/TSV/JSONL files.
+"""Labelled text sets: packaged offline sets, the paper's hub sets (or local files through
+`datasets.load_dataset`'s `data_files`), local CSV/TSV/JSONL/JSON/parquet files and folders written
+by `datasets`' save_to_disk, and, for the Python API, pandas DataFrames (`dataset_from_frame`) and
+plain lists (`dataset_from_records`).
 
-Every loader returns a `TextDataset` whose rows carry a stable `row_id`, an integer label and a split
+Every source returns a `TextDataset` whose rows carry a stable `row_id`, an integer label and a split
 (train / validation / test). Where a source has no split, a seeded stratified one is made here and
-stored with the rows, so every experiment on the cache sees the same split.
+stored with the rows, so every experiment on the cache sees the same split. All sources but the
+packaged sets go one way: a `Table` (tables.py) -> `source_from_table` (columns, split, ids) ->
+`build_dataset` (texts, labels, duplicates, splits, limit), so a format cannot skip a check.
+A DatasetDict's splits (a save_to_disk folder, or the hub without `hub_splits`) are mapped by name
+with the aliases of a split column: train; validation, valid, val, dev; test.
+
+Rules applied to every source, before any model loads (bad input is one `DatasetError`):
+
+- Settings: `limit` is a positive integer or null (50.0 counts as 50), `test_size` and `val_size`
+  lie strictly between 0 and 1 with a sum below 1, `seed` is an integer in 0..2**32-2.
+- Texts: a text that is missing, not a string, or blank (only whitespace, control or invisible
+  format characters such as U+200B) is an error naming the rows. Texts are never rewritten.
+- Labels (`canonical_label`): surrounding whitespace is stripped and inner runs collapse to one
+  space (after Unicode NFC); a number, or a string that reads as one, becomes its canonical form: an
+  integral value the integer ("1", "1.0", " 1 ", "+1", "1e0", 1.0 -> "1"), other values Python's
+  float repr ("0.50" -> "0.5"). None, NaN, "" and "nan" (any case) are missing: an error naming the
+  rows. Labels that differ only in case stay separate classes, with a warning naming them.
+- Duplicates (`text_key`): texts equal after Unicode NFC, removal of invisible format characters
+  (category Cf, e.g. U+200B) and whitespace collapsing are one text; case matters. Only the first
+  copy is kept, where "first" ranks a source's test rows before its validation rows before the rest
+  (so a fixed test set stays whole and its training copies go), then file order. Copies with
+  different labels are an error naming them. The count dropped is `TextDataset.duplicates_dropped`.
+- Splits (`make_splits`): stratified by label over the classes with at least two rows; a class
+  with a single row available stays in train. `resplit` redraws the splits made here with another
+  seed; splits the source gives stay as they are.
+- `limit` (`subsample`): stratified by (split, label), keeping at least one training row of every
+  class; a validation or test label without a training row afterwards is an error.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
-import json
 import logging
 import math
-from collections.abc import Sequence
+import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from sklearn.model_selection import train_test_split
 
 from llmembed.cache.keys import fingerprint
 from llmembed.cache.store import SPLITS
+from llmembed.extract.tables import (
+    DatasetError,
+    Table,
+    canonical_label,
+    check_texts,
+    frame_table,
+    import_datasets,
+    normalize_labels,
+    read_parts,
+    read_rows,
+    read_table,
+    shown,
+    text_key,
+)
+
+__all__ = [
+    "DatasetError",
+    "SplitPlan",
+    "TextDataset",
+    "dataset_from_frame",
+    "dataset_from_records",
+    "load_dataset",
+    "make_splits",
+    "read_table",
+    "resplit",
+    "subsample",
+]
 
 log = logging.getLogger(__name__)
+TRAIN, VALIDATION, TEST = 0, 1, 2
 
 
-class DatasetError(ValueError):
-    """The data cannot be used as given; the message says what to change."""
+@dataclass(frozen=True)
+class SplitPlan:
+    """How the split was made, so that `resplit` can draw it again with another seed."""
+
+    test_size: float
+    val_size: float
+    seed: int
+    drawn: tuple[str, ...]  # the splits drawn here (redrawable); the others came with the source
 
 
 @dataclass
@@ -37,6 +104,8 @@ class TextDataset:
     label_names: list[str]
     split: np.ndarray  # (n,) int8 codes into SPLITS
     row_ids: np.ndarray  # (n,) int64, unique, stable across runs
+    duplicates_dropped: int = 0  # rows of the source dropped as copies of an earlier text
+    split_plan: SplitPlan | None = None  # None: built by hand, not by load_dataset
 
     def __post_init__(self) -> None:
         n = len(self.texts)
@@ -61,24 +130,122 @@ class TextDataset:
 
     def take(self, index: np.ndarray) -> TextDataset:
         index = np.sort(np.asarray(index))
-        return TextDataset(
-            self.name,
-            [self.texts[i] for i in index],
-            self.labels[index],
-            self.label_names,
-            self.split[index],
-            self.row_ids[index],
+        return dataclasses.replace(
+            self,
+            texts=[self.texts[i] for i in index],
+            labels=self.labels[index],
+            split=self.split[index],
+            row_ids=self.row_ids[index],
         )
 
     def split_counts(self) -> dict[str, int]:
         return {s: int((self.split == i).sum()) for i, s in enumerate(SPLITS)}
 
 
-# --- label and split helpers ---------------------------------------------------------------------
+@dataclass
+class Source:
+    """Rows as a source gives them, before checks: raw labels, and how a message names each row."""
+
+    texts: list
+    labels: list
+    ids: np.ndarray
+    refs: list[str]  # "line 7", "row id 12", "train row 3"
+    split: np.ndarray | None = None  # codes where the source fixes a row's split, -1 where not
+    names: list[str] | None = None  # class order fixed by the source (a hub ClassLabel)
+
+    def take(self, index: np.ndarray) -> Source:
+        return Source(
+            [self.texts[i] for i in index],
+            [self.labels[i] for i in index],
+            self.ids[index],
+            [self.refs[i] for i in index],
+            None if self.split is None else self.split[index],
+            self.names,
+        )
+
+
+# --- settings ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    limit: int | None
+    test_size: float
+    val_size: float
+    seed: int
+
+
+def check_settings(cfg) -> Settings:
+    """Validate the split and subsample settings before any work: none is reinterpreted quietly."""
+    limit = given = cfg.get("limit")
+    if limit is not None:
+        limit = _whole_number(limit)
+        if limit is None or limit < 1:
+            raise DatasetError(
+                f"dataset.limit={given!r}: must be a positive integer (rows to keep) or null "
+                "(all rows)"
+            )
+    sizes = {}
+    for key in ("test_size", "val_size"):
+        value = cfg.get(key)
+        if not _is_number(value) or not 0 < value < 1:
+            raise DatasetError(
+                f"dataset.{key}={value!r}: must be a share of the rows strictly between 0 and 1, "
+                "e.g. 0.2"
+            )
+        sizes[key] = float(value)
+    if sizes["test_size"] + sizes["val_size"] >= 1:
+        raise DatasetError(
+            f"dataset.test_size + dataset.val_size = {sizes['test_size'] + sizes['val_size']:g} "
+            "leaves no training rows; keep their sum below 1"
+        )
+    seed = _whole_number(cfg.get("seed"))
+    if seed is None or not 0 <= seed <= 2**32 - 2:  # the validation draw uses seed + 1
+        raise DatasetError(f"dataset.seed={cfg.get('seed')!r}: must be an integer in 0..4294967294")
+    return Settings(limit, sizes["test_size"], sizes["val_size"], seed)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole_number(value: object) -> int | None:
+    """An int, or a float equal to one (50.0); None for anything else (50.7, "50", True)."""
+    if not _is_number(value) or float(value) != int(value):
+        return None
+    return int(value)
+
+
+# --- duplicates ---------------------------------------------------------------------------------
+def deduplicate(src: Source, labels: Sequence[str], where: object) -> np.ndarray:
+    """Indices of the rows to keep, in source order: the first copy of each text (see the module's
+    rules for which copy is first). Copies with different labels are an error naming them."""
+    rank = np.full(len(src.texts), 2) if src.split is None else _keep_rank(src.split)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i in np.lexsort((np.arange(len(rank)), rank)):
+        groups[text_key(src.texts[i])].append(int(i))
+    conflicts = [g for g in groups.values() if len({labels[i] for i in g}) > 1]
+    if conflicts:
+        named = [
+            " and ".join(f"{src.refs[i]} ({labels[i]!r})" for i in sorted(g)[:3]) for g in conflicts
+        ]
+        raise DatasetError(
+            f"{where}: {len(conflicts)} texts appear more than once with different labels "
+            f"({shown(named, 3)}); give each copy the same label or remove the wrong one"
+        )
+    return np.sort(np.array([g[0] for g in groups.values()], dtype=np.int64))
+
+
+def _keep_rank(split: np.ndarray) -> np.ndarray:
+    """Which copy of a text is kept first: a source's test rows, then validation, then the rest."""
+    rank = np.full(len(split), 2)
+    rank[split == TEST] = 0
+    rank[split == VALIDATION] = 1
+    return rank
+
+
 def encode_labels(
     raw: Sequence, names: Sequence[str] | None = None
 ) -> tuple[np.ndarray, list[str]]:
-    """Map raw labels to 0..K-1; `names` fixes the order (e.g. a hub ClassLabel), else sorted."""
+    """Map labels to 0..K-1; `names` fixes the order (e.g. a hub ClassLabel), else sorted."""
     values = [str(v) for v in raw]
     names = list(names) if names is not None else sorted(set(values))
     lookup = {name: i for i, name in enumerate(names)}
@@ -88,6 +255,7 @@ def encode_labels(
     return np.array([lookup[v] for v in values], dtype=np.int64), names
 
 
+# --- splits and subsamples -----------------------------------------------------------------------
 def make_splits(
     labels: np.ndarray,
     split: np.ndarray | None,
@@ -100,48 +268,158 @@ def make_splits(
 
     `split` holds codes for rows whose source gives one and -1 where it does not. With no test rows,
     `test_size` of all rows become test; with no validation rows, `val_size` of all rows (taken from
-    train) become validation.
+    train) become validation; a positive share is at least one row. Stratification covers the
+    classes with at least two rows in the pool drawn from; a class with one row stays in train.
     """
     n = len(labels)
     split = np.full(n, -1, dtype=np.int8) if split is None else split.astype(np.int8).copy()
-    split[split < 0] = 0
-    rng = seed
-    if not (split == 2).any():
-        split = _carve(labels, split, 0, 2, round(test_size * n), rng)
-    if not (split == 1).any():
-        split = _carve(labels, split, 0, 1, round(val_size * n), rng + 1)
+    split[split < 0] = TRAIN
+    if not (split == TEST).any():
+        split = _carve(labels, split, TEST, _share(test_size, n), seed, "test_size")
+    if not (split == VALIDATION).any():
+        split = _carve(labels, split, VALIDATION, _share(val_size, n), seed + 1, "val_size")
     return split
 
 
-def _carve(labels, split, source, target, count, seed):
-    pool = np.flatnonzero(split == source)
+def _share(size: float, n: int) -> int:
+    return max(1, round(size * n)) if size > 0 else 0
+
+
+def _carve(
+    labels: np.ndarray, split: np.ndarray, target: int, count: int, seed: int, setting: str
+) -> np.ndarray:
     if count <= 0:
         return split
+    pool = np.flatnonzero(split == TRAIN)
+    classes, counts = np.unique(labels[pool], return_counts=True)
+    # A class's only training row stays in training: a split cannot test what train never saw.
+    pool = pool[~np.isin(labels[pool], classes[counts < 2])]
     if count >= len(pool):
-        raise DatasetError(f"cannot take {count} {SPLITS[target]} rows from {len(pool)} rows")
-    _, picked = train_test_split(
-        pool, test_size=count, random_state=seed, stratify=_stratify_or_none(labels[pool])
-    )
+        raise DatasetError(
+            f"cannot take {count} {SPLITS[target]} rows from the {len(pool)} training rows that "
+            f"can give one (dataset.{setting}); lower dataset.{setting} or add rows"
+        )
+    _, picked = _draw(pool, labels[pool], seed, test_size=count)
     split = split.copy()
     split[picked] = target
     return split
 
 
-def _stratify_or_none(keys: np.ndarray) -> np.ndarray | None:
-    """Stratify when every class has at least two rows (scikit-learn's requirement)."""
+def _draw(
+    pool: np.ndarray,
+    keys: np.ndarray,
+    seed: int,
+    *,
+    train_size: int | None = None,
+    test_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split `pool` in two, stratified by `keys`, seeded: scikit-learn's draw where it can stratify
+    (so splits made before stay the same), else per-key quotas (a key with one row, or fewer rows
+    in a part than keys)."""
+    first = train_size if train_size is not None else len(pool) - test_size
     _, counts = np.unique(keys, return_counts=True)
-    return keys if counts.min() >= 2 else None
+    if counts.min() >= 2 and min(first, len(pool) - first) >= len(counts):
+        a, b = train_test_split(
+            pool, train_size=train_size, test_size=test_size, random_state=seed, stratify=keys
+        )
+        return a, b
+    a = pool[_quota_draw(keys, first, seed)]
+    return a, np.setdiff1d(pool, a)
+
+
+def _quota_draw(keys: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` positions with each key's share rounded by largest remainder (ties seeded)."""
+    rng = np.random.default_rng(seed)
+    values, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    exact = counts * size / len(keys)
+    quota = np.floor(exact).astype(np.int64)
+    order = np.lexsort((rng.random(len(values)), -(exact - quota)))
+    quota[order[: size - quota.sum()]] += 1
+    picked = [rng.permutation(np.flatnonzero(inverse == k))[:q] for k, q in enumerate(quota)]
+    return np.sort(np.concatenate(picked))
 
 
 def subsample(ds: TextDataset, limit: int, seed: int) -> TextDataset:
-    """A seeded subsample of `limit` rows, stratified by (split, label)."""
+    """A seeded subsample of `limit` rows, stratified by (split, label), that keeps at least one
+    training row of every class; a split that had rows keeps at least one."""
     if limit >= len(ds):
         return ds
+    classes = np.unique(ds.labels[ds.split == TRAIN])
+    if limit < len(classes):
+        raise DatasetError(
+            f"{ds.name}: dataset.limit={limit} cannot keep one row of each of the {len(classes)} "
+            f"classes; raise it to at least {len(classes)} (better, several rows per class)"
+        )
     keys = ds.split.astype(np.int64) * (len(ds.label_names) + 1) + ds.labels
-    keep, _ = train_test_split(
-        np.arange(len(ds)), train_size=limit, random_state=seed, stratify=_stratify_or_none(keys)
+    keep, _ = _draw(np.arange(len(ds)), keys, seed, train_size=limit)
+    out = ds.take(_keep_training_classes(ds, keep, keys, seed))
+    emptied = [s for s, n in ds.split_counts().items() if n and not out.split_counts()[s]]
+    if emptied:
+        raise DatasetError(
+            f"{ds.name}: dataset.limit={limit} leaves no {' or '.join(emptied)} rows; raise it"
+        )
+    check_labels_seen_in_training(
+        out.labels, out.split, out.label_names, f"{ds.name} with dataset.limit={limit}"
     )
-    return ds.take(keep)
+    return out
+
+
+def _keep_training_classes(
+    ds: TextDataset, keep: np.ndarray, keys: np.ndarray, seed: int
+) -> np.ndarray:
+    """Swap in one training row of each class the draw left out, for a row of the largest
+    (split, label) group drawn, so no validation or test label goes unseen in training."""
+    rng = np.random.default_rng(seed)
+    keep = np.sort(keep)
+    for c in np.unique(ds.labels[ds.split == TRAIN]):
+        if ((ds.split[keep] == TRAIN) & (ds.labels[keep] == c)).any():
+            continue
+        values, inverse, counts = np.unique(keys[keep], return_inverse=True, return_counts=True)
+        # never give up the last training row of a class
+        spare = (counts > 1) | (values // (len(ds.label_names) + 1) != TRAIN)
+        group = np.flatnonzero(spare)[np.argmax(counts[spare])]
+        out = rng.choice(np.flatnonzero(inverse == group))
+        keep[out] = rng.choice(np.flatnonzero((ds.split == TRAIN) & (ds.labels == c)))
+        keep = np.sort(keep)
+    return keep
+
+
+def resplit(ds: TextDataset, seed: int) -> TextDataset:
+    """The same rows with the splits drawn here drawn again with `seed` (same rules as
+    `make_splits`). Splits that the source fixed stay: with a fixed test split only validation is
+    redrawn; with every split fixed the data set comes back unchanged. Without a `dataset.limit`,
+    `resplit(ds, ds.split_plan.seed)` reproduces `ds`."""
+    plan = ds.split_plan
+    if plan is None:
+        raise DatasetError(
+            f"{ds.name}: resplit needs a data set from load_dataset (it records how the split was "
+            "made); this one has no split_plan"
+        )
+    seed = check_settings(
+        {"seed": seed, "test_size": plan.test_size, "val_size": plan.val_size}
+    ).seed
+    split = ds.split.copy()
+    for name in plan.drawn:
+        split[split == SPLITS.index(name)] = TRAIN
+    split = make_splits(
+        ds.labels, split, test_size=plan.test_size, val_size=plan.val_size, seed=seed
+    )
+    check_labels_seen_in_training(ds.labels, split, ds.label_names, ds.name)
+    return dataclasses.replace(ds, split=split, split_plan=dataclasses.replace(plan, seed=seed))
+
+
+def check_labels_seen_in_training(
+    labels: np.ndarray, split: np.ndarray, names: list[str], where
+) -> None:
+    """A class that occurs in validation or test but never in training cannot be predicted."""
+    seen = set(labels[split == TRAIN].tolist())
+    for code in (VALIDATION, TEST):
+        unseen = sorted(set(labels[split == code].tolist()) - seen)
+        if unseen:
+            raise DatasetError(
+                f"{where}: the {SPLITS[code]} split has labels {[names[i] for i in unseen]} that no "
+                "training row has; add training rows of those classes or drop them"
+            )
 
 
 # --- sources -------------------------------------------------------------------------------------
@@ -206,162 +484,304 @@ def load_bbc() -> tuple[list[str], list[str], np.ndarray]:
 PACKAGED = {"mr": load_mr, "trec": load_trec, "bbc": load_bbc}
 
 
-def read_table(path: Path) -> list[dict]:
-    """Rows of a local CSV, TSV or JSONL file (by extension), as dicts."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DatasetError(
-            f"dataset file {path} does not exist; set dataset.path to a CSV/TSV/JSONL"
-        )
-    suffix = path.suffix.lower()
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM is not a column name
-            if suffix in (".csv", ".tsv"):
-                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-            if suffix in (".jsonl", ".json"):
-                return [json.loads(line) for line in f if line.strip()]
-    except UnicodeDecodeError as err:
-        raise DatasetError(
-            f"{path} is not UTF-8 (byte {err.start}); re-save it as UTF-8, e.g. "
-            f"`iconv -f latin1 -t utf-8 {path.name} > fixed{suffix}`"
-        ) from None
-    raise DatasetError(f"{path}: unknown file type {suffix!r}; use .csv, .tsv or .jsonl")
+def load_packaged(cfg) -> Source:
+    if cfg.name not in PACKAGED:
+        raise DatasetError(f"no packaged data set {cfg.name!r}; packaged: {sorted(PACKAGED)}")
+    texts, labels, ids = PACKAGED[cfg.name]()
+    return Source(texts, labels, ids, [f"row id {i}" for i in ids])
 
 
-def columns(rows: list[dict], path: object, *wanted: str | None) -> None:
-    have = list(rows[0]) if rows else []
-    for name in wanted:
-        if name is not None and name not in have:
+@dataclass(frozen=True)
+class ColumnSpec:
+    """Which columns of a table hold what, and how a message tells the user to change them."""
+
+    text: str
+    label: str
+    split: str | None = None
+    id: str | None = None
+    setting: str = "dataset."  # how the settings are named in messages: "dataset." or ""
+
+    def needed(self) -> list[str]:
+        return [c for c in (self.text, self.label, self.split, self.id) if c]
+
+
+def check_columns(table: Table, where: object, spec: ColumnSpec) -> None:
+    have = table.columns
+    for name in spec.needed():
+        if name not in have:
             raise DatasetError(
-                f"{path} has no column {name!r}; its columns are {have}. "
-                "Set dataset.text_column / dataset.label_column"
+                f"{where} has no column {name!r}; its columns are {have}. "
+                f"Set {spec.setting}text_column / {spec.setting}label_column"
             )
 
 
-def load_file(cfg) -> tuple[list, list, np.ndarray, np.ndarray | None]:
-    rows = read_table(Path(cfg.path))
+def source_from_table(
+    table: Table, where: object, spec: ColumnSpec, part_codes: Mapping[str, int] | None = None
+) -> Source:
+    """The one way from rows in any format to a `Source`: column checks, the split (a split column,
+    or the named splits of a DatasetDict mapped by `part_codes` or else by name), row ids and the
+    class order a ClassLabel fixes. Texts and labels are checked later, for every source alike."""
+    rows, refs = table.rows, table.refs
     if not rows:
-        raise DatasetError(f"{cfg.path} holds no rows")
-    columns(rows, cfg.path, cfg.text_column, cfg.label_column, cfg.get("split_column"))
-    texts = [r[cfg.text_column] for r in rows]
-    labels = [r[cfg.label_column] for r in rows]
+        raise DatasetError(f"{where} holds no rows")
+    check_columns(table, where, spec)
     split = None
-    if cfg.get("split_column"):
-        split = np.array([_split_code(r[cfg.split_column], cfg.path) for r in rows], dtype=np.int8)
-    id_col = cfg.get("id_column")
-    if id_col:
-        columns(rows, cfg.path, id_col)
-        ids = np.array([int(r[id_col]) for r in rows], dtype=np.int64)
-        if len(np.unique(ids)) != len(ids):
-            dup = ids[np.flatnonzero(np.diff(np.sort(ids)) == 0)[0]]
-            raise DatasetError(f"{cfg.path}: row id {dup} appears more than once in {id_col!r}")
+    if table.parts is not None:
+        if spec.split:
+            raise DatasetError(
+                f"{where} is split already (its splits: {sorted(set(table.parts))}), so a split "
+                f"column cannot say it again; unset {spec.setting}split_column"
+            )
+        split = _part_codes(table.parts, where, part_codes)
+    elif spec.split:
+        split = np.array(
+            [
+                _split_code(r[spec.split], f"{where}, {ref}")
+                for r, ref in zip(rows, refs, strict=True)
+            ],
+            dtype=np.int8,
+        )
+    if spec.id:
+        ids = _row_ids(rows, refs, spec.id, where, spec.setting)
     else:
         ids = np.arange(len(rows), dtype=np.int64)
-    return texts, labels, ids, split
+    names = table.class_names.get(spec.label)
+    names = None if names is None else [canonical_label(n) for n in names]
+    texts = [r[spec.text] for r in rows]
+    return Source(texts, [r[spec.label] for r in rows], ids, refs, split, names)
 
 
-def _split_code(value: str, where: object) -> int:
-    aliases = {"train": 0, "validation": 1, "valid": 1, "val": 1, "dev": 1, "test": 2}
-    try:
-        return aliases[str(value).strip().lower()]
-    except KeyError:
-        raise DatasetError(
-            f"{where}: unknown split {value!r}; use train, validation or test"
-        ) from None
+def _part_codes(parts: list[str], where: object, codes: Mapping[str, int] | None) -> np.ndarray:
+    if codes is None:
+        fix = (
+            "keep only train, validation (or valid, val, dev) and test splits; for the hub, map "
+            "the splits to use in dataset.hub_splits"
+        )
+        codes = {p: _split_code(p, f"{where}, split {p!r}", fix) for p in dict.fromkeys(parts)}
+    return np.array([codes[p] for p in parts], dtype=np.int8)
 
 
-def load_hub(cfg) -> tuple[list, list, np.ndarray, np.ndarray, list[str] | None]:
-    """A data set from the Hugging Face hub through the optional `datasets` library."""
-    try:
-        import datasets as hf_datasets
-    except ImportError:
-        raise DatasetError(
-            f"dataset {cfg.name!r} comes from the Hugging Face hub and needs the `hub` extra: "
-            "pip install 'llmembed[hub]'"
-        ) from None
-    loaded = hf_datasets.load_dataset(
-        cfg.hub_id, cfg.get("hub_subset"), revision=cfg.get("revision")
+def file_spec(cfg) -> ColumnSpec:
+    return ColumnSpec(
+        cfg.text_column, cfg.label_column, cfg.get("split_column"), cfg.get("id_column")
     )
-    texts, labels, split, names = [], [], [], None
-    for ours, theirs in cfg.hub_splits.items():
-        part = loaded[theirs]
-        feature = part.features.get(cfg.label_column)
-        names = list(feature.names) if hasattr(feature, "names") else names
-        texts += part[cfg.text_column]
-        labels += [names[v] if names else v for v in part[cfg.label_column]]
-        split += [SPLITS.index(ours)] * len(part)
-    ids = np.arange(len(texts), dtype=np.int64)
-    return texts, labels, ids, np.array(split, dtype=np.int8), names
+
+
+def load_file(cfg) -> Source:
+    """A local CSV, TSV, JSONL/JSON or parquet file, or a `save_to_disk` folder (see tables.py)."""
+    if not cfg.get("path"):
+        raise DatasetError(
+            "dataset.path is not set; set it to a CSV/TSV/JSONL/JSON/parquet file or a "
+            "save_to_disk folder"
+        )
+    spec = file_spec(cfg)
+    return source_from_table(read_rows(Path(cfg.path), spec.needed()), cfg.path, spec)
+
+
+def _row_ids(
+    rows: list[dict], refs: list[str], column: str, path: object, setting: str = "dataset."
+) -> np.ndarray:
+    ids, bad = [], []
+    for row, ref in zip(rows, refs, strict=True):
+        value = row[column]
+        if isinstance(value, np.integer) or (
+            isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value)
+        ):
+            value = int(value)
+        number = _whole_number(value)
+        if number is None or not -(2**63) <= number < 2**63:
+            bad.append(f"{ref} ({value!r})")
+        ids.append(number)
+    if bad:
+        raise DatasetError(
+            f"{path}: {len(bad)} values of the id column {column!r} are not integers ({shown(bad)}); "
+            f"give every row an integer id or leave {setting}id_column unset (ids: row order)"
+        )
+    ids = np.array(ids, dtype=np.int64)
+    values, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        dup = values[counts > 1][0]
+        where = [ref for ref, i in zip(refs, ids, strict=True) if i == dup]
+        raise DatasetError(
+            f"{path}: row id {dup} appears more than once in {column!r} ({shown(where)}); "
+            "ids must be unique"
+        )
+    return ids
+
+
+SPLIT_ALIASES = {"train": 0, "validation": 1, "valid": 1, "val": 1, "dev": 1, "test": 2}
+
+
+def _split_code(value: object, where: object, fix: str = "use train, validation or test") -> int:
+    try:
+        return SPLIT_ALIASES[str(value).strip().lower()]
+    except KeyError:
+        raise DatasetError(f"{where}: unknown split {value!r}; {fix}") from None
+
+
+def load_hub(cfg) -> Source:
+    """A data set through `datasets.load_dataset`: a hub id, or a builder such as csv, json or
+    parquet with local `data_files`. With HF_HUB_OFFLINE=1, `datasets` reads only its local cache
+    (and local data files). `hub_splits` maps our splits to theirs; unset, each split is mapped by
+    its name (train, validation/valid/val/dev, test)."""
+    hf = import_datasets(f"dataset {cfg.name!r} comes from the Hugging Face hub and")
+    loaded = _hub_load(hf, cfg)
+    if not isinstance(loaded, Mapping):  # a single Dataset (a `split=` load): unsplit rows
+        loaded = {None: loaded}
+    mapping = cfg.get("hub_splits")
+    if mapping:
+        missing = [theirs for theirs in mapping.values() if theirs not in loaded]
+        if missing:
+            raise DatasetError(
+                f"{cfg.hub_id} has no split {missing[0]!r}; its splits are {list(loaded)}. "
+                "Fix dataset.hub_splits"
+            )
+        parts = {theirs: loaded[theirs] for theirs in mapping.values()}
+        codes = {theirs: SPLITS.index(ours) for ours, theirs in mapping.items()}
+    else:
+        parts, codes = dict(loaded), None
+    fix = "map a labelled split instead in dataset.hub_splits"
+    table = read_parts(parts, file_spec(cfg).needed(), cfg.hub_id, fix=fix)
+    return source_from_table(table, cfg.hub_id, file_spec(cfg), codes)
+
+
+def _hub_load(hf, cfg):
+    kwargs = {"revision": cfg.get("revision")}
+    data_files = cfg.get("data_files")
+    if data_files:  # csv/json/parquet builders over local files, or a subset of a hub repo's files
+        kwargs["data_files"] = _plain(data_files)
+    try:
+        return hf.load_dataset(cfg.hub_id, cfg.get("hub_subset"), **kwargs)
+    except (ConnectionError, FileNotFoundError) as err:
+        raise DatasetError(
+            f"could not load {cfg.hub_id!r} (data_files={kwargs.get('data_files')}): {err}. "
+            "Check the hub id and data_files; offline (HF_HUB_OFFLINE=1) only data sets already in "
+            "the local datasets cache (HF_DATASETS_CACHE, ~/.cache/huggingface/datasets) and local "
+            "files load"
+        ) from None
+
+
+def _plain(value: object) -> object:
+    """Hydra's containers as plain dicts and lists: `datasets` checks for those types."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+LOADERS = {"packaged": load_packaged, "file": load_file, "hub": load_hub}
 
 
 # --- entry point ---------------------------------------------------------------------------------
 def load_dataset(cfg) -> TextDataset:
-    """Build the data set a `dataset` config describes: load, check, split, subsample."""
-    source = cfg.source
-    split, names = None, None
-    if source == "packaged":
-        if cfg.name not in PACKAGED:
-            raise DatasetError(f"no packaged data set {cfg.name!r}; packaged: {sorted(PACKAGED)}")
-        texts, raw_labels, ids = PACKAGED[cfg.name]()
-    elif source == "file":
-        texts, raw_labels, ids, split = load_file(cfg)
-    elif source == "hub":
-        texts, raw_labels, ids, split, names = load_hub(cfg)
-    else:
-        raise DatasetError(f"dataset.source must be packaged, file or hub, got {source!r}")
-    check_texts(texts, raw_labels, cfg.get("path") or cfg.name)
-    labels, names = encode_labels(raw_labels, names)
-    if len(names) < 2:
+    """Build the data set a `dataset` config describes: check settings, load, check, deduplicate,
+    split, subsample (rules in the module docstring)."""
+    settings = check_settings(cfg)
+    if cfg.source not in LOADERS:
+        raise DatasetError(f"dataset.source must be packaged, file or hub, got {cfg.source!r}")
+    src = LOADERS[cfg.source](cfg)
+    return build_dataset(src, cfg.name, cfg.get("path") or cfg.name, settings)
+
+
+def build_dataset(src: Source, name: str, where: object, settings: Settings) -> TextDataset:
+    """Check texts and labels, deduplicate, encode, split and subsample rows of any source."""
+    check_texts(src.texts, src.refs, where)
+    raw = normalize_labels(src.labels, src.refs, where)
+    keep = deduplicate(src, raw, where)
+    dropped = len(src.texts) - len(keep)
+    src = src.take(keep)
+    labels, names = encode_labels([raw[i] for i in keep], src.names)
+    if len(np.unique(labels)) < 2:
         raise DatasetError(
-            f"{cfg.name}: every row has the label {names[0]!r}; a classifier needs at least 2 classes"
+            f"{name}: every row has the label {names[labels[0]]!r}; a classifier needs at "
+            "least 2 classes"
         )
-    split = make_splits(
-        labels, split, test_size=cfg.test_size, val_size=cfg.val_size, seed=cfg.seed
+    given = [] if src.split is None else [SPLITS[c] for c in np.unique(src.split) if c >= 0]
+    plan = SplitPlan(
+        settings.test_size,
+        settings.val_size,
+        settings.seed,
+        tuple(s for s in ("test", "validation") if s not in given),
     )
-    check_labels_seen_in_training(labels, split, names, cfg.get("path") or cfg.name)
-    ds = TextDataset(cfg.name, list(texts), labels, names, split, ids)
-    if cfg.get("limit"):
-        ds = subsample(ds, int(cfg.limit), cfg.seed)
+    split = make_splits(
+        labels, src.split, test_size=plan.test_size, val_size=plan.val_size, seed=plan.seed
+    )
+    check_labels_seen_in_training(labels, split, names, where)
+    ds = TextDataset(name, list(src.texts), labels, names, split, src.ids, dropped, plan)
+    if settings.limit:
+        ds = subsample(ds, settings.limit, settings.seed)
     log.info(
-        "dataset %s: %d rows, %d classes, splits %s",
+        "dataset %s: %d rows, %d classes, splits %s, %d duplicate texts dropped",
         ds.name,
         len(ds),
         len(names),
         ds.split_counts(),
+        dropped,
     )
     return ds
 
 
-def check_texts(texts: list, labels: list, where: object) -> None:
-    """Reject unusable rows before any model is loaded, naming the first few."""
-    bad = [
-        i
-        for i, t in enumerate(texts)
-        if not isinstance(t, str) or not t.strip() or (isinstance(t, float) and math.isnan(t))
-    ]
-    if bad:
-        raise DatasetError(
-            f"{where}: {len(bad)} rows have an empty, blank or missing text (first row indices: "
-            f"{bad[:5]}); remove them or fill them in"
-        )
-    missing = [
-        i for i, v in enumerate(labels) if v is None or (isinstance(v, str) and not v.strip())
-    ]
-    if missing:
-        raise DatasetError(
-            f"{where}: {len(missing)} rows have no label (first row indices: {missing[:5]})"
-        )
+# --- the Python API: data already in memory ------------------------------------------------------
+def dataset_from_frame(
+    df: Any,
+    *,
+    text_column: str,
+    label_column: str,
+    split_column: str | None = None,
+    id_column: str | None = None,
+    name: str = "frame",
+    test_size: float = 0.2,
+    val_size: float = 0.1,
+    seed: int = 0,
+    limit: int | None = None,
+) -> TextDataset:
+    """A `TextDataset` from a pandas DataFrame, under the rules of a file (module docstring).
+
+    Rows are named by the frame's index in messages ("row 7"); row ids are positions 0..n-1
+    unless `id_column` holds integer ids. `split_column` holds train / validation / test (with the
+    same aliases as a file); splits it lacks are drawn with `test_size`, `val_size` and `seed`.
+    """
+    settings = _api_settings(test_size, val_size, seed, limit)
+    spec = ColumnSpec(text_column, label_column, split_column, id_column, setting="")
+    where = f"the DataFrame {name!r}"
+    table = frame_table(df, spec.needed())
+    return build_dataset(source_from_table(table, where, spec), name, where, settings)
 
 
-def check_labels_seen_in_training(
-    labels: np.ndarray, split: np.ndarray, names: list[str], where
-) -> None:
-    """A class that occurs in validation or test but never in training cannot be predicted."""
-    seen = set(labels[split == 0].tolist())
-    for code in (1, 2):
-        unseen = sorted(set(labels[split == code].tolist()) - seen)
-        if unseen:
-            raise DatasetError(
-                f"{where}: the {SPLITS[code]} split has labels {[names[i] for i in unseen]} that no "
-                "training row has; add training rows of those classes or drop them"
-            )
+def dataset_from_records(
+    texts: Sequence[str],
+    labels: Sequence,
+    *,
+    split: Sequence[str] | None = None,
+    ids: Sequence[int] | None = None,
+    name: str = "records",
+    test_size: float = 0.2,
+    val_size: float = 0.1,
+    seed: int = 0,
+    limit: int | None = None,
+) -> TextDataset:
+    """A `TextDataset` from parallel lists (texts, labels, optional splits and integer ids), under
+    the same rules as `dataset_from_frame`; rows are named by list position ("row 3")."""
+    settings = _api_settings(test_size, val_size, seed, limit)
+    given = {"texts": texts, "labels": labels, "split": split, "ids": ids}
+    columns = {k: list(v) for k, v in given.items() if v is not None}
+    lengths = {k: len(v) for k, v in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise DatasetError(f"{name}: the lists differ in length ({lengths}); give one per row")
+    rows = [
+        dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)
+    ]
+    table = Table(rows, [f"row {i}" for i in range(len(rows))], list(columns))
+    spec = ColumnSpec(
+        "texts",
+        "labels",
+        "split" if split is not None else None,
+        "ids" if ids is not None else None,
+        "",
+    )
+    return build_dataset(source_from_table(table, name, spec), name, name, settings)
+
+
+def _api_settings(test_size: float, val_size: float, seed: int, limit: int | None) -> Settings:
+    return check_settings(
+        {"test_size": test_size, "val_size": val_size, "seed": seed, "limit": limit}
+    )

@@ -15,6 +15,56 @@ from llmembed.extract.pooling import first_token_index, pool_layers
 
 log = logging.getLogger(__name__)
 
+SIDES = ("left", "right")
+# Families that number positions from the attention mask themselves, offset included (OPT adds 2):
+# leaving positions to them is exactly their own rule.
+MODEL_MADE_POSITIONS = frozenset({"opt"})
+# How far a padded batch may drift from the model's own unpadded forward pass (largest relative
+# error of a token's hidden state), per compute dtype. Wrong positions or leaking padding move
+# hidden states by tens of percent; bfloat16 rounding between batch shapes stays near 1%.
+PADDING_TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.05, torch.bfloat16: 0.1}
+# Two texts of different lengths for the padding check, so that one of them is padded.
+PROBE_TEXTS = ("good", "the movie was not very good but the music was fun")
+
+
+class UnsupportedModelError(ValueError):
+    """Padded batches of this model would not give its own numbers; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class PositionRule:
+    """How a family numbers the tokens of a padded batch."""
+
+    # Position id of each text's first real token, the next ones counted over the mask; None:
+    # positions are left to the model.
+    first: int | None
+    sides: tuple[str, ...]  # padding sides under which the model gives its unpadded numbers
+
+
+def position_rule(model: torch.nn.Module) -> PositionRule:
+    """Llama-, GPT-2-, BERT-like models count from 0; RoBERTa-like ones (RoBERTa, XLM-R, CamemBERT,
+    MPNet, Longformer) from `padding_idx + 1`, which their position embedding table is built
+    around; a model that takes no position ids numbers padding too, so only right padding works."""
+    if model.config.model_type in MODEL_MADE_POSITIONS:
+        return PositionRule(None, SIDES)
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return PositionRule(None, ("right",))
+    pad = _position_padding_idx(model)
+    return PositionRule(0 if pad is None else pad + 1, SIDES)
+
+
+def padding_sides(model: torch.nn.Module) -> tuple[str, ...]:
+    """The padding sides under which `model` gives its own unpadded numbers."""
+    return position_rule(model).sides
+
+
+def _position_padding_idx(model: torch.nn.Module) -> int | None:
+    """`padding_idx` of the position embedding table, where it has one (the RoBERTa family)."""
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding):
+            return module.padding_idx
+    return None
+
 
 @dataclass
 class EmbedStats:
@@ -26,15 +76,20 @@ class EmbedStats:
     load_seconds: float = 0.0  # loading the model and tokenizer (set by the pipeline)
     oom_retries: int = 0
     forward_calls: int = 0
+    widened: set[str] = field(default_factory=set)  # poolings returned in float32: beyond out_dtype
 
     def add(self, other: EmbedStats) -> None:
         for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+            mine, theirs = getattr(self, name), getattr(other, name)
+            setattr(self, name, mine | theirs if isinstance(mine, set) else mine + theirs)
 
 
 @dataclass
 class Extractor:
-    """Runs a loaded model over texts and returns pooled hidden states of the requested layers."""
+    """Runs a loaded model over texts and returns pooled hidden states of the requested layers.
+
+    Built, it checks once (three forward passes over two short texts) that a padded batch gives the
+    model's own unpadded numbers, and refuses the model otherwise."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -46,17 +101,25 @@ class Extractor:
     padding_side: str = "right"
     token_budget: int = 16384  # padded tokens per forward batch; halved on out-of-memory
     device: str = "cpu"
-    # The returned arrays' dtype: the store dtype (a float16 shard takes half the memory).
+    # The returned arrays' dtype: the store dtype (a float16 shard takes half the memory). A pooling
+    # with values beyond its range is returned in float32 from the batch that shows it on.
     out_dtype: type = np.float32
+    widened: set[str] = field(init=False, default_factory=set)
     _kwargs: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        assert self.padding_side in ("left", "right"), self.padding_side
-        accepted = inspect.signature(self.model.forward).parameters
-        # Positions from the mask make left padding safe; no KV cache is wanted for one pass.
-        self._positions = "position_ids" in accepted
-        if "use_cache" in accepted:
-            self._kwargs["use_cache"] = False
+        assert self.padding_side in SIDES, self.padding_side
+        model_type = self.model.config.model_type
+        rule = position_rule(self.model)
+        if self.padding_side not in rule.sides:
+            raise UnsupportedModelError(
+                f"{model_type} numbers its positions 0..T-1 whatever the padding (its forward "
+                f"takes no position_ids), so {self.padding_side} padding would shift every text; "
+                f"set backbone.padding_side={rule.sides[0]}"
+            )
+        self._first_position = rule.first
+        if "use_cache" in inspect.signature(self.model.forward).parameters:
+            self._kwargs["use_cache"] = False  # no KV cache is wanted for one pass
         self.tokenizer.truncation_side = self.truncation_side
         vocab = self.model.get_input_embeddings().num_embeddings
         if len(self.tokenizer) > vocab:
@@ -64,6 +127,7 @@ class Extractor:
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model embeds only {vocab}: "
                 "they do not belong together; check backbone.tokenizer"
             )
+        self._check_padding()
 
     def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
         """Token ids per text (truncated to max_length) and how many texts were truncated."""
@@ -85,7 +149,8 @@ class Extractor:
     def embed(
         self, texts: list[str], on_batch: Callable[[int, int], None] | None = None
     ) -> tuple[dict[str, np.ndarray], EmbedStats]:
-        """{pooling: (len(texts), layers, hidden) of `out_dtype`} in the order of `texts`."""
+        """{pooling: (len(texts), layers, hidden) of `out_dtype`, or float32 for a pooling in
+        `widened`} in the order of `texts`."""
         start = time.perf_counter()
         ids, truncated = self.tokenize(texts)
         stats = EmbedStats(texts=len(texts), truncated=truncated)
@@ -118,8 +183,12 @@ class Extractor:
                     torch.cuda.empty_cache()
                 continue
             for name, values in pooled.items():
+                self._widen_if_needed(name, values)
+                dtype = np.float32 if name in self.widened else self.out_dtype
                 if name not in out:
-                    out[name] = np.empty((len(texts), *values.shape[1:]), dtype=self.out_dtype)
+                    out[name] = np.empty((len(texts), *values.shape[1:]), dtype=dtype)
+                elif out[name].dtype != dtype:
+                    out[name] = out[name].astype(dtype)  # rows so far fit out_dtype: lossless
                 out[name][batch] = values
             real = int(lengths[batch].sum())
             stats.tokens += real
@@ -129,10 +198,27 @@ class Extractor:
             if on_batch is not None:
                 on_batch(len(batch), real)
         stats.seconds = time.perf_counter() - start
+        stats.widened = set(self.widened)
         return out, stats
 
-    @torch.inference_mode()
-    def _forward(self, seqs: list[list[int]]) -> dict[str, np.ndarray]:
+    def _widen_if_needed(self, name: str, values: np.ndarray) -> None:
+        """Values beyond `out_dtype`'s range ("massive activations", often 1e5 and more in the
+        BOS state of LLMs, past float16's 65,504) would become inf: keep this pooling in float32
+        for the rest of the run, so that every later shard stores it the same way."""
+        if name in self.widened or np.dtype(self.out_dtype).itemsize >= 4:
+            return
+        limit = np.finfo(self.out_dtype).max
+        if (np.abs(values) > limit).any():
+            self.widened.add(name)
+            log.warning(
+                "%s embeddings reach %.3g, beyond %s's range: storing them in float32",
+                name,
+                float(np.nanmax(np.abs(values))),
+                np.dtype(self.out_dtype).name,
+            )
+
+    def _batch(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, T) padded on `padding_side` to the longest, and the mask (B, T)."""
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -144,20 +230,56 @@ class Extractor:
             )
             input_ids[row, span] = torch.tensor(seq)
             mask[row, span] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        return input_ids.to(self.device), mask.to(self.device)
+
+    def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """All hidden states of a padded batch, each (B, T, H), positions by the family's rule."""
         kwargs = dict(self._kwargs)
-        if self._positions:
-            kwargs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        if self._first_position is not None:
+            # Counted over real tokens only, so that left padding does not shift a text.
+            kwargs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0) + self._first_position
         out = self.model(
             input_ids=input_ids, attention_mask=mask, output_hidden_states=True, **kwargs
         )
-        pooled = pool_layers(
-            [out.hidden_states[layer] for layer in self.layers], mask, self.poolings
-        )
+        return out.hidden_states
+
+    @torch.inference_mode()
+    def _forward(self, seqs: list[list[int]]) -> dict[str, np.ndarray]:
+        input_ids, mask = self._batch(seqs)
+        hidden = self._hidden(input_ids, mask)
+        pooled = pool_layers([hidden[layer] for layer in self.layers], mask, self.poolings)
         if "pooler" in self.poolings:
             # The model's pooler reads position 0, which is padding under left padding: hand it the
             # first real token of the last layer instead.
-            last = out.hidden_states[-1]
+            last = hidden[-1]
             first = last[torch.arange(len(seqs), device=last.device), first_token_index(mask)]
             pooled["pooler"] = self.model.pooler(first[:, None, :]).float()[:, None, :]  # (B, 1, H)
         return {name: t.cpu().numpy() for name, t in pooled.items()}
+
+    @torch.inference_mode()
+    def _check_padding(self) -> None:
+        """Refuse a model whose padded batch differs from its own forward pass on each text alone
+        (with its default positions): this guards the families that no rule above knows."""
+        seqs, _ = self.tokenize(list(PROBE_TEXTS))
+        batched = self._hidden(*self._batch(seqs))
+        dtype = self.model.get_input_embeddings().weight.dtype
+        tolerance = PADDING_TOLERANCE.get(dtype, 0.1)
+        for row, seq in enumerate(seqs):
+            ids = torch.tensor([seq], device=self.device)
+            alone = self.model(input_ids=ids, output_hidden_states=True, **self._kwargs)
+            start = batched[0].shape[1] - len(seq) if self.padding_side == "left" else 0
+            for layer in self.layers:
+                want = alone.hidden_states[layer][0].float()  # (T, H)
+                got = batched[layer][row, start : start + len(seq)].float()
+                error = ((got - want).norm(dim=-1) / want.norm(dim=-1).clamp(min=1e-6)).max()
+                if not error <= tolerance:  # NaN fails too
+                    raise UnsupportedModelError(
+                        f"{self.model.config.model_type}: under {self.padding_side} padding, "
+                        f"hidden state {layer} of a padded batch differs from the model's own "
+                        f"forward pass on the text alone by {float(error):.3g} (relative; "
+                        f"tolerance {tolerance:g} in {str(dtype).removeprefix('torch.')}), so "
+                        "its embeddings would depend on padding and be wrong. llmembed does not "
+                        "know how this architecture numbers positions under padding: try "
+                        f"backbone.padding_side={'right' if self.padding_side == 'left' else 'left'}"
+                        ", or add a rule for it in llmembed.extract.embedder.position_rule"
+                    )

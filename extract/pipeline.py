@@ -35,6 +35,7 @@ from llmembed.cache.store import (
     hashes_to_hex,
     hex_to_hashes,
 )
+from llmembed.errors import UserError
 from llmembed.extract.embed import load_embedder
 from llmembed.extract.embedder import EmbedStats
 from llmembed.extract.plan import ExtractPlan, plan_from_config
@@ -44,7 +45,7 @@ from llmembed.meter import Meter, combine
 log = logging.getLogger(__name__)
 
 
-class MissingEntryError(LookupError):
+class MissingEntryError(UserError, LookupError):
     """No cache entry holds a request and extraction was not allowed; says how to make one."""
 
 
@@ -215,6 +216,15 @@ def extract_texts(
             if ranks.is_main:
                 entry.touch(name)
             log.info("cache hit for %s x %s: %s", name, plan.backbone.name, entry.path)
+            served, own = entry.spec.compute_dtype, plan.spec.compute_dtype
+            if served != own:
+                log.info(
+                    "extract.dtype=auto: serving the entry computed in %s (this machine would "
+                    "compute %s); set extract.dtype=%s to compute your own",
+                    served,
+                    own,
+                    own,
+                )
             return ExtractResult(entry, request.hashes, hit=True, stats=EmbedStats(), name=name)
         stats = _fill(decision.plan(plan), decision, request, ranks)
         entry = Entry(decision.path)
@@ -275,7 +285,7 @@ def _fill(plan: ExtractPlan, append: Append, request: Request, ranks: Ranks) -> 
         figures = combine([f for _, f in parts])
         writer.commit(
             base=base,
-            fields=_manifest_fields(plan, base),
+            fields=_manifest_fields(plan, base, work.widened),
             extraction=_extraction_record(work, device, request.name, figures),
         )
     ranks.barrier()  # the manifest is on disk before any process returns
@@ -327,12 +337,15 @@ def _compute(plan, writer: EntryWriter, shards, request: Request, device: str) -
     return stats
 
 
-def _manifest_fields(plan: ExtractPlan, base: Manifest | None) -> dict:
+def _manifest_fields(plan: ExtractPlan, base: Manifest | None, widened: set[str]) -> dict:
+    """Per pooling its dtype: float32 where any shard holds values beyond the store dtype's range
+    (widened by the extractor in this append or an earlier one), else the store dtype."""
     dtype = plan.spec.store_dtype
     poolings = {}
     for p, layers in plan.stored.items():
         old = base.poolings[p].dtype if base and p in base.poolings else dtype
-        poolings[p] = PoolingInfo(tuple(layers), "float32" if "float32" in (old, dtype) else dtype)
+        wide = "float32" in (old, dtype) or p in widened
+        poolings[p] = PoolingInfo(tuple(layers), "float32" if wide else dtype)
     return {
         "hidden_size": plan.info.hidden_size,
         "num_layers": plan.info.num_layers,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from llmembed.cache.store import STORE_DTYPES, EntrySpec
+from llmembed.errors import UserError
 from llmembed.extract.backbones import BackboneInfo, inspect_backbone
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 AUTO_DTYPES = ("bfloat16", "float32")  # what `extract.dtype: auto` may resolve to
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An extraction setting is out of range; the message gives the valid values."""
 
 
@@ -174,6 +175,12 @@ def resolve_poolings(requested, info: BackboneInfo, name: str) -> list[str]:
     if requested == "all":
         return list(info.poolings)
     requested = [requested] if isinstance(requested, str) else list(requested)
+    if "first" in requested and info.constant_first:
+        raise ConfigError(
+            f"pooling 'first' of {name} ({info.model_type}) is the state of the BOS token that its "
+            "tokenizer puts before every text: a causal model's first token sees nothing else, so "
+            f"it is the same vector for every text; use one of {list(info.poolings)}"
+        )
     unknown = [p for p in requested if p not in info.poolings]
     if unknown:
         raise ConfigError(

@@ -19,6 +19,7 @@ from importlib.resources import files
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from llmembed.errors import UserError
 from llmembed.extract.datasets import TextDataset
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,11 @@ log = logging.getLogger(__name__)
 FUSIONS = ("concat", "mean", "cooccurrence")
 
 
-class FeatureError(ValueError):
+class FeatureError(UserError, ValueError):
     """A feature spec cannot be served as written; the message says what to change."""
+
+
+ROLES = ("llm", "encoder")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class Source:
     backbone: DictConfig  # a resolved backbone config (name, path, ...)
     layers: tuple[int, ...]
     pooling: str
+    role: str | None = None  # "llm" (layers averaged and joined by the paper's head) or "encoder"
+    conf_name: str | None = None  # the conf/backbone/ file it came from, if any (portable by name)
 
 
 def backbone_config(ref) -> DictConfig:
@@ -62,10 +68,33 @@ def parse_sources(spec: DictConfig) -> list[Source]:
             raise FeatureError(
                 f"features.sources[{i}].layers must be a layer or a list, got {layers!r}"
             )
+        role = src.get("role")
+        if role is not None and role not in ROLES:
+            raise FeatureError(f"features.sources[{i}].role must be one of {ROLES}, got {role!r}")
         out.append(
-            Source(backbone_config(src.backbone), tuple(int(x) for x in layers), src.pooling)
+            Source(
+                backbone_config(src.backbone),
+                tuple(int(x) for x in layers),
+                src.pooling,
+                role=role,
+                conf_name=src.backbone if isinstance(src.backbone, str) else None,
+            )
         )
     return out
+
+
+def block_roles(sources: list[Source], source_of_block: list[int]) -> tuple[str, ...]:
+    """The role of every block, for the paper's head; every source must declare one."""
+    undeclared = [i for i, s in enumerate(sources) if s.role is None]
+    if undeclared:
+        raise FeatureError(
+            f"the paper's head needs each source's role, but features.sources{undeclared} declare "
+            "none; add `role: llm` (its layers are averaged and joined to the fused features) or "
+            "`role: encoder` to each source"
+        )
+    if not any(s.role == "llm" for s in sources):
+        raise FeatureError("the paper's head needs at least one source with `role: llm`")
+    return tuple(sources[s].role for s in source_of_block)
 
 
 @dataclass

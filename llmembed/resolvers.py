@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -19,6 +20,16 @@ def asset_path(package: str, relative: str) -> str:
     return str(Path(spec.submodule_search_locations[0]) / relative)
 
 
+def path_part(name: object) -> str:
+    """`name` made safe as one folder name (Hydra's sweep folders hold data set and backbone
+    names): anything but letters, digits, `.`, `_` and `-` becomes `_`, so `/../../x` cannot climb
+    out of the run folder."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(name)).strip(".")
+    return safe or "_"
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("llmembed_asset"):
         OmegaConf.register_new_resolver("llmembed_asset", asset_path)
+    if not OmegaConf.has_resolver("llmembed_path_part"):
+        OmegaConf.register_new_resolver("llmembed_path_part", path_part)

@@ -87,14 +87,17 @@ def main() -> None:
     ]
     for run, *overrides in finals:
         m = classify(f"final/{run}", *overrides)
-        t = m["test"]
+        acc, f1 = m["test"]["accuracy"], m["test"]["macro_f1"]
         print(
-            f"{run:30s} accuracy {t['accuracy']['mean']:.4f}  macro-F1 {t['macro_f1']['mean']:.4f}  "
-            f"fit {m['timings']['fit_s']:.1f} s",
+            f"{run:30s} accuracy {acc['mean']:.4f} (95% CI {acc['ci'][0]:.3f}-{acc['ci'][1]:.3f})"
+            f"  macro-F1 {f1['mean']:.4f}  fit {m['timings']['fit_s']:.1f} s",
             flush=True,
         )
 
-    print("== 4. results (test split; rows sorted by validation accuracy)")
+    print(
+        "== 4. results (test split; rows sorted by validation accuracy). The packaged MR set is "
+        "labelled by crowd-rated valence, not Pang & Lee's labels: not comparable with published MR"
+    )
     print(write_report([OUT / "final"], OUT))
     print(
         f"layer sweep: {OUT / 'sweep'}; saved models: {OUT / 'final'}/*/model "

@@ -3,7 +3,7 @@
 # SmolLM2-135M and MiniLM over 4,000 real MR sentences, sweep every layer, train logreg and the
 # paper's head on the best layer and on fused features, print the results (see scripts/demo.py).
 #   bash scripts/demo.sh                      # about 2 minutes on 2 CPU cores; under a minute when cached
-#   bash scripts/demo.sh dataset.limit=null   # all 10,568 sentences (overrides apply to every step)
+#   bash scripts/demo.sh dataset.limit=null   # all 10,566 sentences (overrides apply to every step)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -14,6 +14,8 @@ from hydra import compose, initialize_config_module
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 
+from llmembed.extract.embedder import Extractor
+
 WORDS = (
     "the a film movie was is good bad great awful boring fun plot actors story "
     "ending not very quite really best worst love hate dull bright slow fast long short funny sad music scene"
@@ -154,3 +156,43 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity along the last axis (per text and layer for (rows, layers, hidden))."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+@pytest.fixture
+def classify_cfg(tmp_path, tiny_llama, tiny_bert, data_csv):
+    def make(sources, *overrides):
+        base = [
+            f"cache.root={tmp_path / 'cache'}",
+            "dataset=file",
+            f"dataset.path={data_csv}",
+            "extract.progress=false",
+            "extract.dtype=float32",  # as in conftest.file_overrides
+        ]
+        with initialize_config_module("llmembed.conf", version_base=None):
+            cfg = compose("classify", overrides=base + list(overrides))
+        named = {
+            "llama": {"name": "tiny-llama", "path": str(tiny_llama)},
+            "bert": {"name": "tiny-bert", "path": str(tiny_bert)},
+        }
+        roles = {"llama": "llm", "bert": "encoder"}
+        cfg.features.sources = [
+            {"backbone": named[b], "layers": layers, "pooling": pooling, "role": roles[b]}
+            for b, layers, pooling in sources
+        ]
+        return cfg
+
+    return make
+
+
+@pytest.fixture
+def forward_calls(monkeypatch):
+    """Every batch that reaches a model, wherever it comes from."""
+    calls = []
+    real = Extractor._forward
+
+    def counting(self, seqs):
+        calls.append(len(seqs))
+        return real(self, seqs)
+
+    monkeypatch.setattr(Extractor, "_forward", counting)
+    return calls

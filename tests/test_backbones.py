@@ -4,6 +4,7 @@ import logging
 import sys
 
 import pytest
+import transformers as tf
 from omegaconf import OmegaConf
 
 from llmembed.extract.backbones import (
@@ -11,9 +12,12 @@ from llmembed.extract.backbones import (
     hub_commit,
     identity,
     inspect_backbone,
+    is_causal,
     load_tokenizer,
     resolve_source,
 )
+from llmembed.extract.pipeline import ConfigError, resolve_poolings
+from tests.test_families import build
 
 
 def test_sources_are_told_apart(tmp_path, tiny_llama):
@@ -65,7 +69,63 @@ def test_hub_revision_resolves_to_the_cached_commit(tmp_path, monkeypatch):
 def test_tokenizer_without_pad_token_pads_with_eos(tiny_llama, caplog):
     cfg = OmegaConf.create({"name": "tiny", "path": str(tiny_llama)})
     info = inspect_backbone(cfg, None)
-    assert info.num_layers == 3 and info.poolings == ("mean", "last", "first")
+    assert info.num_layers == 3 and info.poolings == ("mean", "last")  # first: BOS, see below
     with caplog.at_level(logging.INFO):
         tok = load_tokenizer(cfg, info)
     assert tok.pad_token == "</s>" and "has no pad token: padding with EOS" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "config, causal",
+    [
+        (tf.LlamaConfig(), True),
+        (tf.GPT2Config(), True),
+        (tf.Gemma3TextConfig(), True),
+        (tf.BertConfig(), False),  # has a causal-LM class too, and a masked-LM one: an encoder
+        (tf.RobertaConfig(), False),
+        (tf.ModernBertConfig(), False),
+        (tf.BertConfig(is_decoder=True), True),
+        (tf.PretrainedConfig(architectures=["MyModelForCausalLM"]), True),  # remote code
+        (tf.PretrainedConfig(architectures=["MyModelForMaskedLM"]), False),
+    ],
+)
+def test_causal_models_are_told_from_encoders(config, causal):
+    assert is_causal(config) == causal
+
+
+def save(family: str, path):
+    model, tok = build(family)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return OmegaConf.create({"name": family, "path": str(path)})
+
+
+def test_first_pooling_is_withheld_only_where_it_is_the_bos_state(tmp_path, tiny_llama, tiny_bert):
+    """A causal model whose tokenizer adds BOS (Llama): `first` is one vector for every text, so
+    `all` leaves it out and asking for it says why. Encoders, and decoders without BOS (GPT-2),
+    keep it."""
+    llama = inspect_backbone(OmegaConf.create({"name": "l", "path": str(tiny_llama)}), None)
+    assert llama.constant_first and llama.poolings == ("mean", "last")
+    assert resolve_poolings("all", llama, "tiny") == ["mean", "last"]
+    with pytest.raises(ConfigError, match=r"'first' of tiny \(llama\) is the state of the BOS"):
+        resolve_poolings(["mean", "first"], llama, "tiny")
+    bert = inspect_backbone(OmegaConf.create({"name": "b", "path": str(tiny_bert)}), None)
+    assert bert.poolings == ("mean", "last", "first", "pooler") and not bert.constant_first
+    gpt2 = inspect_backbone(save("gpt2", tmp_path / "gpt2"), None)
+    assert gpt2.poolings == ("mean", "last", "first") and not gpt2.constant_first
+
+
+def test_backbone_facts_are_memoized_without_reloading_the_tokenizer(
+    tmp_path, tiny_llama, monkeypatch
+):
+    cfg = OmegaConf.create({"name": "l", "path": str(tiny_llama)})
+    memo = tmp_path / "memo.json"
+    first = inspect_backbone(cfg, memo)
+    assert '"constant_first": true' in memo.read_text()
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the memo should have answered")
+
+    monkeypatch.setattr("llmembed.extract.backbones.AutoTokenizer.from_pretrained", no_loading)
+    monkeypatch.setattr("llmembed.extract.backbones.AutoConfig.from_pretrained", no_loading)
+    assert inspect_backbone(cfg, memo) == first

@@ -16,49 +16,9 @@ from omegaconf import OmegaConf
 from llmembed.classify.cli import predict_main, report_main
 from llmembed.classify.predict import predict_texts
 from llmembed.classify.train import train
-from llmembed.extract.embedder import Extractor
 from llmembed.extract.pipeline import MissingEntryError
 from llmembed.fuse.features import FeatureError
 from tests.conftest import read_rows, sentences, write_csv
-
-
-@pytest.fixture
-def classify_cfg(tmp_path, tiny_llama, tiny_bert, data_csv):
-    def make(sources, *overrides):
-        base = [
-            f"cache.root={tmp_path / 'cache'}",
-            "dataset=file",
-            f"dataset.path={data_csv}",
-            "extract.progress=false",
-            "extract.dtype=float32",  # as in conftest.file_overrides
-        ]
-        with initialize_config_module("llmembed.conf", version_base=None):
-            cfg = compose("classify", overrides=base + list(overrides))
-        named = {
-            "llama": {"name": "tiny-llama", "path": str(tiny_llama)},
-            "bert": {"name": "tiny-bert", "path": str(tiny_bert)},
-        }
-        cfg.features.sources = [
-            {"backbone": named[b], "layers": layers, "pooling": pooling}
-            for b, layers, pooling in sources
-        ]
-        return cfg
-
-    return make
-
-
-@pytest.fixture
-def forward_calls(monkeypatch):
-    """Every batch that reaches a model, wherever it comes from."""
-    calls = []
-    real = Extractor._forward
-
-    def counting(self, seqs):
-        calls.append(len(seqs))
-        return real(self, seqs)
-
-    monkeypatch.setattr(Extractor, "_forward", counting)
-    return calls
 
 
 def test_train_writes_metrics_predictions_and_a_model(classify_cfg, tmp_path):
@@ -97,9 +57,9 @@ def test_a_sweep_over_every_layer_runs_the_model_once(classify_cfg, tmp_path, fo
     extraction_batches = len(forward_calls)
     assert extraction_batches > 0
     for layer in range(4):
-        for pooling in ("mean", "last", "first"):
+        for pooling in ("mean", "last"):  # "first" of a decoder with BOS is not stored
             train(classify_cfg([("llama", [layer], pooling)]), tmp_path / f"L{layer}-{pooling}")
-    assert len(forward_calls) == extraction_batches  # twelve more runs, not one more forward pass
+    assert len(forward_calls) == extraction_batches  # eight more runs, not one more forward pass
 
 
 def test_any_scikit_learn_estimator_is_a_head_config(classify_cfg, tmp_path, forward_calls):
@@ -157,7 +117,28 @@ def test_paper_head_trains_on_fused_sources(classify_cfg, tmp_path):
     m = train(cfg, tmp_path / "run")
     assert m["fusion"] == "cooccurrence" and m["n_features"] == 4 * 32
     meta = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
-    assert meta["params"]["block_sizes"] == [32, 32, 32, 32] and meta["params"]["n_llm_blocks"] == 3
+    assert meta["params"]["block_sizes"] == [32, 32, 32, 32]
+    assert meta["params"]["block_roles"] == ["llm", "llm", "llm", "encoder"]
+
+
+def test_paper_head_takes_roles_from_the_sources_not_their_order(classify_cfg, tmp_path):
+    small = ["head=llmembed", "head.params.width=16", "head.params.hidden=[16]"]
+    cfg = classify_cfg(
+        [("bert", [2], "pooler"), ("llama", [1, 2], "mean")],
+        *small,
+        "head.params.max_epochs=3",
+    )
+    train(cfg, tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
+    assert meta["params"]["block_roles"] == ["encoder", "llm", "llm"]
+    assert [s["role"] for s in meta["sources"]] == ["encoder", "llm"]
+    # A source without a declared role cannot silently become "the LLM" by its position.
+    cfg.features.sources[1].role = None
+    with pytest.raises(FeatureError, match=r"features.sources\[1\] declare none.*role: llm"):
+        train(cfg, tmp_path / "undeclared")
+    cfg.features.sources[1].role = "encoder"
+    with pytest.raises(FeatureError, match="at least one source with `role: llm`"):
+        train(cfg, tmp_path / "no-llm")
 
 
 @pytest.mark.parametrize("head", ["logreg", "llmembed"])
@@ -207,7 +188,7 @@ def test_report_table_and_plot(classify_cfg, tmp_path, capsys):
     assert val == sorted(val, reverse=True)  # best validation accuracy first
     rows = read_rows(tmp_path / "sweep" / "results.csv")
     assert len(rows) == 5 and {"test_accuracy", "test_macro_f1", "val_accuracy"} <= set(rows[0])
-    png = tmp_path / "sweep" / "accuracy_vs_layer_file_logreg.png"
+    png = tmp_path / "sweep" / "accuracy_vs_layer_file_data_csv_logreg.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -269,6 +250,14 @@ def test_experiment_configs_compose_to_the_papers_setup(experiment):
         and cfg.head.params.batch_size == 1024
     )
     if experiment == "paper":
+        assert [s.role for s in sources] == ["llm", "encoder", "encoder"]
+        assert cfg.extract.max_length == 512  # mr: not one of the paper's per-set lengths
+        lengths = {}
+        for name in ("sst2", "agnews", "r8", "r52"):
+            with initialize_config_module("llmembed.conf", version_base=None):
+                paper = compose("classify", overrides=["experiment=paper", f"dataset={name}"])
+            lengths[name] = paper.extract.max_length
+        assert lengths == {"sst2": 128, "agnews": 256, "r8": 1024, "r52": 1024}
         assert [(s.backbone.path, s.layers, s.pooling) for s in sources] == [
             ("meta-llama/Llama-2-7b-chat-hf", (28, 29, 30, 31, 32), "mean"),
             ("google-bert/bert-large-uncased", (24,), "pooler"),
@@ -297,3 +286,43 @@ def test_report_costs_per_thousand_texts_and_unknowns():
     }
     old = {"rows": m["rows"], "extraction": [{"entry": "x"}]}  # metrics.json of an older llmembed
     assert costs(old) == dict.fromkeys(costs(m), None)
+
+
+def test_seeds_draw_repeated_splits_without_a_forward_pass(classify_cfg, tmp_path, forward_calls):
+    train(classify_cfg([("llama", [1], "mean")], "save_model=false"), tmp_path / "first")
+    extraction_batches = len(forward_calls)
+    cfg = classify_cfg(
+        [("llama", [1], "mean")], "seeds=[0,1,2]", "resplit=true", "save_model=false"
+    )
+    m = train(cfg, tmp_path / "resplit")
+    assert len(forward_calls) == extraction_batches  # every split is served by the same entry
+    assert m["resplit"] is True and [r["seed"] for r in m["runs"]] == [0, 1, 2]
+    for r in m["runs"]:  # the same split sizes, stratified
+        assert r["rows"] == {"train": 42, "validation": 6, "test": 12}
+    # Different test sets: the test scores vary across splits, and the interval says so.
+    acc = m["test"]["accuracy"]
+    assert acc["n"] == 3 and acc["ci"][0] <= acc["mean"] <= acc["ci"][1]
+    same = train(
+        classify_cfg([("llama", [1], "mean")], "seeds=[0,1,2]", "save_model=false"),
+        tmp_path / "fixed",
+    )
+    assert same["resplit"] is False and same["runs"][0]["rows"] == m["runs"][0]["rows"]
+    # One test split: seeds do not move logistic regression, yet the interval is the test set's.
+    fixed = same["test"]["accuracy"]
+    assert fixed["std"] == 0 and fixed["ci"] == same["runs"][0]["test"]["accuracy_ci"]
+    assert fixed["ci"][1] - fixed["ci"][0] > 0.2  # 12 test rows cannot pin accuracy down
+
+
+def test_metrics_name_the_data_and_the_resolved_layers(classify_cfg, tmp_path):
+    m = train(
+        classify_cfg([("llama", [-1, 0], "mean")], "dataset.limit=50", "save_model=false"),
+        tmp_path / "run",
+    )
+    assert m["sources"][0]["layers"] == [3, 0] and m["sources"][0]["requested_layers"] == [-1, 0]
+    data = m["data"]
+    assert data["name"] == "file" and data["limit"] == 50 and data["rows"] == 50
+    assert data["path"].endswith("data.csv") and len(data["fingerprint"]) == 12
+    whole = train(classify_cfg([("llama", [0], "mean")], "save_model=false"), tmp_path / "all")
+    assert whole["data"]["fingerprint"] != data["fingerprint"]
+    lo, hi = m["test"]["accuracy"]["ci"]
+    assert 0 <= lo <= m["test"]["accuracy"]["mean"] <= hi <= 1

@@ -130,3 +130,75 @@ def test_tiny_bert_helper_is_deterministic(tmp_path):
     a = make_tiny_bert(tmp_path / "a")
     b = make_tiny_bert(tmp_path / "b")
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_classify_without_extraction_prints_the_extract_command(tmp_path, tiny_llama, data_csv):
+    """The README's SLURM recipe: a CPU sweep over a cache a GPU job fills first."""
+    args = [
+        "llmembed-classify",
+        "dataset=file",
+        f"dataset.path={data_csv}",
+        "features=smollm2_l20",
+        f"features.sources.0.backbone={{name: tiny, path: {tiny_llama}}}",
+        "features.sources.0.layers=[1]",
+        "extract_missing=false",
+        "extract.progress=false",
+    ]
+    res = run(*args, cwd=tmp_path, env_root=tmp_path / "cache")
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "GlobalHydra" not in res.stderr
+    command = res.stderr.split("make it with:\n  ")[1].strip()
+    assert command.startswith("llmembed-extract ") and f"backbone.path={tiny_llama}" in command
+    filled = subprocess.run(
+        command.replace("llmembed-extract", str(BIN / "llmembed-extract"), 1),
+        shell=True,
+        cwd=tmp_path,
+        env={**os.environ, "LLMEMBED_CACHE": str(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+    )
+    assert filled.returncode == 0, filled.stderr
+    again = run(*args, cwd=tmp_path, env_root=tmp_path / "cache")
+    assert again.returncode == 0 and "test accuracy" in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["llmembed-extract", "dataset=file", "dataset.path=missing.csv"], "missing.csv"),
+        (["llmembed-extract", "backbone=local", "backbone.path=./nowhere"], "does not exist"),
+        (["llmembed-classify", "head=logreg", "features.fusion=cooccurrence"], "paper's head"),
+        (["llmembed-predict", ".", "texts.txt"], "not a saved llmembed model"),
+        (["llmembed-cache", "--root", "{root}/x/file", "gc"], "not a directory"),
+    ],
+)
+def test_expected_errors_print_one_message_without_a_traceback(tmp_path, args, message):
+    (tmp_path / "texts.txt").write_text("a text\n")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "file").write_text("")
+    args = [a.replace("{root}", str(tmp_path)) for a in args]
+    res = run(*args, cwd=tmp_path, env_root=tmp_path / "cache")
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr and message in res.stderr, res.stderr
+    assert res.stderr.startswith(f"{args[0]}: error: "), res.stderr
+
+
+def test_names_cannot_place_sweep_folders_outside_the_sweep(tmp_path, tiny_llama, data_csv):
+    sweep = tmp_path / "runs" / "sweep"
+    res = run(
+        "llmembed-extract",
+        "-m",
+        "dataset=file",
+        f"dataset.path={data_csv}",
+        "dataset.name=/../../outside/X",
+        "backbone=local",
+        f"backbone.path={tiny_llama}",
+        "extract.progress=false",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        env_root=tmp_path / "cache",
+    )
+    assert res.returncode == 0, res.stderr
+    jobs = [p.name for p in sweep.iterdir() if p.is_dir()]
+    assert jobs == ["0__.._.._outside_X_local"], jobs
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "runs" / "outside").exists()

@@ -1,11 +1,13 @@
-"""The forward-pass loop on tiny random models: pooling, batch invariance, truncation, OOM retry."""
+"""The forward-pass loop on tiny random models: pooling, batch invariance, truncation, OOM retry,
+the padding check that refuses wrong numbers, and float32 for values beyond float16."""
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from llmembed.extract.embedder import Extractor
+from llmembed.extract import embedder
+from llmembed.extract.embedder import Extractor, UnsupportedModelError
 from tests.conftest import cosine, sentences
 
 
@@ -107,3 +109,131 @@ def test_float16_output_is_the_float32_output_rounded(tiny_llama):
     for name in wide:
         assert half[name].dtype == np.float16
         np.testing.assert_array_equal(half[name], wide[name].astype(np.float16))
+
+
+def test_a_model_whose_positions_ignore_the_padding_is_refused(tiny_bert):
+    """A family no rule knows, which numbers positions 0..T-1 whatever it is given: under left
+    padding every text would be shifted. The check at construction refuses it, naming the fix."""
+    model, tok = load(tiny_bert)
+    real = model.forward
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        return real(input_ids=input_ids, attention_mask=attention_mask, **kwargs)  # ignored
+
+    model.forward = forward
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"bert: under left padding, hidden state 0 of a padded batch differs from the "
+        r"model's own forward pass on the text alone by [0-9.]+ .*backbone.padding_side=right",
+    ):
+        Extractor(
+            model, tok, layers=[0, 1, 2], poolings=["mean"], max_length=64, padding_side="left"
+        )
+    # Right padding keeps real tokens at 0..n-1: accepted, and gives the model's own numbers.
+    Extractor(model, tok, layers=[0, 1, 2], poolings=["mean"], max_length=64)
+
+
+def test_roberta_positions_counted_from_zero_are_caught(monkeypatch):
+    """The old rule (positions 0, 1, ... for every model) on RoBERTa, whose positions start at
+    padding_idx + 1: the check refuses it under either padding side."""
+    from tests.test_families import build
+
+    model, tok = build("roberta")
+    monkeypatch.setattr(
+        embedder, "position_rule", lambda m: embedder.PositionRule(0, ("left", "right"))
+    )
+    for side in ("left", "right"):
+        with pytest.raises(UnsupportedModelError, match=rf"roberta: under {side} padding"):
+            Extractor(
+                model, tok, layers=[0, 1, 2], poolings=["mean"], max_length=64, padding_side=side
+            )
+
+
+def test_a_model_without_position_ids_refuses_left_padding(tiny_bert):
+    model, tok = load(tiny_bert)
+    real = model.forward
+    model.forward = lambda input_ids=None, attention_mask=None, **kw: real(
+        input_ids=input_ids, attention_mask=attention_mask, **kw
+    )
+    assert embedder.padding_sides(model) == ("right",)
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"bert numbers its positions 0..T-1 .*backbone.padding_side=right",
+    ):
+        Extractor(model, tok, layers=[0], poolings=["mean"], max_length=64, padding_side="left")
+
+
+def test_the_padding_check_costs_three_small_forward_passes(tiny_llama):
+    model, tok = load(tiny_llama)
+    real, calls = model.forward, []
+
+    def forward(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape)
+        return real(*args, **kwargs)
+
+    model.forward = forward
+    Extractor(model, tok, layers=[0, 3], poolings=["mean"], max_length=64)
+    # One padded batch of both texts, then each text alone.
+    assert len(calls) == 3 and calls[0][0] == 2 and max(s[1] for s in calls) <= 12
+
+
+def massive(path, scale: float = 1e8):
+    """The model at `path` with a BOS embedding `scale` times larger: its BOS state reaches 5e6,
+    far past float16's 65,504, as the "massive activations" of real LLMs do."""
+    model, tok = load(path)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tok.bos_token_id] *= scale
+    return model, tok
+
+
+def test_values_beyond_float16_come_back_in_float32_for_that_pooling_only(tiny_llama):
+    model, tok = massive(tiny_llama)
+    texts = [t for t, _ in sentences(8)]
+    kw = {"layers": [0, 1, 2, 3], "poolings": ["mean", "last", "first"], "max_length": 64}
+    wide, _ = Extractor(model, tok, token_budget=40, **kw).embed(texts)
+    ex = Extractor(model, tok, token_budget=40, out_dtype=np.float16, **kw)
+    half, stats = ex.embed(texts)
+    assert stats.forward_calls > 1 and stats.widened == {"mean", "first"}
+    assert np.abs(half["first"]).max() > 1e6  # not clipped
+    for name in ("mean", "first"):  # lossless: exactly the float32 numbers
+        assert half[name].dtype == np.float32
+        np.testing.assert_array_equal(half[name], wide[name])
+    # The last token's state stays in range (the last layer is normed): float16 as before.
+    assert half["last"].dtype == np.float16
+    np.testing.assert_array_equal(half["last"], wide["last"].astype(np.float16))
+
+
+def test_massive_activations_extract_with_default_settings(tmp_path, tiny_llama, data_csv):
+    """End to end with the default float16 store: no error, the out-of-range poolings stored in
+    float32 (recorded per pooling in the manifest), never clipped; the others stay float16."""
+    from hydra import compose, initialize_config_module
+
+    from llmembed.extract.pipeline import extract
+    from tests.conftest import file_overrides
+
+    model, tok = massive(tiny_llama)
+    model.save_pretrained(tmp_path / "massive")
+    tok.save_pretrained(tmp_path / "massive")
+
+    def cfg(*extra):
+        overrides = file_overrides(tmp_path / "cache", data_csv, tmp_path / "massive", *extra)
+        with initialize_config_module("llmembed.conf", version_base=None):
+            return compose("extract", overrides=overrides)
+
+    half = extract(cfg("extract.shard_mb=0.02"))  # several shards, default store_dtype float16
+    m = half.entry.manifest
+    assert m["store_dtype"] == "float16" and len(m["shards"]) > 1
+    assert {p: v["dtype"] for p, v in m["poolings"].items()} == {
+        "mean": "float32",
+        "last": "float16",
+    }
+    wide = extract(cfg("extract.store_dtype=float32"))
+    assert wide.entry.manifest["poolings"]["mean"]["dtype"] == "float32"
+    layers = m["layers"]
+    mean = half.entry.read("mean", layers)
+    assert np.abs(mean).max() > 1e5
+    # Shards (and so batches) differ between the two entries: float32 rounding apart, not more.
+    np.testing.assert_allclose(mean, wide.entry.read("mean", layers), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(
+        half.entry.read("last", layers), wide.entry.read("last", layers), rtol=1e-3, atol=1e-4
+    )

@@ -1,6 +1,7 @@
 """The extraction pipeline on tiny models: cache keys, hits, coverage, resume, locking, truncation."""
 
 import json
+import logging
 
 import h5py
 import numpy as np
@@ -13,7 +14,7 @@ import llmembed.extract.plan as plan
 from llmembed.cache.store import Cache, CacheError
 from llmembed.extract.embedder import Extractor
 from llmembed.extract.pipeline import extract
-from llmembed.extract.plan import ConfigError
+from llmembed.extract.plan import ConfigError, resolve_dtype
 from tests.conftest import make_tiny_llama, sentences, write_csv
 
 
@@ -49,7 +50,7 @@ def test_entry_holds_every_layer_and_pooling_and_no_data_set_columns(make_cfg, t
     res = extract(make_cfg("extract.store_dtype=float32"))
     assert not res.hit and res.stats.texts == 60
     m = res.entry.manifest
-    assert m.layers == (0, 1, 2, 3) and sorted(m.poolings) == ["first", "last", "mean"]
+    assert m.layers == (0, 1, 2, 3) and sorted(m.poolings) == ["last", "mean"]  # no BOS "first"
     assert m.rows == 60 and m.poolings["mean"].dtype == "float32"
     with h5py.File(res.entry.path / m.shards[0].file, "r") as f:
         # Labels, splits and ids belong to the data set, never to the entry.
@@ -115,12 +116,17 @@ def test_changing_an_unkeyed_field_is_a_hit(make_cfg, override):
 
 
 @pytest.mark.parametrize("made", ["float32", "bfloat16"])
-def test_dtype_auto_reads_an_entry_of_either_dtype(make_cfg, count_loads, made):
-    """A GPU job's bfloat16 entry serves a CPU sweep with `dtype: auto`, and the other way round."""
+def test_dtype_auto_reads_an_entry_of_either_dtype(make_cfg, count_loads, made, caplog):
+    """A GPU job's bfloat16 entry serves a CPU sweep with `dtype: auto`, and the other way round;
+    the log says when the served entry's dtype is not the one this machine would compute."""
     first = extract(make_cfg(f"extract.dtype={made}"))
-    again = extract(make_cfg("extract.dtype=auto"), allow_extract=False)
+    with caplog.at_level(logging.INFO, logger="llmembed"):
+        again = extract(make_cfg("extract.dtype=auto"), allow_extract=False)
     assert again.hit and again.entry.path == first.entry.path and len(count_loads) == 1
     assert again.entry.spec.compute_dtype == made
+    own = resolve_dtype("auto", "cpu")
+    said = f"serving the entry computed in {made} (this machine would compute {own})"
+    assert (said in caplog.text) == (made != own), caplog.text
 
 
 @pytest.mark.parametrize("avx512_bf16", [True, False])
@@ -255,7 +261,7 @@ def test_a_full_entry_serves_narrower_requests_but_not_wider_ones(make_cfg, coun
     assert narrow.entry.manifest.layers == (1, 3)
     wide = extract(make_cfg())  # needs layers and poolings the narrow entry lacks
     assert not wide.hit and wide.entry.path != narrow.entry.path
-    again = extract(make_cfg("extract.layers=[0,2]", "extract.poolings=[last,first]"))
+    again = extract(make_cfg("extract.layers=[0,2]", "extract.poolings=[last]"))
     assert again.hit and again.entry.path == wide.entry.path
     assert count_loads == [3, 3]
 
@@ -301,7 +307,7 @@ def test_a_killed_run_resumes_with_only_the_missing_shards(make_cfg, monkeypatch
     done_before = sum(len(s["hashes"]) for s in pending[:2])
     assert resumed.stats.texts == 60 - done_before
     assert not (entry.path / "pending.json").exists()
-    for pooling in ("mean", "last", "first"):
+    for pooling in ("mean", "last"):
         np.testing.assert_array_equal(
             resumed.read(pooling, [0, 1, 2, 3]), reference.read(pooling, [0, 1, 2, 3])
         )

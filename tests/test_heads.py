@@ -1,24 +1,26 @@
 """Heads on synthetic data: they learn what is learnable, stay at chance otherwise, follow the
 scikit-learn contract and survive a save/load round trip."""
 
+import logging
+
 import numpy as np
 import pytest
+import torch
 from sklearn.base import clone
 from sklearn.decomposition import PCA
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 
-from llmembed.classify.heads import LLMEmbedHead, LogRegHead, MLPHead
-from llmembed.classify.metrics import evaluate, summarize
+from llmembed.classify.heads import MIN_DELTA, LLMEmbedHead, LogRegHead, MLPHead
 from llmembed.classify.saved import load_trained, save_trained
 
 FAST = {"max_epochs": 60, "patience": 8}
 
 
-def blobs(n=600, d=24, classes=3, seed=0, learnable=True):
+def blobs(n=600, d=24, classes=3, seed=0, learnable=True, spread=1.5):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, classes, n)
-    centers = rng.normal(0, 1.5, (classes, d))
+    centers = rng.normal(0, spread, (classes, d))
     X = rng.normal(0, 1, (n, d)) + (centers[y] if learnable else 0)
     return X.astype(np.float32), y
 
@@ -29,9 +31,21 @@ def heads():
         MLPHead(hidden=(32,), lr=3e-3, **FAST),
         LLMEmbedHead(
             block_sizes=(8, 8, 8),
-            n_llm_blocks=2,
+            block_roles=("llm", "llm", "encoder"),
             width=16,
             hidden=(32, 16),
+            lr=3e-3,
+            batch_size=128,
+            **FAST,
+        ),
+        # The paper's code: raw inputs, an encoder already `width` wide fed unprojected, LLM last.
+        LLMEmbedHead(
+            block_sizes=(8, 8, 8),
+            block_roles=("encoder", "llm", "llm"),
+            width=8,
+            hidden=(32, 16),
+            standardize=False,
+            project_same_width=False,
             lr=3e-3,
             batch_size=128,
             **FAST,
@@ -39,7 +53,11 @@ def heads():
     ]
 
 
-@pytest.mark.parametrize("head", heads(), ids=lambda h: type(h).__name__)
+def head_id(head):
+    return type(head).__name__ + ("_paper" if getattr(head, "standardize", True) is False else "")
+
+
+@pytest.mark.parametrize("head", heads(), ids=head_id)
 def test_learnable_labels_are_learned_and_random_ones_are_not(head):
     X, y = blobs()
     h = clone(head).fit(X[:400], y[:400])
@@ -49,7 +67,7 @@ def test_learnable_labels_are_learned_and_random_ones_are_not(head):
     assert control.score(Xr[400:], yr[400:]) < 0.45  # three classes: chance is 1/3
 
 
-@pytest.mark.parametrize("head", heads(), ids=lambda h: type(h).__name__)
+@pytest.mark.parametrize("head", heads(), ids=head_id)
 def test_scikit_learn_contract_and_round_trip(head, tmp_path):
     X, y = blobs(n=300)
     assert head.get_params()["random_state"] == 0 and not hasattr(
@@ -64,7 +82,8 @@ def test_scikit_learn_contract_and_round_trip(head, tmp_path):
     name = {"LogRegHead": "logreg", "MLPHead": "mlp", "LLMEmbedHead": "llmembed"}[
         type(head).__name__
     ]
-    save_trained(tmp_path / "m", fitted, head_name=name, info={"label_names": ["a", "b", "c"]})
+    info = {"label_names": ["a", "b", "c"], "fusion": "concat", "sources": []}
+    save_trained(tmp_path / "m", fitted, head_name=name, info=info)
     loaded, meta = load_trained(tmp_path / "m")
     assert meta["label_names"] == ["a", "b", "c"]
     np.testing.assert_allclose(loaded.predict_proba(X[250:]), proba, atol=1e-6)
@@ -81,29 +100,104 @@ def test_seeds_change_torch_heads_and_repeat_exactly():
     assert not np.allclose(a, c)
 
 
-def test_paper_head_checks_its_blocks():
+@pytest.mark.parametrize(
+    "sizes, roles, message",
+    [
+        ((10, 10), ("llm", "llm"), "add up to 20 but X has 24 columns"),
+        ((8, 8, 8), ("llm", "llm"), "block_roles has 2 entries for 3 blocks"),
+        ((8, 8, 8), ("llm", "bert", "encoder"), r"entries \[\(1, 'bert'\)\] are not one of"),
+        ((8, 8, 8), ("encoder",) * 3, "marks no block 'llm'"),
+        ((8, 8, 8), (), "block_roles has 0 entries"),  # roles are never guessed
+        ((8, 16), ("llm", "llm"), r"must share one width to be averaged; their widths: \[8, 16\]"),
+    ],
+)
+def test_paper_head_checks_its_blocks_in_fit(sizes, roles, message):
     X, y = blobs(n=100)
-    with pytest.raises(ValueError, match="add up to 20 but X has 24 columns"):
-        LLMEmbedHead(block_sizes=(10, 10), **FAST).fit(X, y)
-    with pytest.raises(ValueError, match="must name leading blocks of one width"):
-        LLMEmbedHead(block_sizes=(8, 16), n_llm_blocks=2, **FAST).fit(X, y)
+    head = LLMEmbedHead(block_sizes=sizes, block_roles=roles, **FAST)  # __init__ only stores
+    with pytest.raises(ValueError, match=message):
+        head.fit(X, y)
 
 
-def test_metrics_binary_and_multiclass():
-    m = evaluate(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), ["neg", "pos"])
-    assert m["accuracy"] == 0.75 and m["micro_f1"] == 0.75
-    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)  # both classes count, not only "pos"
-    assert m["confusion_matrix"] == [[1, 1], [0, 2]]
-    m3 = evaluate(np.array([0, 1, 2, 2]), np.array([0, 2, 2, 2]), ["a", "b", "c"])
-    assert m3["per_class"]["b"]["recall"] == 0 and m3["per_class"]["c"][
-        "precision"
-    ] == pytest.approx(2 / 3)
-    s = summarize(
-        [
-            {"accuracy": 0.8, "macro_f1": 0.7, "micro_f1": 0.8},
-            {"accuracy": 0.9, "macro_f1": 0.9, "micro_f1": 0.9},
-        ]
-    )
-    assert s["accuracy"]["mean"] == pytest.approx(0.85) and s["accuracy"]["std"] == pytest.approx(
-        0.05
-    )
+@pytest.mark.parametrize(
+    "sizes, roles, llm_columns",
+    [
+        ((4, 4, 6), ("llm", "llm", "encoder"), [slice(0, 4), slice(4, 8)]),
+        ((6, 4, 4), ("encoder", "llm", "llm"), [slice(6, 10), slice(10, 14)]),
+        ((4, 6, 4), ("llm", "encoder", "llm"), [slice(0, 4), slice(10, 14)]),
+    ],
+)
+def test_paper_head_averages_exactly_the_llm_blocks(sizes, roles, llm_columns):
+    X, y = blobs(n=120, d=14)
+    head = LLMEmbedHead(
+        block_sizes=sizes,
+        block_roles=roles,
+        width=4,
+        hidden=(8,),
+        standardize=False,  # the mean is then over the raw columns
+        max_epochs=1,
+        patience=1,
+        device="cpu",
+    ).fit(X, y)
+    seen = []
+    head.module_.mlp.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))
+    x = np.random.default_rng(3).normal(size=(5, 14)).astype(np.float32)
+    head.predict_proba(x)
+    expected = np.mean([x[:, c] for c in llm_columns], axis=0)  # (5, 4)
+    np.testing.assert_allclose(seen[0][:, -4:].numpy(), expected, rtol=1e-6)
+    assert seen[0].shape[1] == len(sizes) * (len(sizes) + 1) // 2 + 4
+
+
+def test_paper_faithful_variant_feeds_raw_inputs_and_an_unprojected_encoder():
+    X, y = blobs(n=120, d=16)
+    kw = {"block_sizes": (4, 8, 4), "block_roles": ("llm", "encoder", "llm"), "width": 8}
+    paper = LLMEmbedHead(**kw, standardize=False, project_same_width=False, **FAST).fit(X, y)
+    ours = LLMEmbedHead(**kw, **FAST).fit(X, y)
+    # The encoder at the common width goes in as it is; LLM blocks are projected whatever their width.
+    assert [type(p).__name__ for p in paper.module_.proj] == [
+        "Sequential",
+        "Identity",
+        "Sequential",
+    ]
+    assert [type(p).__name__ for p in ours.module_.proj] == ["Sequential"] * 3
+    assert torch.equal(paper.module_.scaler_mean, torch.zeros(16))
+    assert torch.equal(paper.module_.scaler_std, torch.ones(16))
+    assert not torch.equal(ours.module_.scaler_mean, torch.zeros(16))
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_patience_epochs_after_it(caplog):
+    """The kept weights, best_epoch_, the log line and the stopping rule tell one story."""
+    X, y = blobs(n=300, spread=0.3, seed=1)
+    patience = 5
+    head = MLPHead(hidden=(16,), lr=1e-2, max_epochs=200, patience=patience, device="cpu")
+    with caplog.at_level(logging.INFO, logger="llmembed.classify.heads"):
+        head.fit(X[:200], y[:200], validation=(X[200:], y[200:]))
+    losses = [h["val_loss"] for h in head.history_]
+    best = head.best_epoch_
+    # This data stops early (about epoch 34 of 200), exactly `patience` epochs after the best.
+    assert len(losses) < 100 and len(losses) == best + patience + 1
+    # best_epoch_ is the last counted improvement: each beat the running best by MIN_DELTA ...
+    running, improvements = float("inf"), []
+    for epoch, loss in enumerate(losses):
+        if loss < running - MIN_DELTA:
+            running, improvements = loss, [*improvements, epoch]
+    assert improvements[-1] == best
+    # ... even if a later epoch crept below it by less than that (the old "best epoch 37 of 38").
+    assert all(loss >= losses[best] - MIN_DELTA for loss in losses[best + 1 :])
+    # The kept weights are that epoch's: their validation loss is the one recorded for it.
+    with torch.no_grad():
+        logits = head.module_(torch.from_numpy(X[200:]))
+        kept = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y[200:])).item()
+    assert kept == pytest.approx(losses[best], abs=1e-6)
+    assert f"best epoch {best} (validation loss {losses[best]:.4f}) of {len(losses)}" in caplog.text
+
+
+def test_torch_heads_check_the_validation_set():
+    X, y = blobs(n=200)
+    head = MLPHead(hidden=(32,), lr=3e-3, **FAST)
+    with pytest.raises(ValueError, match=r"validation labels \[7\] do not occur"):
+        head.fit(X[:150], y[:150], validation=(X[150:], np.where(y[150:] == 2, 7, y[150:])))
+    with pytest.raises(ValueError, match="validation X has 10 features but X has 24"):
+        head.fit(X[:150], y[:150], validation=(X[150:, :10], y[150:]))
+    # float64 validation rows are converted, not a dtype error deep in torch
+    head.fit(X[:150], y[:150], validation=(X[150:].astype(np.float64), y[150:]))
+    assert head.score(X[150:], y[150:]) > 0.9

@@ -1,0 +1,29 @@
+"""Errors a user can act on, and how the command lines report them.
+
+Bad data, a bad setting, a missing or damaged cache entry: each raises a `UserError` whose message
+names the problem and the fix. The command lines print that message alone and exit with status 2;
+any other exception is a bug of ours and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class UserError(Exception):
+    """Something the user can fix; the message says what and how."""
+
+
+EXIT_USER_ERROR = 2
+
+
+@contextmanager
+def reported(prog: str) -> Iterator[None]:
+    """Turn a `UserError` into one line on stderr and exit status 2 (no traceback)."""
+    try:
+        yield
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
