@@ -353,7 +353,7 @@ def run_llmembed(
             ],
         )
         res = extract(cfg)
-        ex = res.entry.manifest["extraction"]
+        ex = res.entry.manifest.extractions[-1]
         seconds.append(ex["wall_s"] - ex["load_seconds"])
         loads.append(ex["load_seconds"])
         if root != keep:
@@ -363,8 +363,8 @@ def run_llmembed(
         "seconds": seconds,
         "load_s": loads,
         "entry": str(res.entry.path),
-        "compute_dtype": res.entry.spec["compute_dtype"],
-        "extraction_wall_s": m["extraction"]["wall_s"],
+        "compute_dtype": res.entry.spec.compute_dtype,
+        "extraction_wall_s": m.extractions[-1]["wall_s"],
     }
 
 
@@ -432,6 +432,7 @@ def probe(model: str, n: int, every: int, device: str) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from llmembed.extract.datasets import load_dataset
     from llmembed.extract.pipeline import extract
 
     entries = {}
@@ -446,10 +447,10 @@ def probe(model: str, n: int, every: int, device: str) -> dict:
                 "extract.progress=false",
             ],
         )
-        entries[dtype] = extract(cfg).entry
-    layers = entries["float32"].manifest["layers"]
+        entries[dtype] = extract(cfg)  # reads the data set's texts, in its order
+    layers = list(entries["float32"].entry.manifest.layers)
     picked = sorted({*layers[::every], layers[-1]})
-    y = entries["float32"].column("label")
+    y = load_dataset(cfg.dataset).labels  # labels belong to the data set, not the cache
     folds = StratifiedKFold(5, shuffle=True, random_state=0)
     acc = {}
     for dtype, entry in entries.items():
@@ -464,7 +465,7 @@ def probe(model: str, n: int, every: int, device: str) -> dict:
 
 def read_times(entry_path: str, repeats: int = 5) -> dict:
     entry = read_entry(entry_path)
-    layers = entry.manifest["layers"]
+    layers = list(entry.manifest.layers)
 
     def timed(sel):
         times = []
@@ -495,7 +496,8 @@ def sweep_time(model: str, n: int, cache_root: Path, device: str) -> dict:
             "extract_missing=false",
         ],
     )
-    layers = read_entry(str(next(cache_root.glob("*/*/manifest.json")).parent)).manifest["layers"]
+    manifest = next(cache_root.glob("*/*/manifest.json"))
+    layers = list(read_entry(str(manifest.parent)).manifest.layers)
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         for layer in layers:
@@ -690,8 +692,8 @@ def measure(args, work: Path) -> str:
         fp32, bf16 = (read_entry(entries[role, d]) for d in ("float32", "bfloat16"))
         for pooling in ("mean", "last"):
             cos = cosines(
-                fp32.read(pooling, fp32.manifest["layers"]),
-                bf16.read(pooling, bf16.manifest["layers"]),
+                fp32.read(pooling, fp32.manifest.layers),
+                bf16.read(pooling, bf16.manifest.layers),
             )
             per_layer = cos.mean(axis=0)
             notes.append(

@@ -17,10 +17,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import llmembed.extract.embedder as embedder
-from llmembed.cache.store import Cache, EntryWriter
+from llmembed.cache.keys import text_hashes
+from llmembed.cache.store import Cache, EntrySpec, EntryWriter
 from llmembed.extract.backbones import inspect_backbone, load_model, load_tokenizer
 from llmembed.extract.datasets import load_dataset
-from llmembed.extract.pipeline import shard_plan
 from llmembed.extract.pooling import LayerPooler
 
 # aten ops by what they do in a transformer block.
@@ -84,16 +84,10 @@ def main() -> None:
             ex.tokenize(texts)
         emb, stats = ex.embed(texts)
         with tempfile.TemporaryDirectory() as root, record_function("HDF5 write"):
-            entry = Cache(root).prepare("0" * 64, {}, ex.layers, ex.poolings, about={})
-            plan = shard_plan(len(texts), 1, 1e9)
-            n = len(texts)
-            EntryWriter(entry, plan, store_dtype="float16").write_shard(
-                0,
-                row_id=np.arange(n),
-                label=np.zeros(n),
-                split=np.zeros(n),
-                emb=emb,
-                layers={q: ex.layers for q in emb},
+            spec = EntrySpec({}, "profile", "float32", "float16", 512, "right", "{text}")
+            entry = Cache(root).prepare(spec, ex.layers, ex.poolings)
+            EntryWriter(entry, key=spec.key).write_shard(
+                0, hashes=text_hashes(texts), emb=emb, layers={q: ex.layers for q in emb}
             )
         wall = time.perf_counter() - start
 

@@ -1,8 +1,12 @@
-"""`llmembed-cache`: list, verify and clean the embedding cache.
+"""`llmembed-cache`: list, verify, clean and remove entries of the embedding cache.
 
-llmembed-cache ls                 entries with data set, backbone, rows, layers, size, status
-llmembed-cache verify [--repair]  check every shard against its manifest (exit 1 on damage)
-llmembed-cache gc [--dry-run]     remove incomplete entries and leftover temporary files
+llmembed-cache ls                      entries: backbone, settings, texts, layers, poolings, size,
+                                       last use, data sets that used them, status
+llmembed-cache verify [--repair]       check every shard against its manifest (exit 1 on damage)
+llmembed-cache gc [--dry-run] [--older-than DAYS]
+                                       remove incomplete and old-format entries, leftover temporary
+                                       files, and entries unused for DAYS days
+llmembed-cache rm ENTRY                remove one entry (as `ls` names it), with its lock held
 """
 
 from __future__ import annotations
@@ -12,7 +16,15 @@ import logging
 import os
 import sys
 
-from llmembed.cache.maintenance import describe, format_table, gc, remove_shard, verify_entry
+from llmembed.cache.maintenance import (
+    describe,
+    describe_old,
+    format_table,
+    gc,
+    repair,
+    rm,
+    verify_entry,
+)
 from llmembed.cache.store import Cache
 from llmembed.errors import UserError, reported
 
@@ -30,8 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("ls", help="list entries")
     verify = sub.add_parser("verify", help="check shards against manifests")
     verify.add_argument("--repair", action="store_true", help="remove damaged shards for recompute")
-    clean = sub.add_parser("gc", help="remove incomplete entries")
+    clean = sub.add_parser("gc", help="remove incomplete, old-format or unused entries")
     clean.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    clean.add_argument(
+        "--older-than", type=float, metavar="DAYS", help="also remove entries unused for DAYS days"
+    )
+    remove = sub.add_parser("rm", help="remove one entry")
+    remove.add_argument("entry", help="<key>/<sel> as `ls` shows it, or a key (all its selections)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with reported("llmembed-cache"):
@@ -46,29 +63,38 @@ def _run(args: argparse.Namespace) -> int:
         )
 
     if args.command == "ls":
-        print(format_table([describe(e) for e in cache.entries()], cache.root))
+        rows = [describe(e) for e in cache.entries()] + [
+            describe_old(k) for k in cache.old_format()
+        ]
+        print(format_table(rows, cache.root))
         return 0
     if args.command == "gc":
-        removed = gc(cache, dry_run=args.dry_run)
+        removed = gc(cache, dry_run=args.dry_run, older_than_days=args.older_than)
         for path in removed:
             print(("would remove " if args.dry_run else "removed ") + str(path))
         print(f"{len(removed)} item(s) {'to remove' if args.dry_run else 'removed'}")
         return 0
+    if args.command == "rm":
+        try:
+            for path in rm(cache, args.entry):
+                print(f"removed {path}")
+        except LookupError as err:
+            print(err, file=sys.stderr)
+            return 1
+        return 0
     damaged = 0
     for entry in cache.entries():
         if not entry.complete:
-            print(f"{entry.path}: {describe(entry).status}, resumable")
+            print(f"{entry.path}: {describe(entry).status}")
             continue
-        problems = verify_entry(entry)
-        damaged += bool(problems)
-        for problem in problems:
-            print(problem)
-        if problems and args.repair:
-            for shard in entry.shards():
-                if any(str(entry.path / shard.file) in p for p in problems):
-                    remove_shard(entry, shard.index)
-            print(f"{entry.path}: damaged shards removed; rerun the extraction to recompute them")
-        elif not problems:
+        damage = verify_entry(entry)
+        damaged += bool(damage)
+        for d in damage:
+            print(d)
+        if damage and args.repair:
+            repair(entry, damage)
+            print(f"{entry.path}: damage removed; rerun the extraction to recompute those texts")
+        elif not damage:
             print(f"{entry.path}: ok ({len(entry.shards())} shards)")
     if damaged and not args.repair:
         print(

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-# Bump when the stored numbers or the on-disk layout change: old entries then simply miss.
-FORMAT_VERSION = 1
+# Bump when the stored numbers or the on-disk layout change: old entries then simply miss (and
+# `llmembed-cache ls` reports them, `gc` removes them). 2: entries keyed by the computation only, rows
+# addressed by text hash, shards appended over time.
+FORMAT_VERSION = 2
 
 
 def _feed(h: hashlib._Hash, value: object) -> None:
@@ -64,6 +66,13 @@ def fingerprint(value: object, *, length: int = 32) -> str:
     h = hashlib.sha256()
     _feed(h, value)
     return h.hexdigest()[:length]
+
+
+def text_hashes(texts: Sequence[str]) -> np.ndarray:
+    """(n,) `S32`: the sha256 digest of each text's UTF-8 bytes, exactly as given (before any prompt
+    template is applied; the template is part of the entry's key instead). This is how rows are
+    addressed inside a cache entry: the same string is the same row in every data set."""
+    return np.array([hashlib.sha256(t.encode("utf-8")).digest() for t in texts], dtype="S32")
 
 
 class JsonMemo:

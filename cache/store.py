@@ -2,19 +2,30 @@
 
 Layout under the cache root::
 
-    <key>/spec.json                 readable spec that hashes to <key> (model, tokenizer, dtype, data, ...)
+    <key>/spec.json                 the computation that hashes to <key> (`EntrySpec`): backbone,
+                                    tokenizer, dtypes, max length, truncation side, prompt, format
     <key>/.lock                     one writer per key (flock: the kernel frees it when a process dies)
-    <key>/<sel>/plan.json           which rows go to which shard (fixed at the first start: resumable)
-    <key>/<sel>/shard-00000.h5      a contiguous block of rows, one dataset per pooling
+    <key>/<sel>/shard-00000.h5      a block of rows: emb/<pooling> [rows, layers, hidden] and
+                                    text_sha256 [rows, 32]; attributes `key` and `index`
     <key>/<sel>/shard-00000.json    written after the shard: its rows, bytes and sha256
-    <key>/<sel>/manifest.json       written last, by atomic rename: the entry is complete
+    <key>/<sel>/pending.json        an append in progress: which texts go to which new shard
+    <key>/<sel>/manifest.json       written last, by atomic rename: the shards that count
+    <key>/<sel>/usage.json          which data sets used the entry, and when (best effort)
+
+The data set is not in the key: rows are addressed by the sha256 of their text (`text_hashes`), so
+any split, subset, relabelled or extended file, or plain list of texts is served from what exists,
+and a request computes only the texts an entry lacks, appended as new shards. Labels, splits and
+ids belong to the data set and are joined at read time by text hash.
 
 `<sel>` names which layers and poolings an entry stores. Any complete entry under `<key>` whose
-selection covers a request serves it; the model runs only when none does.
+selection covers a request's layers and poolings serves it; a request for layers or poolings that
+no selection stores makes a new selection (with the configured layers and poolings as well), so a
+sweep over layers after one full extraction never runs the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -23,21 +34,22 @@ import socket
 import stat
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
-from llmembed.cache.keys import file_sha256, fingerprint, write_json_atomic
+from llmembed.cache.keys import FORMAT_VERSION, file_sha256, fingerprint, write_json_atomic
 from llmembed.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")  # stored as int8 codes 0, 1, 2
+SPLITS = ("train", "validation", "test")  # data-set split codes 0, 1, 2 (never stored in shards)
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+HASH_BYTES = 32  # sha256 digest per row
 
 
 class CacheError(UserError, RuntimeError):
@@ -61,11 +73,56 @@ def disk_full(err: BaseException) -> bool:
     return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
 
 
+def hashes_to_hex(hashes: np.ndarray) -> list[str]:
+    return [row.tobytes().hex() for row in as_bytes(hashes)]
+
+
+def hex_to_hashes(values: Sequence[str]) -> np.ndarray:
+    return np.array([bytes.fromhex(v) for v in values], dtype=f"S{HASH_BYTES}").reshape(-1)
+
+
+def as_bytes(hashes: np.ndarray) -> np.ndarray:
+    """(n, 32) uint8 view of (n,) S32 hashes (what a shard stores)."""
+    return (
+        np.ascontiguousarray(hashes, dtype=f"S{HASH_BYTES}").view(np.uint8).reshape(-1, HASH_BYTES)
+    )
+
+
+def from_bytes(raw: np.ndarray) -> np.ndarray:
+    """(n,) S32 from a shard's (n, 32) uint8."""
+    return np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1).view(f"S{HASH_BYTES}")
+
+
+# --- types: what an entry is, what its manifest says ---------------------------------------------
+@dataclass(frozen=True)
+class EntrySpec:
+    """Everything that changes a text's stored vectors, and nothing else: it hashes to the key."""
+
+    backbone: dict  # identity of weights and tokenizer (hub commit, or content hashes)
+    model_type: str
+    compute_dtype: str
+    store_dtype: str
+    max_length: int
+    truncation_side: str
+    prompt: str
+    format_version: int = FORMAT_VERSION
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def key(self) -> str:
+        return fingerprint(self.as_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EntrySpec:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     index: int
-    start: int  # first row (position in dataset order) held by this shard
-    stop: int
+    rows: int
     bytes: int
     sha256: str
 
@@ -74,27 +131,102 @@ class ShardInfo:
         return shard_name(self.index) + ".h5"
 
 
+@dataclass(frozen=True)
+class PoolingInfo:
+    layers: tuple[int, ...]  # hidden-state indices stored for this pooling
+    dtype: str  # stored dtype of emb/<pooling> (float16 by default)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a complete entry holds; `manifest.json`, rewritten (atomically, last) at every append."""
+
+    key: str
+    hidden_size: int
+    num_layers: int
+    layers: tuple[int, ...]
+    poolings: dict[str, PoolingInfo]
+    shards: tuple[ShardInfo, ...]
+    backbone: dict  # name, path, model_type: for people
+    created: str
+    updated: str
+    versions: dict
+    extractions: tuple[dict, ...] = ()  # one record per append: rows, tokens, seconds, energy, ...
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["rows"] = self.rows
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Manifest:
+        return cls(
+            key=d["key"],
+            hidden_size=d["hidden_size"],
+            num_layers=d["num_layers"],
+            layers=tuple(d["layers"]),
+            poolings={
+                p: PoolingInfo(tuple(v["layers"]), v["dtype"]) for p, v in d["poolings"].items()
+            },
+            shards=tuple(ShardInfo(**s) for s in d["shards"]),
+            backbone=d["backbone"],
+            created=d["created"],
+            updated=d["updated"],
+            versions=d["versions"],
+            extractions=tuple(d.get("extractions", ())),
+            format_version=d["format_version"],
+        )
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    """A shard of an append in progress: its index and the hashes of the texts it will hold."""
+
+    index: int
+    hashes: tuple[str, ...]  # hex
+
+
+@dataclass
+class _Index:
+    """Where each stored text lives: sorted hashes with their shard and row."""
+
+    shards: tuple[ShardInfo, ...]
+    sorted_hashes: np.ndarray  # (n,) S32
+    shard_pos: np.ndarray  # (n,) position into `shards`
+    row: np.ndarray  # (n,) row inside that shard
+    all_hashes: np.ndarray = field(repr=False)  # (n,) S32 in stored order
+
+
 class Entry:
     """One stored (key, selection): complete when its manifest exists."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._index: _Index | None = None
 
     @property
     def key(self) -> str:
         return self.path.parent.name
 
     @property
-    def spec(self) -> dict:
-        return json.loads((self.path.parent / "spec.json").read_text())
-
-    @property
-    def about(self) -> dict:
-        """Names for people (data set, backbone); not part of the key."""
+    def spec(self) -> EntrySpec:
+        """The computation this entry holds; it must still hash to the entry's key."""
+        path = self.path.parent / "spec.json"
         try:
-            return json.loads((self.path / "about.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return {}
+            spec = EntrySpec.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CacheError(f"{path} cannot be read ({err}); remove {self.path.parent}") from None
+        if spec.key != self.key:
+            raise CacheError(
+                f"{path} no longer hashes to the key {self.key} (it was changed); remove "
+                f"{self.path.parent} with `llmembed-cache rm {self.key}`"
+            )
+        return spec
 
     @property
     def manifest_path(self) -> Path:
@@ -105,31 +237,56 @@ class Entry:
         return self.manifest_path.is_file()
 
     @property
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         try:
-            return json.loads(self.manifest_path.read_text())
+            raw = json.loads(self.manifest_path.read_text())
         except FileNotFoundError:
             raise CacheError(
                 f"{self.path} is incomplete (no manifest.json); rerun the extraction to finish it "
                 "or remove it with `llmembed-cache gc`"
             ) from None
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise CacheError(
+                f"{self.path} has cache format {raw.get('format_version')}, this llmembed reads "
+                f"{FORMAT_VERSION}; remove old entries with `llmembed-cache gc`"
+            )
+        return Manifest.from_json(raw)
+
+    @property
+    def usage(self) -> dict:
+        """{"datasets": {name: last use}, "last_used": ...}; best effort, for people and gc."""
+        try:
+            return json.loads((self.path / "usage.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def touch(self, dataset: str | None) -> None:
+        """Note a use (by a data set, when named). Lost updates between processes cost nothing but
+        a date; a read-only cache just does not remember."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        usage = self.usage
+        usage["last_used"] = now
+        if dataset:
+            usage.setdefault("datasets", {})[dataset] = now
+        with suppress(OSError):
+            write_json_atomic(self.path / "usage.json", usage)
 
     def covers(self, layers: Sequence[int], poolings: Sequence[str]) -> bool:
         m = self.manifest
         # The pooler exists for the last layer only: it is covered when stored at all.
-        return set(layers) <= set(m["layers"]) and all(p in m["poolings"] for p in poolings)
+        return set(layers) <= set(m.layers) and all(p in m.poolings for p in poolings)
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
 
     def shards(self) -> list[ShardInfo]:
-        return [ShardInfo(**s) for s in self.manifest["shards"]]
+        return list(self.manifest.shards)
 
     # --- reading -------------------------------------------------------------------------------
     def _open(self, shard: ShardInfo) -> h5py.File:
         path = self.path / shard.file
         try:
-            return h5py.File(path, "r")
+            f = h5py.File(path, "r")
         except FileNotFoundError:
             raise CacheError(
                 f"{path} is missing; run `llmembed-cache verify --repair` and rerun the extraction"
@@ -139,43 +296,109 @@ class Entry:
                 f"{path} cannot be read as HDF5 ({err}); run `llmembed-cache verify --repair` "
                 "and rerun the extraction to recompute it"
             ) from None
-
-    def column(self, name: str) -> np.ndarray:
-        """`row_id`, `label` or `split` for every row, in dataset order."""
-        parts = []
-        for shard in self.shards():
-            with self._open(shard) as f:
-                parts.append(self._load(shard, lambda f=f: f[name][:]))
-                self._check_rows(shard, len(parts[-1]))
-        return np.concatenate(parts)
-
-    def read(self, pooling: str, layers: Sequence[int]) -> np.ndarray:
-        """Embeddings `(rows, len(layers), hidden)` as float32, reading only the requested layers."""
-        m = self.manifest
-        if pooling not in m["poolings"]:
-            raise KeyError(
-                f"pooling {pooling!r} is not stored in {self.path}; stored: {sorted(m['poolings'])}"
+        # Two attributes, checked at every open: a shard copied in from another entry, or renamed
+        # within this one, fails here instead of serving another text's numbers.
+        key, index = f.attrs.get("key"), f.attrs.get("index")
+        if key != self.key or index != shard.index:
+            f.close()
+            raise CacheError(
+                f"{path} belongs to entry {key} shard {index}, not to {self.key} shard "
+                f"{shard.index}; run `llmembed-cache verify --repair` and rerun the extraction"
             )
-        stored = m["poolings"][pooling]["layers"]
+        return f
+
+    def index(self) -> _Index:
+        """The hash index of the stored rows (read once per manifest version)."""
+        shards = self.manifest.shards
+        if self._index is not None and self._index.shards == shards:
+            return self._index
+        self.spec  # noqa: B018  (checks that spec.json still hashes to the key)
+        parts = []
+        for shard in shards:
+            with self._open(shard) as f:
+                raw = self._load(shard, lambda f=f: f["text_sha256"][:])
+            self._check_rows(shard, len(raw))
+            parts.append(from_bytes(raw))
+        hashes = np.concatenate(parts) if parts else np.empty(0, dtype=f"S{HASH_BYTES}")
+        shard_pos = np.repeat(np.arange(len(shards)), [s.rows for s in shards])
+        row = np.concatenate([np.arange(s.rows) for s in shards]) if shards else np.empty(0, int)
+        order = np.argsort(hashes, kind="stable")
+        self._index = _Index(shards, hashes[order], shard_pos[order], row[order], hashes)
+        return self._index
+
+    def hashes(self) -> np.ndarray:
+        """(rows,) S32 text hashes of every stored row, in stored order."""
+        return self.index().all_hashes
+
+    @staticmethod
+    def _find(idx: _Index, hashes: np.ndarray) -> np.ndarray:
+        """Positions of `hashes` in the sorted index; -1 where not stored."""
+        if not len(idx.sorted_hashes):
+            return np.full(len(hashes), -1, dtype=np.int64)
+        at = np.searchsorted(idx.sorted_hashes, hashes).clip(max=len(idx.sorted_hashes) - 1)
+        return np.where(idx.sorted_hashes[at] == hashes, at, -1)
+
+    def holds(self, hashes: np.ndarray) -> np.ndarray:
+        """(n,) bool: which of `hashes` the entry stores."""
+        return self._find(self.index(), hashes) >= 0
+
+    def read(
+        self, pooling: str, layers: Sequence[int], hashes: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Embeddings `(rows, len(layers), hidden)` as float32, reading only the requested layers;
+        rows in the order of `hashes` (text hashes, see `text_hashes`), else in stored order."""
+        m = self.manifest
+        if pooling not in m.poolings:
+            raise KeyError(
+                f"pooling {pooling!r} is not stored in {self.path}; stored: {sorted(m.poolings)}"
+            )
+        stored = list(m.poolings[pooling].layers)
         missing = [layer for layer in layers if layer not in stored]
         if missing:
             raise KeyError(f"layers {missing} are not stored for {pooling!r}; stored: {stored}")
+        idx = self.index()
+        if hashes is None:
+            # Every stored row, in stored order.
+            where_shard = np.repeat(np.arange(len(idx.shards)), [s.rows for s in idx.shards])
+            where_row = np.concatenate([np.arange(s.rows) for s in idx.shards] or [[]]).astype(int)
+        else:
+            hashes = np.asarray(hashes, dtype=f"S{HASH_BYTES}")
+            at = self._find(idx, hashes)
+            if (at < 0).any():
+                raise KeyError(
+                    f"{int((at < 0).sum())} of {len(hashes)} requested texts are not stored in "
+                    f"{self.path}; rerun the extraction to add them"
+                )
+            where_shard, where_row = idx.shard_pos[at], idx.row[at]
         # h5py wants increasing indices; read in that order, then put back the order asked for.
-        idx = [stored.index(layer) for layer in layers]
-        order = sorted(set(idx))
-        out = np.empty((m["rows"], len(layers), m["hidden_size"]), dtype=np.float32)
-        for shard in self.shards():
+        col = [stored.index(layer) for layer in layers]
+        order = sorted(set(col))
+        back = [order.index(i) for i in col]
+        # Read the needed shards' layers whole (one contiguous chunk per shard and layer), then pick
+        # the rows in memory: one gather in the stored dtype, one conversion to float32.
+        blocks, offset = [], np.zeros(len(idx.shards), dtype=np.int64)
+        needed = np.bincount(where_shard, minlength=len(idx.shards)) > 0
+        total = 0
+        for s, shard in enumerate(idx.shards):
+            if not needed[s]:
+                continue
             with self._open(shard) as f:
                 ds = self._load(shard, lambda f=f: f["emb"][pooling])
-                expected = (shard.stop - shard.start, len(stored), m["hidden_size"])
+                expected = (shard.rows, len(stored), m.hidden_size)
                 if ds.shape != expected:
                     raise CacheError(
                         f"{self.path / shard.file}: emb/{pooling} has shape {ds.shape}, the manifest "
                         f"says {expected}; run `llmembed-cache verify --repair` and rerun the extraction"
                     )
-                block = self._load(shard, lambda ds=ds: ds[:, order, :])
-            out[shard.start : shard.stop] = block[:, [order.index(i) for i in idx], :]
-        return out
+                blocks.append(self._load(shard, lambda ds=ds: ds[:, order, :]))  # (rows, k, hidden)
+            offset[s], total = total, total + shard.rows
+        if not blocks:
+            return np.empty((0, len(layers), m.hidden_size), dtype=np.float32)
+        stacked = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        picked = np.take(stacked, offset[where_shard] + where_row, axis=0)  # (n, k, hidden)
+        if back != list(range(len(order))):
+            picked = picked[:, back, :]
+        return picked.astype(np.float32)
 
     def _load(self, shard: ShardInfo, read):
         try:
@@ -187,46 +410,74 @@ class Entry:
             ) from None
 
     def _check_rows(self, shard: ShardInfo, n: int) -> None:
-        if n != shard.stop - shard.start:
+        if n != shard.rows:
             raise CacheError(
                 f"{self.path / shard.file} holds {n} rows, the manifest says "
-                f"{shard.stop - shard.start}; run `llmembed-cache verify --repair`"
+                f"{shard.rows}; run `llmembed-cache verify --repair`"
             )
 
 
 class EntryWriter:
-    """Writes one entry shard by shard. Each shard appears under its final name only when complete,
-    so a crash at any moment leaves finished shards (kept on resume) and at most a temporary file."""
+    """Appends shards to one entry; only the holder of the key's lock makes one.
 
-    def __init__(self, entry: Entry, plan: list[tuple[int, int]], *, store_dtype: str):
+    Each shard appears under its final name only when complete, its sidecar after it; the append's
+    plan (`pending.json`) is written before any shard, the manifest last. A crash at any moment
+    leaves the entry as it was (its manifest lists only shards that were complete before), finished
+    new shards (adopted by the next append) and at most a temporary file. Listed shards are never
+    rewritten or removed by an append, so a reader holding the previous manifest reads on."""
+
+    def __init__(self, entry: Entry, *, key: str):
         self.entry = entry
-        self.store_dtype = STORE_DTYPES[store_dtype]
+        self.key = key
         entry.path.mkdir(parents=True, exist_ok=True)
-        plan_path = entry.path / "plan.json"
-        if plan_path.is_file():  # a resumed run keeps the first run's shard boundaries
-            self.plan = [tuple(p) for p in json.loads(plan_path.read_text())["shards"]]
-        else:
-            self.plan = [tuple(p) for p in plan]
-            write_json_atomic(plan_path, {"shards": self.plan})
+
+    @property
+    def _pending_path(self) -> Path:
+        return self.entry.path / "pending.json"
+
+    def pending(self) -> list[PlannedShard]:
+        """The plan of an append that did not finish (empty when none)."""
+        try:
+            raw = json.loads(self._pending_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return []
+        return [PlannedShard(s["index"], tuple(s["hashes"])) for s in raw["shards"]]
+
+    def set_pending(self, shards: list[PlannedShard]) -> None:
+        write_json_atomic(
+            self._pending_path,
+            {"shards": [{"index": s.index, "hashes": list(s.hashes)} for s in shards]},
+        )
+
+    def listed(self) -> list[ShardInfo]:
+        return list(self.entry.manifest.shards) if self.entry.complete else []
 
     def discard_leftovers(self) -> None:
-        """Remove temporary files of killed runs; only for the holder of the key's lock, before
-        any process of its job writes."""
+        """Remove temporary files of killed runs and shard files that neither the manifest nor the
+        pending append names; only for the holder of the key's lock, before anyone of its job writes."""
         for tmp in self.entry.path.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
+        keep = {s.index for s in self.listed()} | {s.index for s in self.pending()}
+        for f in self.entry.path.glob("shard-*.*"):
+            if int(f.stem.split("-")[1]) not in keep:
+                f.unlink(missing_ok=True)
 
     def done(self) -> dict[int, ShardInfo]:
-        """Shards already complete on disk (a sidecar and a file of the recorded size)."""
+        """Shards of the pending append already complete on disk (a sidecar and a file of the
+        recorded size)."""
         out = {}
-        for i, (start, stop) in enumerate(self.plan):
-            side = self.entry.path / (shard_name(i) + ".json")
+        for planned in self.pending():
+            side = self.entry.path / (shard_name(planned.index) + ".json")
             if not side.is_file():
                 continue
             info = ShardInfo(**json.loads(side.read_text()))
             data = self.entry.path / info.file
-            same_rows = (info.start, info.stop) == (start, stop)
-            if same_rows and data.is_file() and data.stat().st_size == info.bytes:
-                out[i] = info
+            if (
+                info.rows == len(planned.hashes)
+                and data.is_file()
+                and data.stat().st_size == info.bytes
+            ):
+                out[planned.index] = info
                 continue
             log.warning("shard %s is damaged or stale; it will be recomputed", data)
         return out
@@ -235,30 +486,20 @@ class EntryWriter:
         self,
         index: int,
         *,
-        row_id: np.ndarray,
-        label: np.ndarray,
-        split: np.ndarray,
+        hashes: np.ndarray,
         emb: dict[str, np.ndarray],
         layers: dict[str, list[int]],
     ) -> ShardInfo:
-        start, stop = self.plan[index]
-        n = stop - start
-        assert len(row_id) == len(label) == len(split) == n
+        n = len(hashes)
         final = self.entry.path / (shard_name(index) + ".h5")
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         try:
-            self._write_file(
-                tmp, n, row_id=row_id, label=label, split=split, emb=emb, layers=layers
-            )
+            self._write_file(tmp, index, n, hashes=hashes, emb=emb, layers=layers)
             # A sidecar from an earlier, damaged copy must not vouch for the new file.
             final.with_suffix(".json").unlink(missing_ok=True)
             os.replace(tmp, final)
             info = ShardInfo(
-                index=index,
-                start=start,
-                stop=stop,
-                bytes=final.stat().st_size,
-                sha256=file_sha256(final),
+                index=index, rows=n, bytes=final.stat().st_size, sha256=file_sha256(final)
             )
             write_json_atomic(final.with_suffix(".json"), info.__dict__)  # now the shard counts
         except BaseException as err:  # an interrupt included: a half-written shard never stays
@@ -272,42 +513,51 @@ class EntryWriter:
             raise
         return info
 
-    def _write_file(self, tmp: Path, n: int, *, row_id, label, split, emb, layers) -> None:
+    def _write_file(self, tmp: Path, index: int, n: int, *, hashes, emb, layers) -> None:
         # fletcher32: HDF5 checks every chunk as it is read, so flipped bytes fail any read.
-        checked = {"chunks": True, "fletcher32": True}
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("row_id", data=row_id.astype(np.int64), **checked)
-            f.create_dataset("label", data=label.astype(np.int64), **checked)
-            f.create_dataset("split", data=split.astype(np.int8), **checked)
+            f.attrs["key"] = self.key
+            f.attrs["index"] = index
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.create_dataset("text_sha256", data=as_bytes(hashes), chunks=True, fletcher32=True)
             group = f.create_group("emb")
             for pooling, arr in emb.items():
                 rows, n_layers, hidden = arr.shape  # (rows, layers, hidden)
                 assert rows == n and n_layers == len(layers[pooling])
-                # An array handed in wider than the store dtype holds values beyond its range
-                # (the extractor widened it): stored as it is, losslessly, never clipped.
-                wide = arr.dtype.itemsize > np.dtype(self.store_dtype).itemsize
-                values = arr.astype(np.float32 if wide else self.store_dtype, copy=False)
-                if not np.isfinite(values).all():
+                # Each pooling is written in its own array's dtype: the store dtype, or float32
+                # where the extractor widened it for values beyond the store dtype's range.
+                if not np.isfinite(arr).all():
                     raise OverflowError(
-                        f"{pooling} embeddings hold NaN or values beyond {values.dtype.name}'s "
-                        "range: the model's own computation overflowed; extract with "
-                        "`extract.dtype=float32` and `extract.store_dtype=float32`"
+                        f"{pooling} embeddings hold NaN or values beyond {arr.dtype}'s range: the "
+                        "model's own computation overflowed; extract with `extract.dtype=float32` "
+                        "and `extract.store_dtype=float32`"
                     )
                 # One chunk per (shard, layer): reading a layer is one contiguous read per shard.
                 ds = group.create_dataset(
-                    pooling, data=values, chunks=(rows, 1, hidden), fletcher32=True
+                    pooling, data=arr, chunks=(rows, 1, hidden), fletcher32=True
                 )
                 ds.attrs["layers"] = np.asarray(layers[pooling], dtype=np.int64)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
 
-    def finish(self, manifest: dict) -> Entry:
-        """Write the manifest last: from this moment on the entry is complete."""
-        shards = self.done()
-        missing = [i for i in range(len(self.plan)) if i not in shards]
-        assert not missing, f"finish() before shards {missing} were written"
-        manifest = {**manifest, "shards": [shards[i].__dict__ for i in range(len(self.plan))]}
-        write_json_atomic(self.entry.manifest_path, manifest)
+    def commit(self, *, base: Manifest | None, fields: dict, extraction: dict) -> Entry:
+        """Write the manifest last: the shards listed before plus every finished pending shard. From
+        this moment on the new rows count; the pending plan is then dropped."""
+        done = self.done()
+        missing = [s.index for s in self.pending() if s.index not in done]
+        assert not missing, f"commit() before shards {missing} were written"
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        old = list(base.shards) if base else []
+        manifest = Manifest(
+            key=self.key,
+            shards=tuple(old + [done[i] for i in sorted(done)]),
+            created=base.created if base else now,
+            updated=now,
+            extractions=(*(base.extractions if base else ()), extraction),
+            **fields,
+        )
+        write_json_atomic(self.entry.manifest_path, manifest.to_json())
+        self._pending_path.unlink(missing_ok=True)
         return self.entry
 
 
@@ -352,29 +602,36 @@ class Cache:
         """Remembered file hashes and model shapes (see `JsonMemo`)."""
         return self.root / "memo.json"
 
-    def find(self, key: str, layers: Sequence[int], poolings: Sequence[str]) -> Entry | None:
-        """A complete entry under `key` that stores all the requested layers and poolings."""
+    def selections(self, key: str, layers: Sequence[int], poolings: Sequence[str]) -> list[Entry]:
+        """Complete entries under `key` that store all the requested layers and poolings."""
         kdir = self.key_dir(key)
         if not kdir.is_dir():
-            return None
+            return []
+        out = []
         for sel in sorted(kdir.iterdir()):
             entry = Entry(sel)
             if sel.is_dir() and entry.complete and entry.covers(layers, poolings):
+                out.append(entry)
+        return out
+
+    def find(
+        self, key: str, layers: Sequence[int], poolings: Sequence[str], hashes: np.ndarray
+    ) -> Entry | None:
+        """A complete entry under `key` that stores the layers and poolings and every text."""
+        for entry in self.selections(key, layers, poolings):
+            if entry.holds(hashes).all():
                 return entry
         return None
 
-    def prepare(
-        self, key: str, spec: dict, layers: Sequence[int], poolings: Sequence[str], *, about: dict
-    ) -> Entry:
-        """The (possibly half-written) entry for a selection; `about` names it for people."""
-        kdir = self.key_dir(key)
+    def prepare(self, spec: EntrySpec, layers: Sequence[int], poolings: Sequence[str]) -> Entry:
+        """The (possibly new or half-written) entry for a selection."""
+        kdir = self.key_dir(spec.key)
         self._make_dir(kdir)
         spec_path = kdir / "spec.json"
         if not spec_path.is_file():
-            write_json_atomic(spec_path, spec)
+            write_json_atomic(spec_path, spec.as_dict())
         entry = Entry(kdir / selection_name(layers, poolings))
         self._make_dir(entry.path)
-        write_json_atomic(entry.path / "about.json", about)
         return entry
 
     def check_writable(self) -> None:
@@ -424,13 +681,30 @@ class Cache:
         finally:
             lock.release()
 
-    def entries(self) -> list[Entry]:
+    def _key_dirs(self) -> list[Path]:
         if not self.root.is_dir():
             return []
         return [
+            k for k in sorted(self.root.iterdir()) if k.is_dir() and (k / "spec.json").is_file()
+        ]
+
+    @staticmethod
+    def _format_of(kdir: Path) -> int | None:
+        try:
+            return json.loads((kdir / "spec.json").read_text()).get("format_version")
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def entries(self) -> list[Entry]:
+        """Entries of this llmembed's format (complete or not)."""
+        return [
             Entry(sel)
-            for kdir in sorted(self.root.iterdir())
-            if kdir.is_dir() and (kdir / "spec.json").is_file()
+            for kdir in self._key_dirs()
+            if self._format_of(kdir) == FORMAT_VERSION
             for sel in sorted(kdir.iterdir())
             if sel.is_dir()
         ]
+
+    def old_format(self) -> list[Path]:
+        """Key folders of another cache format: never read, listed by `ls`, removed by `gc`."""
+        return [k for k in self._key_dirs() if self._format_of(k) != FORMAT_VERSION]

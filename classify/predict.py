@@ -17,18 +17,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from llmembed.cache.store import STORE_DTYPES, Cache
+from llmembed.cache.store import Cache, EntrySpec
 from llmembed.classify.saved import SavedModelError, load_trained
-from llmembed.extract.backbones import (
-    BackboneError,
-    BackboneInfo,
-    inspect_backbone,
-    load_model,
-    load_tokenizer,
-    resolve_source,
-)
-from llmembed.extract.embedder import Extractor
-from llmembed.extract.pipeline import COMPUTE_DTYPES, resolve_device, resolve_token_budget
+from llmembed.extract.backbones import BackboneError, BackboneInfo, inspect_backbone, resolve_source
+from llmembed.extract.embed import embed_texts
+from llmembed.extract.plan import BackboneRef, ExtractPlan, resolve_device
 from llmembed.fuse.features import FeatureError, backbone_config, fuse_blocks
 
 log = logging.getLogger(__name__)
@@ -113,31 +106,35 @@ def inspect_source(source: dict, bb: DictConfig, *, allow_other_weights: bool) -
     return info
 
 
+def source_plan(source: dict, bb: DictConfig, info: BackboneInfo, device: str) -> ExtractPlan:
+    """The plan that computes a saved source's layers as training read them from the cache (the
+    entry spec: dtypes, max length, prompt, storage rounding), storing only its layers and pooling."""
+    spec = EntrySpec.from_dict(source["spec"])
+    layers, pooling = tuple(source["layers"]), source["pooling"]
+    return ExtractPlan(
+        backbone=BackboneRef.from_config(bb),
+        info=info,
+        spec=spec,
+        read_specs=(spec,),
+        layers=layers,
+        poolings=(pooling,),
+        need_layers=layers,
+        need_poolings=(pooling,),
+        device=device,
+        token_budget="auto",
+        shard_mb=64.0,
+        progress=False,
+        # Predict computes in memory; the cache root only keeps a GGUF backbone's converted copy.
+        cache_root=default_memo().parent,
+    )
+
+
 def embed_source(
     source: dict, texts: list[str], device: str, bb: DictConfig, info: BackboneInfo
 ) -> list[np.ndarray]:
     """One block (n, hidden) per layer of a saved source, computed exactly as the cache did."""
-    spec = source["spec"]
-    layers, pooling = source["layers"], source["pooling"]
-    depth = info.num_layers if pooling == "pooler" else max(layers)
-    model = load_model(
-        bb, info, depth=depth, dtype=COMPUTE_DTYPES[spec["compute_dtype"]], device=device
-    )
-    extractor = Extractor(
-        model,
-        load_tokenizer(bb, info),
-        layers=layers,
-        poolings=[pooling],
-        max_length=spec["max_length"],
-        prompt=spec["prompt"],
-        truncation_side=spec["truncation_side"],
-        padding_side=bb.padding_side,
-        token_budget=resolve_token_budget("auto", device, info),
-        device=str(model.get_input_embeddings().weight.device),
-        # Training read these numbers from the cache at its storage precision: round the same way.
-        out_dtype=STORE_DTYPES[spec["store_dtype"]],
-    )
-    values = extractor.embed(texts)[0][pooling].astype(np.float32)  # (n, layers, hidden)
+    emb, _ = embed_texts(source_plan(source, bb, info, device), texts, device)
+    values = emb[source["pooling"]].astype(np.float32)  # (n, layers, hidden)
     return [values[:, j] for j in range(values.shape[1])]
 
 

@@ -7,6 +7,7 @@ sweep optimizes.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import logging
 import time
@@ -14,15 +15,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from llmembed.cache.keys import fingerprint, write_json_atomic
 from llmembed.cache.store import SPLITS
-from llmembed.classify.heads import HEADS
 from llmembed.classify.metrics import evaluate, summarize
 from llmembed.classify.saved import save_trained, write_model_card
+from llmembed.extract.command import extract_command
 from llmembed.extract.datasets import TextDataset, load_dataset, resplit
-from llmembed.fuse.features import block_roles, load_features, parse_sources, resolve_fusion
+from llmembed.extract.pipeline import ExtractResult, extract_texts
+from llmembed.extract.plan import make_plan
+from llmembed.fuse.features import (
+    Source,
+    block_roles,
+    load_features,
+    parse_sources,
+    resolve_fusion,
+)
 from llmembed.meter import Meter
 
 log = logging.getLogger(__name__)
@@ -31,13 +41,52 @@ log = logging.getLogger(__name__)
 ENTRY_COST = ("rows_computed", "wall_s", "cpu_s", "energy_j", "energy_note", "device")
 
 
-def head_params(cfg: DictConfig, feats, seed: int) -> dict:
-    params = OmegaConf.to_container(cfg.head.params, resolve=True) or {}
-    params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-    if cfg.head.name == "llmembed":
-        params["block_sizes"] = tuple(feats.block_sizes)
-        params["block_roles"] = block_roles(feats.sources, feats.source_of_block)
-    return {**params, "random_state": seed}
+def build_head(cfg: DictConfig, feats, seed: int):
+    """The head `head.params` describes, built by Hydra's `instantiate` from its `_target_`: a
+    scikit-learn estimator of your own is a config file (conf/head/*.yaml), not a code change.
+    What depends on the features (the paper's head's block sizes and declared block roles) and the
+    seed are given to estimators whose constructor takes them."""
+    accepted = inspect.signature(get_class(cfg.head.params._target_)).parameters
+    extra = {"random_state": seed}
+    if "block_sizes" in accepted:
+        extra["block_sizes"] = tuple(feats.block_sizes)
+    if "block_roles" in accepted:
+        extra["block_roles"] = block_roles(feats.sources, feats.source_of_block)
+    head = instantiate(
+        cfg.head.params, _convert_="all", **{k: v for k, v in extra.items() if k in accepted}
+    )
+    log.info("head: %r", head)
+    return head
+
+
+def fit_head(head, X, y, validation) -> None:
+    """Our heads take the validation split for early stopping and model choice; others get none."""
+    if "validation" in inspect.signature(head.fit).parameters:
+        head.fit(X, y, validation=validation)
+    else:
+        head.fit(X, y)
+
+
+def probabilities(head, X: np.ndarray, n_classes: int) -> np.ndarray:
+    if hasattr(head, "predict_proba"):
+        return head.predict_proba(X)
+    return np.eye(n_classes)[head.predict(X)]  # predictions are label indices
+
+
+def stored_rows(cfg: DictConfig, src: Source, ds: TextDataset) -> ExtractResult:
+    """The cache entry holding a source's layers for the data set's texts. The policy lives here:
+    with `extract_missing` the extraction stage computes what the cache lacks (only those texts);
+    without, a miss fails at once with the `llmembed-extract` command that fills it."""
+    plan = make_plan(cfg.extract, src.backbone, cfg.cache, need=(list(src.layers), [src.pooling]))
+    command = None
+    if not cfg.extract_missing:
+        section = {"dataset": cfg.dataset, "backbone": src.backbone}
+        command = extract_command(
+            OmegaConf.create({**section, "extract": cfg.extract, "cache": cfg.cache})
+        )
+    return extract_texts(
+        plan, ds.texts, name=ds.name, allow_extract=cfg.extract_missing, fill_command=command
+    )
 
 
 def data_identity(cfg: DictConfig, ds: TextDataset) -> dict:
@@ -81,14 +130,14 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if cfg.head.name not in HEADS:
-        raise ValueError(f"head.name must be one of {sorted(HEADS)}, got {cfg.head.name!r}")
+    if not cfg.head.params.get("_target_"):
+        raise ValueError("head.params._target_ must name the estimator class (see conf/head/)")
     with Meter([torch.cuda.current_device()] if torch.cuda.is_available() else []) as meter:
         sources = parse_sources(cfg.features)
         fusion = resolve_fusion(cfg.features.fusion, cfg.head.name)
         seeds = [int(s) for s in cfg.seeds]
         ds = load_dataset(cfg.dataset)
-        feats = load_features(cfg, sources, ds, allow_extract=cfg.extract_missing)
+        feats = load_features(sources, [stored_rows(cfg, src, ds) for src in sources], ds)
         t_features = time.perf_counter() - t0
         X = feats.fuse(fusion)
         y = feats.labels
@@ -97,9 +146,9 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         runs, heads, t_fit = [], [], 0.0
         for seed in seeds:
             tr, va, te = (splits[seed] == code for code in range(3))
-            head = HEADS[cfg.head.name](**head_params(cfg, feats, seed))
+            head = build_head(cfg, feats, seed)
             t = time.perf_counter()
-            head.fit(X[tr], y[tr], validation=(X[va], y[va]))
+            fit_head(head, X[tr], y[tr], (X[va], y[va]))
             t_fit += time.perf_counter() - t
             runs.append(
                 {
@@ -155,7 +204,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                 "hit": r.hit,
                 "seconds": r.stats.seconds,
                 "texts": r.stats.texts,
-                "entry_cost": {k: r.entry.manifest["extraction"].get(k) for k in ENTRY_COST},
+                "entry_cost": entry_cost(r.entry.manifest),
             }
             for s, r in zip(sources, feats.entries, strict=True)
         ],
@@ -167,7 +216,9 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         },
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    if cfg.save_model:
+    if cfg.save_model and not hasattr(heads[0], "state"):
+        log.warning("%s has no state() to save as safetensors: no model saved", type(heads[0]))
+    elif cfg.save_model:
         model_dir = save_trained(
             out_dir / "model",
             heads[0],
@@ -176,7 +227,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                 "label_names": feats.label_names,
                 "fusion": fusion,
                 "sources": [
-                    saved_source(s, feats.layers[i], r.entry.spec)
+                    saved_source(s, feats.layers[i], r.entry.spec.as_dict())
                     for i, (s, r) in enumerate(zip(sources, feats.entries, strict=True))
                 ],
             },
@@ -185,7 +236,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         meta = json.loads((model_dir / "model.json").read_text())
         write_model_card(model_dir, meta, metrics)
     write_json_atomic(out_dir / "metrics.json", metrics)  # a killed run leaves none, not half
-    write_predictions(out_dir / "predictions.csv", ds, splits[seeds[0]], heads[0].predict_proba(X))
+    proba = probabilities(heads[0], X, len(feats.label_names))
+    write_predictions(out_dir / "predictions.csv", ds, splits[seeds[0]], proba)
     lo, hi = test["accuracy"]["ci"]
     log.info(
         "%s on %s: test accuracy %.4f (95%% CI %.4f-%.4f), macro-F1 %.4f (%d seeds)",
@@ -200,8 +252,17 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     return metrics
 
 
-# The extraction settings a saved model must reproduce at prediction time.
-SPEC_FIELDS = ("compute_dtype", "store_dtype", "max_length", "truncation_side", "prompt")
+def entry_cost(manifest) -> dict:
+    """What making an entry cost, summed over its appends (wall, CPU, energy; rows computed)."""
+    records = manifest.extractions
+    out = {}
+    for k in ENTRY_COST:
+        values = [r.get(k) for r in records]
+        if k in ("energy_note", "device"):
+            out[k] = values[-1] if values else None
+        else:
+            out[k] = None if not values or None in values else round(sum(values), 3)
+    return out
 
 
 def saved_source(source, layers: list[int], spec: dict) -> dict:
@@ -217,7 +278,7 @@ def saved_source(source, layers: list[int], spec: dict) -> dict:
         "role": source.role,
         "layers": layers,
         "pooling": source.pooling,
-        "spec": {k: spec[k] for k in SPEC_FIELDS},
+        "spec": spec,  # the computation to reproduce: dtypes, max length, prompt, ...
     }
 
 

@@ -251,8 +251,11 @@ def load_model(
     kw = info.source.load_kwargs(info.identity.get("commit"), cfg.get("trust_remote_code", False))
     location = info.source.location
     if info.source.kind == "gguf" and converted is not None:
-        location = str(convert_gguf(cfg, info, converted))
-        kw.pop("gguf_file")
+        try:
+            location = str(convert_gguf(cfg, info, converted))
+            kw.pop("gguf_file")
+        except OSError as err:  # a read-only or full cache root: de-quantize in memory instead
+            log.info("cannot keep a converted copy of %s (%s)", info.source.gguf_file, err)
     if depth < info.num_layers:
         kw["num_hidden_layers"] = depth
     if cfg.get("device_map"):  # e.g. "auto": accelerate spreads a model too big for one device

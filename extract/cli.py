@@ -7,7 +7,10 @@ llmembed-extract dataset=file dataset.path=my.csv backbone=local backbone.path=/
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 import hydra
 from omegaconf import DictConfig
@@ -16,14 +19,49 @@ from llmembed.errors import reported
 from llmembed.extract.pipeline import Interrupted, extract
 
 
+@contextmanager
+def stop_on_signals():
+    """SIGINT (Ctrl-C) and SIGTERM (what SLURM and `kill` send) stop the work at the next batch: the
+    shard being built is discarded, the finished ones stay. Yields `check`, to call between batches.
+
+    The handler only takes note: Python runs handlers between any two bytecodes, also inside a
+    garbage-collection callback, where a raised exception is printed and dropped and the run goes on
+    (seen in CI). A second signal raises at once. Only the main thread can own signal handlers, and a
+    signal the process was started to ignore (SIGINT of a background job) stays ignored."""
+    received: list[int] = []
+
+    def check() -> None:
+        if received:
+            err = KeyboardInterrupt()
+            err.signal_name, err.signal_number = signal.Signals(received[0]).name, received[0]
+            raise err
+
+    def handler(signum, frame) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            check()
+
+    watched = []
+    if threading.current_thread() is threading.main_thread():
+        watched = [
+            s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN
+        ]
+    previous = {s: signal.signal(s, handler) for s in watched}
+    try:
+        yield check
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="extract")
 def main(cfg: DictConfig) -> None:
     try:
-        with reported("llmembed-extract"):
-            result = extract(cfg)
+        with reported("llmembed-extract"), stop_on_signals() as check:
+            result = extract(cfg, check_stop=check)
     except Interrupted as stop:
         print(stop, file=sys.stderr)
-        # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        # The shell's convention: 130 for SIGINT, 143 for SIGTERM.
         sys.exit(128 + stop.signal_number)
     print(result.summary())
 

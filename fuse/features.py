@@ -19,10 +19,8 @@ from importlib.resources import files
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from llmembed.cache.store import Entry
 from llmembed.errors import UserError
 from llmembed.extract.datasets import TextDataset
-from llmembed.extract.pipeline import ExtractResult, extract
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +110,7 @@ class Features:
     split: np.ndarray  # (rows,) 0 train, 1 validation, 2 test
     row_ids: np.ndarray
     label_names: list[str]
-    entries: list[ExtractResult] = field(default_factory=list)
+    entries: list = field(default_factory=list)  # per source, what served it (entry, hit, stats)
 
     def fuse(self, fusion: str) -> np.ndarray:
         return fuse_blocks(self.blocks, self.source_of_block, fusion)
@@ -150,50 +148,34 @@ def resolve_fusion(fusion: str, head: str) -> str:
     return fusion
 
 
-def load_features(
-    cfg: DictConfig, sources: list[Source], dataset: TextDataset, *, allow_extract: bool
-) -> Features:
-    """Read every source's layers from the cache (extracting a missing entry when allowed)."""
-    blocks, names, owners, results, all_layers = [], [], [], [], []
-    reference: Entry | None = None
-    for s, src in enumerate(sources):
-        ext_cfg = OmegaConf.create(
-            {
-                "dataset": cfg.dataset,
-                "backbone": src.backbone,
-                "extract": cfg.extract,
-                "cache": cfg.cache,
-            }
-        )
-        res = extract(
-            ext_cfg,
-            dataset=dataset,
-            need=(list(src.layers), [src.pooling]),
-            allow_extract=allow_extract,
-        )
-        results.append(res)
-        layers = [x + (res.entry.manifest["num_layers"] + 1 if x < 0 else 0) for x in src.layers]
-        values = res.entry.read(src.pooling, layers)  # (rows, layers, hidden)
+def load_features(sources: list[Source], stored: list, dataset: TextDataset) -> Features:
+    """Read every source's layers for the data set's texts, from the cache entries `stored` (one per
+    source, each with `.read(pooling, layers)` in the data set's row order and `.entry`, as the
+    extraction stage returns them). Labels, splits and ids come from the data set: the cache
+    holds none. Nothing here runs a model or writes to the cache."""
+    blocks, names, owners, all_layers = [], [], [], []
+    for s, (src, rows) in enumerate(zip(sources, stored, strict=True)):
+        num_layers = rows.entry.manifest.num_layers
+        layers = [x + (num_layers + 1 if x < 0 else 0) for x in src.layers]
+        values = rows.read(src.pooling, layers)  # (rows, layers, hidden)
+        if len(values) != len(dataset):
+            raise FeatureError(
+                f"{rows.entry.path} served {len(values)} rows for {len(dataset)} texts"
+            )
         all_layers.append(layers)
         for j, layer in enumerate(layers):
             blocks.append(values[:, j])
             names.append(f"{src.backbone.name}:{src.pooling}:L{layer}")
             owners.append(s)
-        if reference is None:
-            reference = res.entry
-        elif not np.array_equal(res.entry.column("row_id"), reference.column("row_id")):
-            raise FeatureError(f"{res.entry.path} and {reference.path} hold different rows")
-    assert reference is not None
-    m = reference.manifest
     return Features(
         blocks=blocks,
         block_names=names,
         source_of_block=owners,
         layers=all_layers,
         sources=sources,
-        labels=reference.column("label"),
-        split=reference.column("split"),
-        row_ids=reference.column("row_id"),
-        label_names=m["dataset"]["label_names"],
-        entries=results,
+        labels=dataset.labels,
+        split=dataset.split,
+        row_ids=dataset.row_ids,
+        label_names=dataset.label_names,
+        entries=list(stored),
     )

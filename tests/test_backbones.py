@@ -16,7 +16,7 @@ from llmembed.extract.backbones import (
     load_tokenizer,
     resolve_source,
 )
-from llmembed.extract.pipeline import ConfigError, resolve_poolings
+from llmembed.extract.plan import ConfigError, resolve_poolings
 from tests.test_families import build
 
 

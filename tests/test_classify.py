@@ -62,6 +62,16 @@ def test_a_sweep_over_every_layer_runs_the_model_once(classify_cfg, tmp_path, fo
     assert len(forward_calls) == extraction_batches  # eight more runs, not one more forward pass
 
 
+def test_any_scikit_learn_estimator_is_a_head_config(classify_cfg, tmp_path, forward_calls):
+    cfg = classify_cfg([("llama", [1], "mean")])
+    knn = {"_target_": "sklearn.neighbors.KNeighborsClassifier", "n_neighbors": 3}
+    cfg.head = {"name": "knn", "params": knn}  # what a conf/head/knn.yaml of a user's holds
+    m = train(cfg, tmp_path / "run")
+    assert m["head"] == "knn" and 0 <= m["test"]["accuracy"]["mean"] <= 1
+    assert len(read_rows(tmp_path / "run" / "predictions.csv")) == 60
+    assert not (tmp_path / "run" / "model").exists()  # nothing to save without pickling
+
+
 def test_missing_entry_without_extraction_names_the_command(classify_cfg, tmp_path, forward_calls):
     cfg = classify_cfg([("llama", [1], "mean")], "extract_missing=false", "dataset.limit=40")
     with pytest.raises(MissingEntryError, match=r"make it with:\n  llmembed-extract ") as err:

@@ -46,12 +46,13 @@ def test_multirun_fills_one_entry_per_dataset_and_backbone(
     first = run(*args, cwd=tmp_path, env_root=root)
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("extracted ") == 4
-    assert len(Cache(root).entries()) == 4
+    # One entry per backbone: the second data set's texts are appended to it.
+    assert len(Cache(root).entries()) == 2
     again = run(*args, cwd=tmp_path, env_root=root)
     assert again.stdout.count("cache hit:") == 4
 
     listing = run("llmembed-cache", "ls", cwd=tmp_path, env_root=root).stdout
-    assert listing.count("complete") == 4 and "4 entries" in listing
+    assert listing.count("complete") == 2 and "2 entries" in listing and " 90 " in listing
     assert "first,last,mean,pooler" in listing  # the BERT entries
     assert "0-3" in listing and "0-2" in listing  # all hidden states of each model
 
@@ -79,7 +80,7 @@ def test_verify_finds_damage_and_repair_recomputes_only_that_shard(make_cfg, cap
     root = str(cfg.cache.root)
     assert cache_main(["--root", root, "verify"]) == 0
     shards = res.entry.shards()
-    good = res.entry.read("mean", [0, 3])
+    good = res.read("mean", [0, 3])
     victim = res.entry.path / shards[1].file
     with h5py.File(victim, "r+") as f:  # same size, different numbers: only the checksum can tell
         f["emb"]["mean"][0, 0, 0] += 1
@@ -87,24 +88,42 @@ def test_verify_finds_damage_and_repair_recomputes_only_that_shard(make_cfg, cap
     out = capsys.readouterr().out
     assert f"{victim}: checksum mismatch" in out and "verify --repair" in out
     assert cache_main(["--root", root, "verify", "--repair"]) == 0
-    assert not victim.exists() and not res.entry.complete
+    # The entry stays complete for the other texts; the damaged shard is dropped from it.
+    assert not victim.exists() and res.entry.complete
+    assert [s.index for s in res.entry.shards()] == [s.index for s in shards if s.index != 1]
     again = extract(cfg)
-    assert not again.hit and again.stats.texts == shards[1].stop - shards[1].start
-    np.testing.assert_array_equal(again.entry.read("mean", [0, 3]), good)
+    assert not again.hit and again.stats.texts == shards[1].rows
+    np.testing.assert_array_equal(again.read("mean", [0, 3]), good)
 
 
-def test_gc_removes_incomplete_entries_only(make_cfg, tmp_path, capsys):
+def test_gc_removes_incomplete_old_and_unused_entries_and_rm_one(make_cfg, tmp_path, capsys):
+    import json
+
+    from llmembed.cache.store import EntrySpec
+
     done = extract(make_cfg())
-    partial = Cache(make_cfg().cache.root).prepare(
-        "ab" * 16, {"x": 1}, [0], ["mean"], about={"dataset": "d", "backbone": "b"}
-    )
     root = str(make_cfg().cache.root)
+    spec = EntrySpec({"x": 1}, "llama", "float32", "float16", 8, "right", "{text}")
+    partial = Cache(root).prepare(spec, [0], ["mean"])
+    old = Path(root) / ("cd" * 16)
+    (old / "sel-x").mkdir(parents=True)
+    (old / "spec.json").write_text(json.dumps({"format_version": 1}))
     cache_main(["--root", root, "ls"])
-    assert "incomplete (0/0 shards)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "incomplete (0 shards, resumable)" in out and "old format" in out
+    assert "file" in out and "float32/float16" in out  # the data set that used it, the settings
     assert cache_main(["--root", root, "gc", "--dry-run"]) == 0
-    assert partial.path.exists()
+    assert partial.path.exists() and old.exists()
     assert cache_main(["--root", root, "gc"]) == 0
-    assert not partial.path.exists() and done.entry.complete
+    assert not partial.path.exists() and not old.exists() and done.entry.complete
+    assert cache_main(["--root", root, "gc", "--older-than", "1"]) == 0
+    assert done.entry.complete  # used just now
+    assert cache_main(["--root", root, "gc", "--older-than", "0"]) == 0
+    assert not done.entry.path.exists()
+    again = extract(make_cfg())
+    assert cache_main(["--root", root, "rm", str(again.entry.path.relative_to(root))]) == 0
+    assert not again.entry.path.exists()
+    assert cache_main(["--root", root, "rm", "nothing-such"]) == 1
 
 
 def test_tiny_bert_helper_is_deterministic(tmp_path):

@@ -222,20 +222,17 @@ def test_massive_activations_extract_with_default_settings(tmp_path, tiny_llama,
 
     half = extract(cfg("extract.shard_mb=0.02"))  # several shards, default store_dtype float16
     m = half.entry.manifest
-    assert m["store_dtype"] == "float16" and len(m["shards"]) > 1
-    assert {p: v["dtype"] for p, v in m["poolings"].items()} == {
-        "mean": "float32",
-        "last": "float16",
-    }
+    assert half.entry.spec.store_dtype == "float16" and len(m.shards) > 1
+    assert {p: v.dtype for p, v in m.poolings.items()} == {"mean": "float32", "last": "float16"}
     wide = extract(cfg("extract.store_dtype=float32"))
-    assert wide.entry.manifest["poolings"]["mean"]["dtype"] == "float32"
-    layers = m["layers"]
-    mean = half.entry.read("mean", layers)
+    assert wide.entry.manifest.poolings["mean"].dtype == "float32"
+    layers = list(m.layers)
+    mean = half.read("mean", layers)
     assert np.abs(mean).max() > 1e5
     # Shards (and so batches) differ between the two entries: float32 rounding apart, not more.
-    np.testing.assert_allclose(mean, wide.entry.read("mean", layers), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(mean, wide.read("mean", layers), rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(
-        half.entry.read("last", layers), wide.entry.read("last", layers), rtol=1e-3, atol=1e-4
+        half.read("last", layers), wide.read("last", layers), rtol=1e-3, atol=1e-4
     )
 
 

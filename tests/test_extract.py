@@ -3,14 +3,18 @@
 import json
 import logging
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModel
 
-import llmembed.extract.pipeline as pipeline
+import llmembed.extract.embed as embed
+import llmembed.extract.plan as plan
 from llmembed.cache.store import Cache, CacheError
-from llmembed.extract.pipeline import ConfigError, extract, resolve_dtype
+from llmembed.extract.embedder import Extractor
+from llmembed.extract.pipeline import extract
+from llmembed.extract.plan import ConfigError, resolve_dtype
 from tests.conftest import make_tiny_llama, sentences, write_csv
 
 
@@ -18,31 +22,41 @@ from tests.conftest import make_tiny_llama, sentences, write_csv
 def count_loads(monkeypatch):
     """Count model loads: the one expensive step a cache hit must skip."""
     calls = []
-    real = pipeline.load_model
+    real = embed.load_model
 
     def counting(*args, **kwargs):
         calls.append(kwargs["depth"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "load_model", counting)
+    monkeypatch.setattr(embed, "load_model", counting)
     return calls
 
 
-def test_entry_holds_every_layer_and_pooling_in_dataset_order(make_cfg, tiny_llama, data_csv):
+@pytest.fixture
+def forward_texts(monkeypatch):
+    """Every batch that reaches a model, as its number of texts."""
+    calls = []
+    real = Extractor._forward
+
+    def counting(self, seqs):
+        calls.append(len(seqs))
+        return real(self, seqs)
+
+    monkeypatch.setattr(Extractor, "_forward", counting)
+    return calls
+
+
+def test_entry_holds_every_layer_and_pooling_and_no_data_set_columns(make_cfg, tiny_llama):
     res = extract(make_cfg("extract.store_dtype=float32"))
     assert not res.hit and res.stats.texts == 60
     m = res.entry.manifest
-    assert m["layers"] == [0, 1, 2, 3] and sorted(m["poolings"]) == [
-        "last",
-        "mean",
-    ]  # no BOS "first"
-    assert m["rows"] == 60 and m["dataset"]["label_names"] == ["neg", "pos"]
-    assert sum(m["dataset"]["splits"].values()) == 60 and m["dataset"]["splits"]["test"] == 12
-
-    row_id, label = res.entry.column("row_id"), res.entry.column("label")
-    np.testing.assert_array_equal(row_id, np.arange(60))  # file line order
+    assert m.layers == (0, 1, 2, 3) and sorted(m.poolings) == ["last", "mean"]  # no BOS "first"
+    assert m.rows == 60 and m.poolings["mean"].dtype == "float32"
+    with h5py.File(res.entry.path / m.shards[0].file, "r") as f:
+        # Labels, splits and ids belong to the data set, never to the entry.
+        assert set(f) == {"emb", "text_sha256"} and f["text_sha256"].shape[1] == 32
+        assert f.attrs["key"] == res.entry.key and f.attrs["index"] == 0
     rows = sentences(60)
-    np.testing.assert_array_equal(label, [r[1] == "pos" for r in rows])
 
     # Row 7 against the model run on that text alone: labels and embeddings line up after sorting.
     model = AutoModel.from_pretrained(tiny_llama).eval()
@@ -51,7 +65,7 @@ def test_entry_holds_every_layer_and_pooling_in_dataset_order(make_cfg, tiny_lla
     ids = AutoTokenizer.from_pretrained(tiny_llama)(rows[7][0], return_tensors="pt")
     with torch.inference_mode():
         hs = model(**ids, output_hidden_states=True).hidden_states
-    mean = res.entry.read("mean", [3, 1])
+    mean = res.read("mean", [3, 1])  # the request's rows, in its order
     assert mean.shape == (60, 2, 32) and mean.dtype == np.float32
     np.testing.assert_allclose(mean[7, 0], hs[3][0].mean(0).numpy(), atol=1e-5)
     np.testing.assert_allclose(mean[7, 1], hs[1][0].mean(0).numpy(), atol=1e-5)
@@ -71,11 +85,11 @@ KEYED = [
     "extract.truncation_side=left",
     "extract.store_dtype=float32",
     "extract.dtype=bfloat16",
-    "dataset.seed=1",  # another split
-    "dataset.test_size=0.3",
-    "dataset.limit=40",
 ]
 UNKEYED = [
+    "dataset.seed=1",  # another split: the data set's business, not the entry's
+    "dataset.test_size=0.3",
+    "dataset.limit=40",
     "extract.token_budget=7",
     "backbone.padding_side=left",
     "extract.shard_mb=0.001",
@@ -109,7 +123,7 @@ def test_dtype_auto_reads_an_entry_of_either_dtype(make_cfg, count_loads, made, 
     with caplog.at_level(logging.INFO, logger="llmembed"):
         again = extract(make_cfg("extract.dtype=auto"), allow_extract=False)
     assert again.hit and again.entry.path == first.entry.path and len(count_loads) == 1
-    assert again.entry.spec["compute_dtype"] == made
+    assert again.entry.spec.compute_dtype == made
     own = resolve_dtype("auto", "cpu")
     said = f"serving the entry computed in {made} (this machine would compute {own})"
     assert (said in caplog.text) == (made != own), caplog.text
@@ -119,12 +133,12 @@ def test_dtype_auto_reads_an_entry_of_either_dtype(make_cfg, count_loads, made, 
 def test_dtype_auto_is_bfloat16_where_the_cpu_has_it(monkeypatch, avx512_bf16):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert pipeline.resolve_dtype("auto", "cpu") == ("bfloat16" if avx512_bf16 else "float32")
-    assert pipeline.resolve_dtype("auto", "cuda:0") == "bfloat16"
-    assert pipeline.resolve_dtype("float32", "cuda:0") == "float32"
+    assert plan.resolve_dtype("auto", "cpu") == ("bfloat16" if avx512_bf16 else "float32")
+    assert plan.resolve_dtype("auto", "cuda:0") == "bfloat16"
+    assert plan.resolve_dtype("float32", "cuda:0") == "float32"
 
 
-def test_data_weights_and_tokenizer_are_keyed(make_cfg, tmp_path):
+def test_weights_and_tokenizer_are_keyed_but_not_the_data(make_cfg, tmp_path, forward_texts):
     base = extract(make_cfg())
     rows = sentences(60)
     rows[5] = (rows[5][0] + " good", rows[5][1])  # one text changed
@@ -132,6 +146,12 @@ def test_data_weights_and_tokenizer_are_keyed(make_cfg, tmp_path):
     rows = sentences(60)
     rows[5] = (rows[5][0], "pos" if rows[5][1] == "neg" else "neg")  # one label changed
     other_label = write_csv(tmp_path / "l.csv", rows)
+    forward_texts.clear()
+    changed = extract(make_cfg(f"dataset.path={other_text}"))
+    assert changed.entry.key == base.entry.key and changed.stats.texts == 1
+    assert sum(forward_texts) == 1  # only the changed text ran
+    relabelled = extract(make_cfg(f"dataset.path={other_label}"))
+    assert relabelled.hit and sum(forward_texts) == 1
     other_weights = make_tiny_llama(tmp_path / "llama-seed1", seed=1)
     # Same weights, a tokenizer that adds no BOS token: other ids, other numbers.
     other_tok = make_tiny_llama(tmp_path / "llama-nobos", seed=0)
@@ -140,8 +160,6 @@ def test_data_weights_and_tokenizer_are_keyed(make_cfg, tmp_path):
     (other_tok / "tokenizer.json").write_text(json.dumps(spec))
     keys = {base.entry.key}
     for override in (
-        f"dataset.path={other_text}",
-        f"dataset.path={other_label}",
         f"backbone.path={other_weights}",
         f"backbone.path={other_tok}",
         f"backbone.tokenizer={other_tok}",
@@ -151,9 +169,96 @@ def test_data_weights_and_tokenizer_are_keyed(make_cfg, tmp_path):
         keys.add(res.entry.key)
 
 
+def test_new_splits_subsets_relabelled_and_extended_files_run_only_new_texts(
+    make_cfg, tmp_path, forward_texts
+):
+    """The issue's measure: after a full extraction, another seed, test size, limit or a relabelled
+    copy run the model on no text; a copy with 10 extra rows on exactly those 10."""
+    rows = sentences(60)
+    full = extract(make_cfg())
+    assert sum(forward_texts) == 60
+    reference = full.read("mean", [0, 3])
+    relabelled = write_csv(tmp_path / "relabelled.csv", [(t, "x" + y) for t, y in rows])
+    extra = sentences(70, seed=11)[:10]
+    extended = write_csv(tmp_path / "extended.csv", rows + extra)
+    runs = {}
+    for name, override in [
+        ("seed", "dataset.seed=1"),
+        ("test_size", "dataset.test_size=0.3"),
+        ("limit", "dataset.limit=40"),
+        ("relabelled", f"dataset.path={relabelled}"),
+        ("extended", f"dataset.path={extended}"),
+    ]:
+        before = len(forward_texts), sum(forward_texts)
+        res = extract(make_cfg(override))
+        runs[name] = (res.stats.texts, sum(forward_texts) - before[1])
+        assert res.entry.path == full.entry.path  # one entry serves them all
+    assert runs == {
+        "seed": (0, 0),
+        "test_size": (0, 0),
+        "limit": (0, 0),
+        "relabelled": (0, 0),
+        "extended": (10, 10),
+    }
+    m = full.entry.manifest
+    assert m.rows == 70 and len(m.extractions) == 2 and m.extractions[1]["rows_computed"] == 10
+    # The first 60 rows of the extended file read the very numbers of the first extraction.
+    np.testing.assert_array_equal(
+        extract(make_cfg(f"dataset.path={extended}")).read("mean", [0, 3])[:60], reference
+    )
+    assert {"file"} == set(full.entry.usage["datasets"])
+
+
+def test_a_plain_list_of_texts_and_duplicates_are_served_by_text(make_cfg, forward_texts):
+    from llmembed.extract.pipeline import extract_texts
+    from llmembed.extract.plan import plan_from_config
+
+    cfg = make_cfg("extract.store_dtype=float32")
+    full = extract(cfg)
+    texts = [t for t, _ in sentences(60)]
+    forward_texts.clear()
+    p = plan_from_config(cfg)
+    picked = extract_texts(p, [texts[9], texts[2], texts[9]], name="mine")
+    assert picked.hit and forward_texts == []
+    np.testing.assert_array_equal(picked.read("last", [1, 2]), full.read("last", [1, 2])[[9, 2, 9]])
+    new = ["a brand new text", "another new one", "a brand new text"]
+    res = extract_texts(p, new + texts[:3], name="mine")
+    assert res.stats.texts == 2 and sum(forward_texts) == 2  # each distinct new text once
+    got = res.read("mean", [3])
+    np.testing.assert_array_equal(got[0], got[2])
+    assert res.entry.usage["datasets"].keys() == {"file", "mine"}
+
+
+def test_a_shard_from_another_entry_fails_with_a_clear_error(make_cfg, tmp_path):
+    a = extract(make_cfg())
+    b = extract(make_cfg("extract.max_length=9"))
+    victim = a.entry.path / a.entry.shards()[0].file
+    victim.write_bytes((b.entry.path / b.entry.shards()[0].file).read_bytes())
+    with pytest.raises(CacheError, match=f"{victim} belongs to entry {b.entry.key}"):
+        a.read("mean", [0])
+
+
+def test_a_changed_spec_fails_reads_with_a_clear_error(make_cfg):
+    res = extract(make_cfg())
+    path = res.entry.path.parent / "spec.json"
+    spec = json.loads(path.read_text())
+    path.write_text(json.dumps({**spec, "max_length": 9}))
+    with pytest.raises(CacheError, match="no longer hashes to the key"):
+        type(res.entry)(res.entry.path).read("mean", [0])
+
+
+def test_entries_of_the_old_format_are_ignored(make_cfg, tmp_path):
+    cfg = make_cfg()
+    old = tmp_path / "cache" / ("ab" * 16)
+    (old / "sel-x").mkdir(parents=True)
+    (old / "spec.json").write_text(json.dumps({"format_version": 1}))
+    assert Cache(cfg.cache.root).old_format() == [old]
+    assert extract(cfg).entry.key != old.name and len(Cache(cfg.cache.root).entries()) == 1
+
+
 def test_a_full_entry_serves_narrower_requests_but_not_wider_ones(make_cfg, count_loads):
     narrow = extract(make_cfg("extract.layers=[1,-1]", "extract.poolings=[mean]"))
-    assert narrow.entry.manifest["layers"] == [1, 3]
+    assert narrow.entry.manifest.layers == (1, 3)
     wide = extract(make_cfg())  # needs layers and poolings the narrow entry lacks
     assert not wide.hit and wide.entry.path != narrow.entry.path
     again = extract(make_cfg("extract.layers=[0,2]", "extract.poolings=[last]"))
@@ -173,9 +278,7 @@ def test_a_cut_model_gives_the_full_models_hidden_states(make_cfg, count_loads):
         )
     )
     assert count_loads == [3, 1]  # the second load built only the first layer
-    np.testing.assert_allclose(
-        fresh.entry.read("mean", [1]), full.entry.read("mean", [1]), atol=1e-6
-    )
+    np.testing.assert_allclose(fresh.read("mean", [1]), full.read("mean", [1]), atol=1e-6)
 
 
 def test_a_killed_run_resumes_with_only_the_missing_shards(make_cfg, monkeypatch):
@@ -197,13 +300,16 @@ def test_a_killed_run_resumes_with_only_the_missing_shards(make_cfg, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         extract(make_cfg("extract.shard_mb=0.01"))
     monkeypatch.setattr(EntryWriter, "write_shard", real)
-    plan = json.loads((Cache(make_cfg().cache.root).entries()[0].path / "plan.json").read_text())
+    entry = Cache(make_cfg().cache.root).entries()[0]
+    pending = json.loads((entry.path / "pending.json").read_text())["shards"]
+    assert not entry.complete
     resumed = extract(make_cfg("extract.shard_mb=0.01"))
-    done_before = sum(b - a for a, b in plan["shards"][:2])
+    done_before = sum(len(s["hashes"]) for s in pending[:2])
     assert resumed.stats.texts == 60 - done_before
+    assert not (entry.path / "pending.json").exists()
     for pooling in ("mean", "last"):
         np.testing.assert_array_equal(
-            resumed.entry.read(pooling, [0, 1, 2, 3]), reference.entry.read(pooling, [0, 1, 2, 3])
+            resumed.read(pooling, [0, 1, 2, 3]), reference.read(pooling, [0, 1, 2, 3])
         )
 
 
@@ -220,7 +326,7 @@ def test_bad_settings_fail_before_loading_the_model(make_cfg, count_loads):
 def test_pooler_is_stored_for_an_encoder(make_cfg, tiny_bert):
     res = extract(make_cfg(f"backbone.path={tiny_bert}"))
     m = res.entry.manifest
-    assert m["poolings"]["pooler"]["layers"] == [2]
+    assert m.poolings["pooler"].layers == (2,)
     assert res.entry.read("pooler", [2]).shape == (60, 1, 32)
     with pytest.raises(KeyError, match="layers \\[1\\] are not stored for 'pooler'"):
         res.entry.read("pooler", [1])

@@ -29,9 +29,10 @@ def cfg(tmp_path, *overrides):
         )
 
 
-def probe_accuracy(entry, pooling, layer):
-    x = entry.read(pooling, [layer])[:, 0]
-    y, split = entry.column("label"), entry.column("split")
+def probe_accuracy(c, res, pooling, layer):
+    x = res.read(pooling, [layer])[:, 0]
+    ds = load_dataset(c.dataset)  # labels and splits belong to the data set, joined by text
+    y, split = ds.labels, ds.split
     scaler = StandardScaler().fit(x[split == 0])
     clf = LogisticRegression(C=0.05, max_iter=2000).fit(
         scaler.transform(x[split == 0]), y[split == 0]
@@ -51,35 +52,31 @@ def test_minilm_on_real_mr_learns_the_labels(tmp_path):
     c = cfg(tmp_path, "backbone=minilm", "dataset.limit=1500")
     res = extract(c)
     m = res.entry.manifest
-    assert m["rows"] == 1500 and m["layers"] == list(range(7)) and "pooler" in m["poolings"]
+    assert m.rows == 1500 and m.layers == tuple(range(7)) and "pooler" in m.poolings
     # Labels stay aligned with their embeddings through length sorting: well above chance.
-    assert probe_accuracy(res.entry, "mean", 4) > 0.7
+    assert probe_accuracy(c, res, "mean", 4) > 0.7
     # A stored row equals MiniLM run on that text alone (float16 storage).
     k = 123
     hs = hf_hidden_states(c, _text(c, res, k))
-    np.testing.assert_allclose(
-        res.entry.read("mean", [6])[k, 0], hs[6].mean(0), rtol=2e-3, atol=2e-3
-    )
+    np.testing.assert_allclose(res.read("mean", [6])[k, 0], hs[6].mean(0), rtol=2e-3, atol=2e-3)
 
 
 def _text(c, res, k):
-    """Text of row k, checking that the entry's row k is the data set's row k."""
-    ds = load_dataset(c.dataset)
-    assert ds.row_ids[k] == res.entry.column("row_id")[k]
-    return ds.texts[k]
+    """Text of row k of the request."""
+    return load_dataset(c.dataset).texts[k]
 
 
 def test_smollm2_gguf_full_and_cut_models_agree(tmp_path):
     full = extract(cfg(tmp_path, "backbone=smollm2", "dataset.limit=300"))
     m = full.entry.manifest
-    assert m["layers"] == list(range(31)) and m["hidden_size"] == 576
-    assert sorted(m["poolings"]) == ["first", "last", "mean"]  # a decoder has no pooler
-    assert m["extraction"]["tokens"] > 300 * 10
+    assert m.layers == tuple(range(31)) and m.hidden_size == 576
+    assert sorted(m.poolings) == ["first", "last", "mean"]  # a decoder has no pooler
+    assert m.extractions[-1]["tokens"] > 300 * 10
 
     c = cfg(tmp_path, "backbone=smollm2", "dataset.limit=300")
     hs = hf_hidden_states(c, _text(c, full, 17))
     for layer in (0, 9, 15, 30):  # 30 is the final-normed last layer, as Transformers returns it
-        got = full.entry.read("last", [layer])[17, 0]
+        got = full.read("last", [layer])[17, 0]
         np.testing.assert_allclose(
             got, hs[layer][-1], rtol=5e-3, atol=5e-3 * np.abs(hs[layer]).max()
         )
@@ -88,13 +85,13 @@ def test_smollm2_gguf_full_and_cut_models_agree(tmp_path):
     cut = extract(
         cfg(tmp_path / "cut", "backbone=smollm2", "dataset.limit=300", "extract.layers=[0,1,2,3,4]")
     )
-    assert cut.entry.manifest["layers"] == [0, 1, 2, 3, 4]
-    a, b = cut.entry.read("mean", [1, 4]), full.entry.read("mean", [1, 4])
+    assert cut.entry.manifest.layers == (0, 1, 2, 3, 4)
+    a, b = cut.read("mean", [1, 4]), full.read("mean", [1, 4])
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max())
 
     # bfloat16 (the default where the CPU has it): every layer within cosine 0.999 on average.
     bf16 = extract(cfg(tmp_path, "backbone=smollm2", "dataset.limit=300", "extract.dtype=bfloat16"))
-    cos = cosine(*(e.entry.read("mean", m["layers"]) for e in (full, bf16)))
+    cos = cosine(*(e.read("mean", m.layers) for e in (full, bf16)))
     assert cos.mean(axis=0).min() > 0.999, cos.mean(axis=0)
 
 

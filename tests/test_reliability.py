@@ -18,7 +18,8 @@ import pytest
 
 from llmembed.cache.maintenance import verify_entry
 from llmembed.cache.store import Cache, CacheError
-from llmembed.extract.pipeline import extract, stop_on_signals
+from llmembed.extract.cli import stop_on_signals
+from llmembed.extract.pipeline import extract
 from tests.conftest import file_overrides, sentences, write_csv
 
 POOLINGS = ("mean", "last")  # a decoder with BOS stores no "first"
@@ -47,7 +48,7 @@ else:
     print("READY", flush=True)
     sys.stdin.readline()  # wait for "go", so that several jobs start together
     res = p.extract(cfg)
-    digest = hashlib.sha256(b"".join(res.entry.read(q, res.entry.manifest["layers"]).tobytes()
+    digest = hashlib.sha256(b"".join(res.read(q, res.entry.manifest.layers).tobytes()
                                      for q in ("mean", "last"))).hexdigest()
     print("HIT" if res.hit else "RAN", res.stats.texts, res.entry.path, digest, flush=True)
 """
@@ -85,17 +86,26 @@ def start(mode, args, n=1, **kw):
     return procs if n > 1 else procs[0]
 
 
-def arrays(entry):
-    return {q: entry.read(q, entry.manifest["layers"]) for q in POOLINGS}
+def arrays(res):
+    """Every pooling and layer of a request's texts, in request order."""
+    return {q: res.read(q, res.entry.manifest.layers) for q in POOLINGS}
+
+
+def digest(res) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"".join(a.tobytes() for a in arrays(res).values())).hexdigest()
 
 
 def assert_cache_sound(root):
-    """Every entry is complete and verified, or incomplete and resumable (never half-valid)."""
+    """Every entry is complete and verified (plus, during an append, finished new shards), or
+    incomplete and resumable (never half-valid)."""
     for entry in Cache(root).entries():
         if entry.complete:
             assert verify_entry(entry) == [], entry.path
-        else:
-            assert json.loads((entry.path / "plan.json").read_text())["shards"]
+        pending = entry.path / "pending.json"
+        if pending.is_file():
+            assert "shards" in json.loads(pending.read_text())
         for side in entry.path.glob("shard-*.json"):  # every sidecar vouches for a whole file
             info = json.loads(side.read_text())
             assert (entry.path / f"shard-{info['index']:05d}.h5").stat().st_size == info["bytes"]
@@ -121,7 +131,7 @@ def record(**figures):
 
 def test_kill_9_at_many_moments_then_resume_is_bit_identical(tmp_path, tiny_llama, big_csv):
     reference = extract(_cfg(tmp_path / "ref", big_csv, tiny_llama))
-    expected = arrays(reference.entry)
+    expected = arrays(reference)
     assert len(reference.entry.shards()) >= 10
     root = tmp_path / "killed"
     rng = random.Random(SEED)
@@ -150,7 +160,7 @@ def test_kill_9_at_many_moments_then_resume_is_bit_identical(tmp_path, tiny_llam
     resumed = extract(_cfg(root, big_csv, tiny_llama))
     assert states.count("incomplete") >= KILLS // 3, states  # most kills landed mid-work
     for q in POOLINGS:
-        np.testing.assert_array_equal(arrays(resumed.entry)[q], expected[q])
+        np.testing.assert_array_equal(arrays(resumed)[q], expected[q])
     assert not list(resumed.entry.path.glob(".*.tmp"))
     record(
         kills=KILLS,
@@ -186,6 +196,71 @@ def test_many_jobs_on_one_key_one_computes_all_read_the_same(tmp_path, tiny_llam
     readers = [o[1] for o, line in zip(outs, lines, strict=True) if line[0] == "HIT"]
     assert all("waiting for cache key" in err and "held by pid" in err for err in readers)
     record(concurrent_jobs=JOBS, model_runs=1, identical_arrays=True)
+
+
+def test_kill_9_during_an_append_keeps_the_entry_readable_and_resumes_bit_identical(
+    tmp_path, tiny_llama, big_csv
+):
+    first = write_csv(tmp_path / "first.csv", sentences(160, seed=3)[:80])
+    root = tmp_path / "c"
+    before = arrays(extract(_cfg(root, first, tiny_llama)))
+    reference = extract(_cfg(tmp_path / "ref", big_csv, tiny_llama))
+    p = start("api", job_args(root, big_csv, tiny_llama))
+    wait_for_shards(p, root, len(list(root.glob("*/*/shard-*.json"))) + 2)
+    p.kill()
+    p.wait()
+    assert_cache_sound(root)
+    (entry,) = Cache(root).entries()
+    assert entry.complete and (entry.path / "pending.json").is_file()  # killed mid-append
+    served = extract(_cfg(root, first, tiny_llama), allow_extract=False)  # no data lost
+    for q in POOLINGS:
+        np.testing.assert_array_equal(arrays(served)[q], before[q])
+    resumed = extract(_cfg(root, big_csv, tiny_llama))
+    assert 0 < resumed.stats.texts < 80  # the finished new shards were kept
+    for q in POOLINGS:
+        np.testing.assert_array_equal(arrays(resumed)[q], arrays(reference)[q])
+    assert verify_entry(resumed.entry) == [] and resumed.entry.manifest.rows == 160
+
+
+def test_two_jobs_appending_different_texts_at_once(tmp_path, tiny_llama):
+    rows = sentences(120, seed=5)
+    base = write_csv(tmp_path / "base.csv", rows[:40])
+    a = write_csv(tmp_path / "a.csv", rows[:40] + rows[40:80])
+    b = write_csv(tmp_path / "b.csv", rows[:40] + rows[80:])
+    root = tmp_path / "c"
+    extract(_cfg(root, base, tiny_llama))
+    procs = [launch("api", job_args(root, path, tiny_llama)) for path in (a, b)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "READY"
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    lines = [p.communicate(timeout=300)[0].split() for p in procs]
+    # One writer at a time; the second then computes only what is still missing: its own 40.
+    assert [(line[0], line[1]) for line in lines] == [("RAN", "40"), ("RAN", "40")]
+    assert lines[0][2] == lines[1][2]  # one entry
+    for path, line in zip((a, b), lines, strict=True):
+        assert line[3] == digest(extract(_cfg(tmp_path / f"ref-{path.stem}", path, tiny_llama)))
+    (entry,) = Cache(root).entries()
+    assert entry.manifest.rows == 120 and verify_entry(entry) == []
+
+
+def test_a_reader_during_an_append_reads_on(tmp_path, tiny_llama, big_csv):
+    first = write_csv(tmp_path / "first.csv", sentences(160, seed=3)[:80])
+    root = tmp_path / "c"
+    before = arrays(extract(_cfg(root, first, tiny_llama)))
+    p = start("api", job_args(root, big_csv, tiny_llama))
+    reads = during = 0
+    while p.poll() is None:
+        pending = list(root.glob("*/*/pending.json"))
+        got = extract(_cfg(root, first, tiny_llama), allow_extract=False)  # never waits
+        for q in POOLINGS:
+            np.testing.assert_array_equal(arrays(got)[q], before[q])
+        reads += 1
+        during += bool(pending)
+    out, err = p.communicate()
+    assert p.returncode == 0 and out.startswith("RAN 80"), err[-2000:]
+    assert during >= 1, reads
 
 
 def test_jobs_on_different_keys_do_not_wait_for_each_other(tmp_path, tiny_llama, big_csv):
@@ -234,7 +309,7 @@ def test_damage_is_found_by_verify_and_reads_and_repaired_shard_by_shard(
     cfg = _cfg(tmp_path / "c", data_csv, tiny_llama)
     res = extract(cfg)
     shards = res.entry.shards()
-    good = arrays(res.entry)
+    good = arrays(res)
     victim = res.entry.path / shards[1].file
     if damage == "truncated":
         victim.write_bytes(victim.read_bytes()[: shards[1].bytes // 2])
@@ -251,22 +326,20 @@ def test_damage_is_found_by_verify_and_reads_and_repaired_shard_by_shard(
         m["hidden_size"] = 48
         res.entry.manifest_path.write_text(json.dumps(m))
 
-    problems = verify_entry(res.entry)
+    found = verify_entry(res.entry)
+    assert {d.shard for d in found} == ({None} if damage == "manifest_shape" else {shards[1].index})
+    problems = [str(d) for d in found]
     assert problems and all(str(res.entry.path) in p for p in problems)
     if damage != "manifest_shape":
         assert all(str(victim) in p for p in problems)
     with pytest.raises(CacheError, match="verify --repair"):
-        arrays(res.entry)
+        arrays(res)
     assert cache_main(["--root", str(tmp_path / "c"), "verify", "--repair"]) == 0
     again = extract(cfg)
-    recomputed = (
-        sum(s.stop - s.start for s in shards)
-        if damage == "manifest_shape"
-        else shards[1].stop - shards[1].start
-    )
+    recomputed = sum(s.rows for s in shards) if damage == "manifest_shape" else shards[1].rows
     assert not again.hit and again.stats.texts == recomputed
     for q in POOLINGS:
-        np.testing.assert_array_equal(arrays(again.entry)[q], good[q])
+        np.testing.assert_array_equal(arrays(again)[q], good[q])
     record(damage=damage, found=True, recomputed_rows=again.stats.texts)
 
 
@@ -295,7 +368,7 @@ def test_disk_full_during_a_write_loses_nothing_and_resumes(
     monkeypatch.setattr(h5py.Group, "create_dataset", real)
     resumed = extract(cfg)
     first = json.loads((entry.path / "shard-00000.json").read_text())
-    assert resumed.stats.texts == 60 - (first["stop"] - first["start"])
+    assert resumed.stats.texts == 60 - first["rows"]
     assert verify_entry(resumed.entry) == []
     record(disk_full="ENOSPC injected at the HDF5 write", finished_shards_kept=1)
 
@@ -352,9 +425,8 @@ def test_hostile_names_cannot_write_outside_the_cache_root(tmp_path, tiny_llama,
         )
     )
     assert res.entry.path.is_relative_to(tmp_path / "c") and not outside.exists()
-    assert (
-        res.entry.about["dataset"] == f"../../{outside.name}"
-    )  # kept as data, never used as a path
+    # Kept as data, never used as a path.
+    assert f"../../{outside.name}" in res.entry.usage["datasets"]
 
 
 def test_group_writable_cache(tmp_path, tiny_llama, data_csv):
@@ -390,7 +462,7 @@ def test_a_reader_without_write_access_reads_a_complete_entry(tmp_path, tiny_lla
         got = extract(_cfg(ro, data_csv, tiny_llama))
         assert got.hit and got.entry.path == ro / made.entry.path.relative_to(tmp_path / "rw")
         for q in POOLINGS:
-            np.testing.assert_array_equal(arrays(got.entry)[q], arrays(made.entry)[q])
+            np.testing.assert_array_equal(arrays(got)[q], arrays(made)[q])
         with pytest.raises(PermissionError, match="is not writable"):  # a miss would need to write
             extract(_cfg(ro, data_csv, tiny_llama, "extract.max_length=9"))
     finally:

@@ -88,13 +88,16 @@ def compose_cfg(*args):
 
 
 def arrays(entry):
-    return {q: entry.read(q, entry.manifest["layers"]) for q in POOLINGS}
+    return {q: entry.read(q, entry.manifest.layers) for q in POOLINGS}
 
 
-def without_timings(manifest: dict) -> dict:
-    m = json.loads(json.dumps(manifest))
+def without_timings(manifest) -> dict:
+    m = json.loads(json.dumps(manifest.to_json()))
     m.pop("created")
-    m["extraction"] = {k: v for k, v in m["extraction"].items() if k not in TIMINGS}
+    m.pop("updated")
+    m["extractions"] = [
+        {k: v for k, v in e.items() if k not in TIMINGS | {"at"}} for e in m["extractions"]
+    ]
     for shard in m["shards"]:
         shard.pop(
             "sha256"
@@ -136,8 +139,8 @@ def test_two_processes_make_the_entry_one_process_makes(tmp_path, tiny_llama):
         tmp_path / "one"
     )
     m = entry.manifest
-    assert m["extraction"]["processes"] == 2 and m["extraction"]["rows_computed"] == 120
-    assert len(m["shards"]) >= 4
+    assert m.extractions[-1]["processes"] == 2 and m.extractions[-1]["rows_computed"] == 120
+    assert len(m.shards) >= 4
     assert without_timings(m) == without_timings(single.manifest)
     for q in POOLINGS:
         np.testing.assert_array_equal(arrays(entry)[q], arrays(single)[q])
@@ -210,7 +213,7 @@ def test_submitit_local_multirun_fills_the_cache_like_the_basic_launcher(
 
 def test_runtime_and_energy_are_recorded_honestly(make_cfg, tmp_path):
     res = extract(make_cfg())
-    ex = res.entry.manifest["extraction"]
+    ex = res.entry.manifest.extractions[-1]
     assert ex["processes"] == 1 and ex["wall_s"] > 0 and ex["cpu_s"] > 0 and ex["peak_rss_mb"] > 100
     if (
         ex["energy_j"] is None

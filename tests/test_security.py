@@ -62,7 +62,7 @@ def test_remote_code_is_off_unless_asked(make_cfg, monkeypatch):
 
 def test_long_texts_are_truncated_and_counted(make_cfg):
     res = extract(make_cfg("extract.max_length=8"))
-    rows = res.entry.manifest["extraction"]
+    rows = res.entry.manifest.extractions[-1]
     texts = [r["text"] for r in read_rows(make_cfg().dataset.path)]
     longer = sum(1 for t in texts if len(t.split()) + 1 > 8)  # BOS + one token per word
     assert rows["truncated"] == longer > 0
