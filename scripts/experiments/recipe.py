@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save_file
 
 from llmembed.classify.heads import LogRegHead
 from llmembed.meter import Meter
@@ -163,9 +164,9 @@ def custom_states(cfg, ds) -> tuple[dict[str, np.ndarray], dict]:
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     work = work.with_name(f"{work.name}-{key[:10]}")
     info["work_dir"] = str(work)
-    files = {k: work / f"{k}.npy" for k in VARIANTS}
+    files = {k: work / f"{k}.safetensors" for k in VARIANTS}  # nothing is unpickled
     if all(f.is_file() for f in files.values()) and (work / "info.json").is_file():
-        return {k: np.load(f).astype(np.float32) for k, f in files.items()}, json.loads(
+        return {k: load_file(str(f))["x"].astype(np.float32) for k, f in files.items()}, json.loads(
             (work / "info.json").read_text()
         )
     model = load_model(path, "base", dtype)
@@ -194,7 +195,8 @@ def custom_states(cfg, ds) -> tuple[dict[str, np.ndarray], dict]:
             "padded forward pass (%s BOS): %.1f s", "with" if bos is not None else "no", meter.wall
         )
     for k, f in files.items():  # float16 halves the disk unless a value is beyond its range
-        np.save(f, out[k].astype(np.float16 if np.abs(out[k]).max() < 6e4 else np.float32))
+        wide = np.abs(out[k]).max() >= 6e4
+        save_file({"x": np.ascontiguousarray(out[k], np.float32 if wide else np.float16)}, str(f))
     info["cost"] = cost
     (work / "info.json").write_text(json.dumps(info, indent=1))
     return {k: out[k] for k in VARIANTS}, info
