@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from llmembed.cache.keys import memo_path
 from llmembed.cache.store import STORE_DTYPES, EntrySpec
 from llmembed.errors import UserError
 from llmembed.extract.backbones import BackboneInfo, inspect_backbone
@@ -198,7 +199,7 @@ def make_plan(extract_cfg, backbone_cfg, cache_cfg, *, need=None) -> ExtractPlan
     ex = extract_cfg
     bb = BackboneRef.from_config(backbone_cfg)
     root = Path(str(cache_cfg.root)).expanduser()
-    info = inspect_backbone(bb, root / "memo.json")
+    info = inspect_backbone(bb, memo_path(root))
     if "{text}" not in ex.prompt:
         raise ConfigError(f"extract.prompt must contain {{text}}, got {ex.prompt!r}")
     if ex.truncation_side not in ("left", "right"):
