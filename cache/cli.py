@@ -18,10 +18,12 @@ import sys
 
 from llmembed.cache.maintenance import (
     describe,
+    describe_link,
     describe_old,
     format_table,
     gc,
     repair,
+    repair_key,
     rm,
     verify_entry,
 )
@@ -67,11 +69,19 @@ def _run(args: argparse.Namespace) -> int:
             describe_old(k) for k in cache.old_format()
         ]
         print(format_table(rows, cache.root))
+        for kdir in cache.damaged_keys():
+            print(
+                f"{kdir / 'spec.json'}: cannot be read; `llmembed-cache verify --repair` removes {kdir}"
+            )
+        for link in cache.links():
+            print(describe_link(link))
         return 0
     if args.command == "gc":
         removed = gc(cache, dry_run=args.dry_run, older_than_days=args.older_than)
         for path in removed:
             print(("would remove " if args.dry_run else "removed ") + str(path))
+        for link in cache.links():
+            print("kept " + describe_link(link))
         print(f"{len(removed)} item(s) {'to remove' if args.dry_run else 'removed'}")
         return 0
     if args.command == "rm":
@@ -83,6 +93,14 @@ def _run(args: argparse.Namespace) -> int:
             return 1
         return 0
     damaged = 0
+    for kdir in cache.damaged_keys():
+        damaged += 1
+        print(f"{kdir / 'spec.json'}: cannot be read (truncated or not JSON)")
+        if args.repair:
+            repair_key(cache, kdir)
+            print(f"{kdir}: removed; rerun the extraction to recompute its entries")
+    for link in cache.links():
+        print(describe_link(link))
     for entry in cache.entries():
         if not entry.complete:
             print(f"{entry.path}: {describe(entry).status}")

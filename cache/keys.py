@@ -7,13 +7,18 @@ random fingerprint: a cache that silently misses forever is worse than one that 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import secrets
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from llmembed.errors import UserError
 
 # Bump when the stored numbers or the on-disk layout change: old entries then simply miss (and
 # `llmembed-cache ls` reports them, `gc` removes them). 2: entries keyed by the computation only, rows
@@ -76,20 +81,32 @@ def text_hashes(texts: Sequence[str]) -> np.ndarray:
 
 
 class JsonMemo:
-    """A small JSON file of remembered facts (file hashes, model shapes), shared by processes.
+    """A small JSON file of remembered facts (file hashes, model shapes), shared by one user's
+    processes.
 
-    A lost update between two processes costs only a recomputation, so no lock is taken.
+    A lost update between two processes costs only a recomputation, so no lock is taken. The file is
+    trusted only when it is a regular file (not a link) owned by the user who reads it: in a shared
+    root another user's memo could name any hash for any file, and so any cache key.
     """
 
     def __init__(self, path: Path | None):
         self.path = path
 
     def _load(self) -> dict:
-        if self.path is None or not self.path.is_file():
+        if self.path is None:
             return {}
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return {}  # absent, or a link: nothing remembered
+        try:
+            with os.fdopen(fd, "r") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                    return {}
+                raw = json.load(f)
+            return raw if isinstance(raw, dict) else {}
+        except (OSError, ValueError):
             return {}  # a damaged memo only costs a recomputation
 
     def get(self, key: str):
@@ -105,14 +122,31 @@ class JsonMemo:
             pass  # a read-only cache (a reader on a shared node) just does not remember
 
 
-def file_sha256(path: Path, *, memo: Path | None = None) -> str:
-    """sha256 of a file's bytes; with `memo`, remembered per (path, size, mtime) so that a big weight
-    file is read once, not at every run."""
-    path = Path(path).resolve()
+REHASH_ENV = "LLMEMBED_REHASH"  # set to 1: hash every weight file again, ignoring the memo
+
+
+def memo_path(root: Path) -> Path:
+    """The hash memo of the user running llmembed, in a cache root: one per user, since a memo is
+    trusted only by its owner."""
+    return Path(root) / f"memo-{os.geteuid()}.json"
+
+
+def file_stamp(path: Path) -> str:
+    """What the hash memo trusts about a file: its resolved path, size, mtime, inode and ctime. An
+    in-place write or a rename over the file changes ctime (which users cannot set) or the inode, so
+    weights replaced with the same size and mtime are hashed again."""
     st = path.stat()
-    stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
+
+
+def file_sha256(path: Path, *, memo: Path | None = None) -> str:
+    """sha256 of a file's bytes; with `memo`, remembered per `file_stamp` (path, size, mtime, inode,
+    ctime) so that a big weight file is read once, not at every run. `LLMEMBED_REHASH=1` ignores
+    what the memo remembers."""
+    path = Path(path).resolve()
+    stamp = file_stamp(path)
     known = JsonMemo(memo)
-    digest = known.get(stamp)
+    digest = None if os.environ.get(REHASH_ENV, "") not in ("", "0") else known.get(stamp)
     if digest is None:
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -123,12 +157,56 @@ def file_sha256(path: Path, *, memo: Path | None = None) -> str:
     return digest
 
 
-def write_json_atomic(path: Path, data: object) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
+class EscapeError(UserError, PermissionError):
+    """A path inside the cache root resolves outside it (a planted symbolic link, a `..` name)."""
+
+
+def inside(root: Path, path: Path, *, follow: bool = False) -> Path:
+    """`path`, after checking that it stays inside `root` once every symbolic link on the way to it
+    is resolved. The last component is not followed unless `follow` (for reading): a link there is
+    replaced or removed as a link, never through it. Raises `EscapeError` naming both."""
+    root, path = Path(root), Path(path)
+    real_root = os.path.realpath(root)
+    real = os.path.join(os.path.realpath(path.parent), path.name)
+    if follow:
+        real = os.path.realpath(path)
+    if path.name in ("", ".", "..") or not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise EscapeError(
+            f"{path} leads outside the cache root {root} (a symbolic link or `..` on the way "
+            f"resolves to {real}); llmembed never reads, writes or removes through such a path: "
+            "remove the link"
+        )
+    return path
+
+
+def create_exclusive(target: Path) -> tuple[int, Path]:
+    """A new temporary file beside `target`, for writing and then renaming over it: a random name,
+    created with O_CREAT|O_EXCL|O_NOFOLLOW, so that nothing planted at a predictable name (a symbolic
+    link to someone's file) is ever opened. Returns the open descriptor and the name."""
+    target = Path(target)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def write_json_atomic(path: Path, data: object, *, root: Path | None = None) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of one. The temporary
+    file is created exclusively (see `create_exclusive`); with `root`, `path` must stay inside it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if root is not None:
+        inside(root, path)
+    fd, tmp = create_exclusive(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # replaces a link planted at `path` itself, never its target
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

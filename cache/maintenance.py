@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import h5py
+import numpy as np
 from filelock import Timeout
 
-from llmembed.cache.keys import file_sha256, write_json_atomic
-from llmembed.cache.store import Cache, Entry, key_lock, shard_name
+from llmembed.cache.keys import EscapeError, file_sha256, inside, write_json_atomic
+from llmembed.cache.store import (
+    HASH_BYTES,
+    Cache,
+    CacheError,
+    Entry,
+    ManifestError,
+    key_lock,
+    lock_is_held,
+    shard_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +64,17 @@ def describe(entry: Entry) -> EntryRow:
         settings = f"{s.compute_dtype}/{s.store_dtype} len {s.max_length} {s.truncation_side}"
         if s.prompt != "{text}":
             settings += f" prompt {s.prompt!r}"
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, CacheError):
         settings = "?"
     datasets = ",".join(sorted(usage.get("datasets", {})))
     if entry.complete:
-        m = entry.manifest
+        try:
+            m = entry.manifest
+        except CacheError as err:  # one damaged entry is named, the others are listed
+            return EntryRow(
+                entry.path, "?", settings, None, "?", "?", entry.size_bytes() / 2**20, "",
+                datasets, f"damaged: {err}",
+            )  # fmt: skip
         pending = (entry.path / "pending.json").is_file()
         return EntryRow(
             entry.path,
@@ -83,6 +100,18 @@ def describe_old(kdir: Path) -> EntryRow:
         kdir, "?", "?", None, "?", "?", _folder_mb(kdir), "", "",
         "old format: ignored, `llmembed-cache gc` removes it",
     )  # fmt: skip
+
+
+def describe_link(path: Path) -> str:
+    """A symbolic link where a key or selection folder belongs: reported, never followed."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return (
+        f"{path}: a symbolic link (to {target}), not an entry: llmembed never follows or removes "
+        "it; remove the link yourself if it is not meant to be there"
+    )
 
 
 def format_table(rows: list[EntryRow], root: Path) -> str:
@@ -122,11 +151,16 @@ class Damage:
 
     entry: Path
     shard: int | None
-    kind: str  # missing | size | checksum | unreadable | shape | foreign | manifest
+    # shard: missing | size | checksum | unreadable | shape | layers | hashes | foreign | link
+    # entry: manifest (disagrees with every shard: reset) | unreadable-manifest (removed: the entry
+    # becomes incomplete) | spec (spec.json no longer hashes to the key: the key is removed)
+    kind: str
     detail: str
 
     @property
     def file(self) -> Path:
+        if self.kind == "spec":
+            return self.entry.parent / "spec.json"
         if self.shard is None:
             return self.entry / "manifest.json"
         return self.entry / (shard_name(self.shard) + ".h5")
@@ -136,15 +170,29 @@ class Damage:
 
 
 def verify_entry(entry: Entry) -> list[Damage]:
-    """Problems of a complete entry, each naming a file; empty when every shard matches."""
-    m = entry.manifest
+    """Problems of a complete entry, each naming a file; empty when every shard matches: the spec
+    hashes to the key, the manifest parses and is this entry's, and every shard has its recorded
+    size and sha256, this entry's key and its own index, the manifest's shapes and layers, and
+    text hashes that no other shard holds."""
+    try:
+        entry.spec  # noqa: B018  (spec.json must still hash to the key)
+    except CacheError as err:
+        return [Damage(entry.path, None, "spec", str(err))]
+    try:
+        m = entry.manifest
+    except ManifestError as err:
+        return [Damage(entry.path, None, "unreadable-manifest", str(err))]
     out = []
+    seen: set[bytes] = set()
     for shard in m.shards:
         path = entry.path / shard.file
 
         def bad(kind: str, detail: str, shard=shard) -> None:
             out.append(Damage(entry.path, shard.index, kind, detail))
 
+        if path.is_symlink():
+            bad("link", f"a symbolic link (to {os.readlink(path)}), not a shard written here")
+            continue
         if not path.is_file():
             bad("missing", "missing")
             continue
@@ -162,23 +210,41 @@ def verify_entry(entry: Entry) -> list[Damage]:
                         f"belongs to entry {f.attrs.get('key')} shard {f.attrs.get('index')}",
                     )
                     continue
-                if f["text_sha256"].shape != (shard.rows, 32):
+                if f["text_sha256"].shape != (shard.rows, HASH_BYTES):
                     bad(
                         "shape",
                         f"text_sha256 has shape {f['text_sha256'].shape}, expected ({shard.rows}, 32)",
                     )
+                    continue
+                hashes = {r.tobytes() for r in np.asarray(f["text_sha256"][:])}
+                if len(hashes) != shard.rows or hashes & seen:
+                    bad("hashes", "holds text hashes twice, or ones another shard holds")
+                seen |= hashes
                 for pooling, info in m.poolings.items():
                     want = (shard.rows, len(info.layers), m.hidden_size)
-                    got = f["emb"][pooling].shape
-                    if got != want:
-                        bad("shape", f"emb/{pooling} has shape {got}, expected {want}")
+                    ds = f["emb"][pooling]
+                    if ds.shape != want:
+                        bad("shape", f"emb/{pooling} has shape {ds.shape}, expected {want}")
+                        continue
+                    own = [int(x) for x in ds.attrs.get("layers", [])]
+                    if own != list(info.layers):
+                        bad(
+                            "layers",
+                            f"emb/{pooling} holds layers {own}, the manifest says {list(info.layers)}",
+                        )
         except (OSError, KeyError) as err:
             bad("unreadable", f"unreadable ({err})")
-    # Every shard disagreeing in shape with the manifest: the manifest is what is wrong.
-    shaped = {d.shard for d in out if d.kind == "shape"}
+    # Every shard disagreeing in shape or layers with the manifest: the manifest is what is wrong.
+    shaped = {d.shard for d in out if d.kind in ("shape", "layers")}
     if m.shards and shaped == {s.index for s in m.shards}:
         out = [
-            Damage(entry.path, None, "manifest", "the manifest disagrees with every shard's shapes")
+            Damage(
+                entry.path,
+                None,
+                "manifest",
+                "the manifest disagrees with every shard's shapes or layers; "
+                "`llmembed-cache verify --repair` resets the entry",
+            )
         ]
     return out
 
@@ -186,6 +252,7 @@ def verify_entry(entry: Entry) -> list[Damage]:
 @contextmanager
 def _holding(kdir: Path, *, wait: bool) -> Iterator[bool]:
     """The key's lock (yields False, holding nothing, when busy and not `wait`)."""
+    inside(kdir.parent, kdir / ".lock")
     lock = key_lock(kdir)
     try:
         lock.acquire(timeout=-1 if wait else 0)
@@ -204,17 +271,41 @@ def repair(entry: Entry, damage: list[Damage]) -> None:
     wrong, reset the entry."""
     if not damage:
         return
+    root = entry.root
     with _holding(entry.path.parent, wait=True):
-        if any(d.shard is None for d in damage):
-            shutil.rmtree(entry.path)
+        kinds = {d.kind for d in damage if d.shard is None}
+        if "spec" in kinds:  # every selection of the key was filed under a spec that is not its own
+            _remove_tree(root, entry.path.parent)
+            return
+        if "unreadable-manifest" in kinds:  # the entry becomes incomplete, resumable
+            entry.file("manifest.json").unlink(missing_ok=True)
+            return
+        if kinds:
+            _remove_tree(root, entry.path)
             return
         bad = {d.shard for d in damage}
         m = entry.manifest
         kept = dataclasses.replace(m, shards=tuple(s for s in m.shards if s.index not in bad))
-        write_json_atomic(entry.manifest_path, kept.to_json())  # first: readers stop using them
+        # first: readers stop using them
+        write_json_atomic(entry.file("manifest.json"), kept.to_json(), root=root)
         for index in bad:
             for suffix in (".h5", ".json"):
-                (entry.path / (shard_name(index) + suffix)).unlink(missing_ok=True)
+                entry.file(shard_name(index) + suffix).unlink(missing_ok=True)
+
+
+def repair_key(cache: Cache, kdir: Path) -> None:
+    """Remove a key folder whose spec.json cannot be read, under the key's lock."""
+    with _holding(kdir, wait=True):
+        _remove_tree(cache.root, kdir)
+
+
+def _remove_tree(root: Path, path: Path) -> None:
+    """Remove a folder inside `root`, never through a symbolic link (rmtree removes links inside
+    it as links)."""
+    inside(root, path)
+    if path.is_symlink():
+        raise EscapeError(f"{path} is a symbolic link; llmembed does not remove through links")
+    shutil.rmtree(path)
 
 
 # --- gc and rm -----------------------------------------------------------------------------------
@@ -225,39 +316,71 @@ def _last_use(entry: Entry) -> float | None:
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp()
 
 
+def _removable(entry: Entry, cutoff: float | None) -> bool:
+    """Incomplete, or (with a cutoff) complete and unused since it; a damaged manifest is kept for
+    `verify --repair` to judge."""
+    if not entry.complete:
+        return True
+    if cutoff is None:
+        return False
+    try:
+        used = _last_use(entry)
+    except (CacheError, ValueError):
+        return False
+    return used is not None and used < cutoff
+
+
 def gc(cache: Cache, *, dry_run: bool = False, older_than_days: float | None = None) -> list[Path]:
     """Remove incomplete entries and entries of an old format that no running job holds, leftover
-    temporary files and, with `older_than_days`, complete entries unused for that long."""
+    temporary files and, with `older_than_days`, complete entries unused for that long.
+
+    Symbolic links where key or selection folders belong are never followed or removed (`ls` and
+    `gc` report them); nothing outside the root is removed. Whether an entry may go is decided again
+    once its key's lock is held, so a job that finishes meanwhile keeps its entry. `dry_run` only
+    looks: it creates nothing, no lock file either."""
     removed = []
+
+    def free(kdir: Path):
+        if dry_run:
+            return nullcontext(not lock_is_held(kdir))
+        return _holding(kdir, wait=False)
+
     for kdir in cache.old_format():
-        with _holding(kdir, wait=False) as held:
-            if held:
+        with free(kdir) as held:
+            if held and kdir in cache.old_format():
                 removed.append(kdir)
                 if not dry_run:
-                    shutil.rmtree(kdir)
+                    _remove_tree(cache.root, kdir)
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
     for entry in cache.entries():
-        if entry.complete:
-            for tmp in entry.path.glob(".*.tmp"):
-                removed.append(tmp)
-                if not dry_run:
-                    tmp.unlink(missing_ok=True)
-            used = _last_use(entry)
-            if cutoff is None or used is None or used >= cutoff:
-                continue
-        with _holding(entry.path.parent, wait=False) as held:
+        temps = list(entry.path.glob(".*.tmp")) if entry.complete else []
+        if not temps and not _removable(entry, cutoff):
+            continue
+        with free(entry.path.parent) as held:
             if not held:
                 log.info("%s is being written by a running job: kept", entry.path)
                 continue
+            # A temporary file of no running job (the key's lock is free) is a leftover.
+            for tmp in entry.path.glob(".*.tmp") if entry.complete else ():
+                removed.append(tmp)
+                if not dry_run:
+                    cache.inside(tmp).unlink(missing_ok=True)  # a link itself, never its target
+            # Decided again under the lock: a job may have completed the entry meanwhile.
+            if not _removable(entry, cutoff):
+                continue
             removed.append(entry.path)
             if not dry_run:
-                shutil.rmtree(entry.path)
+                _remove_tree(cache.root, entry.path)
     return removed
 
 
 def rm(cache: Cache, name: str) -> list[Path]:
     """Remove the entries named `name` (as `ls` shows it: `<key>/<sel>`, or a key or a prefix of
     one for all its selections), each with its key's lock held: a running writer finishes first."""
+    if not name.strip("/") or ".." in Path(name).parts:
+        raise LookupError(
+            f"{name!r} is not an entry name; give one as `llmembed-cache ls` shows it"
+        )
     targets = [
         e.path
         for e in cache.entries()
@@ -270,5 +393,5 @@ def rm(cache: Cache, name: str) -> list[Path]:
         )
     with _holding(targets[0].parent, wait=True):
         for path in targets:
-            shutil.rmtree(path)
+            _remove_tree(cache.root, path)
     return targets

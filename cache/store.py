@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -40,9 +41,18 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from filelock import FileLock, Timeout
+from filelock import Timeout
 
-from llmembed.cache.keys import FORMAT_VERSION, file_sha256, fingerprint, write_json_atomic
+from llmembed.cache.keys import (
+    FORMAT_VERSION,
+    EscapeError,
+    create_exclusive,
+    file_sha256,
+    fingerprint,
+    inside,
+    memo_path,
+    write_json_atomic,
+)
 from llmembed.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,8 +66,16 @@ class CacheError(UserError, RuntimeError):
     """A cache entry is damaged or does not match its manifest; the message names the file and the fix."""
 
 
+class ManifestError(CacheError):
+    """A manifest that cannot be parsed or belongs to another entry: repair removes it."""
+
+
 class CacheRootError(UserError, PermissionError):
     """The cache root cannot take new entries; the message says how to point elsewhere."""
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def selection_name(layers: Sequence[int], poolings: Sequence[str]) -> str:
@@ -126,6 +144,12 @@ class ShardInfo:
     bytes: int
     sha256: str
 
+    def __post_init__(self):
+        if not all(_is_count(v) for v in (self.index, self.rows, self.bytes)) or not isinstance(
+            self.sha256, str
+        ):
+            raise ValueError(f"not a shard record: {self}")
+
     @property
     def file(self) -> str:
         return shard_name(self.index) + ".h5"
@@ -190,6 +214,10 @@ class PlannedShard:
     index: int
     hashes: tuple[str, ...]  # hex
 
+    def __post_init__(self):
+        if not _is_count(self.index) or not all(isinstance(h, str) for h in self.hashes):
+            raise ValueError(f"not a planned shard: {self.index!r}")
+
 
 @dataclass
 class _Index:
@@ -214,10 +242,20 @@ class Entry:
         return self.path.parent.name
 
     @property
+    def root(self) -> Path:
+        return self.path.parent.parent
+
+    def file(self, name: str) -> Path:
+        """A file of this entry, checked to stay inside the cache root (no symbolic link on the way
+        leads out of it): every path the store opens, writes or removes comes from here."""
+        return inside(self.root, inside(self.root, self.path) / name)
+
+    @property
     def spec(self) -> EntrySpec:
         """The computation this entry holds; it must still hash to the entry's key."""
         path = self.path.parent / "spec.json"
         try:
+            inside(self.root, path, follow=True)
             spec = EntrySpec.from_dict(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise CacheError(f"{path} cannot be read ({err}); remove {self.path.parent}") from None
@@ -238,27 +276,56 @@ class Entry:
 
     @property
     def manifest(self) -> Manifest:
+        path = self.file("manifest.json")
         try:
-            raw = json.loads(self.manifest_path.read_text())
+            inside(self.root, path, follow=True)
+            raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise CacheError(
                 f"{self.path} is incomplete (no manifest.json); rerun the extraction to finish it "
                 "or remove it with `llmembed-cache gc`"
             ) from None
+        except (OSError, ValueError) as err:  # a link out of the root (EscapeError) included
+            raise ManifestError(
+                f"{path} cannot be read ({err}); run `llmembed-cache verify --repair` (it removes "
+                "the manifest, so the entry becomes incomplete and the next extraction recomputes it)"
+            ) from None
+        if not isinstance(raw, dict):
+            raise ManifestError(
+                f"{path} is not a manifest (a JSON {type(raw).__name__}, not an object); run "
+                "`llmembed-cache verify --repair` (it removes the manifest, so the entry becomes "
+                "incomplete and the next extraction recomputes it)"
+            )
         if raw.get("format_version") != FORMAT_VERSION:
+            got = raw.get("format_version")
             raise CacheError(
-                f"{self.path} has cache format {raw.get('format_version')}, this llmembed reads "
+                f"{self.path} has cache format {got}, this llmembed reads "
                 f"{FORMAT_VERSION}; remove old entries with `llmembed-cache gc`"
             )
-        return Manifest.from_json(raw)
+        try:
+            m = Manifest.from_json(raw)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ManifestError(
+                f"{path} is not a valid manifest ({type(err).__name__}: {err}); run "
+                "`llmembed-cache verify --repair` (it removes the manifest, so the entry becomes "
+                "incomplete and the next extraction recomputes it)"
+            ) from None
+        if m.key != self.key:
+            raise ManifestError(
+                f"{path} belongs to entry {m.key}, not to {self.key} (copied in from another "
+                "entry); run `llmembed-cache verify --repair` and rerun the extraction"
+            )
+        return m
 
     @property
     def usage(self) -> dict:
         """{"datasets": {name: last use}, "last_used": ...}; best effort, for people and gc."""
         try:
-            return json.loads((self.path / "usage.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            path = inside(self.root, self.file("usage.json"), follow=True)
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError):
             return {}
+        return raw if isinstance(raw, dict) else {}
 
     def touch(self, dataset: str | None) -> None:
         """Note a use (by a data set, when named). Lost updates between processes cost nothing but
@@ -269,7 +336,7 @@ class Entry:
         if dataset:
             usage.setdefault("datasets", {})[dataset] = now
         with suppress(OSError):
-            write_json_atomic(self.path / "usage.json", usage)
+            write_json_atomic(self.file("usage.json"), usage, root=self.root)
 
     def covers(self, layers: Sequence[int], poolings: Sequence[str]) -> bool:
         m = self.manifest
@@ -284,13 +351,16 @@ class Entry:
 
     # --- reading -------------------------------------------------------------------------------
     def _open(self, shard: ShardInfo) -> h5py.File:
-        path = self.path / shard.file
+        path = self.file(shard.file)
         try:
+            inside(self.root, path, follow=True)
             f = h5py.File(path, "r")
         except FileNotFoundError:
             raise CacheError(
                 f"{path} is missing; run `llmembed-cache verify --repair` and rerun the extraction"
             ) from None
+        except EscapeError as err:
+            raise CacheError(f"{err}; then run `llmembed-cache verify --repair`") from None
         except OSError as err:
             raise CacheError(
                 f"{path} cannot be read as HDF5 ({err}); run `llmembed-cache verify --repair` "
@@ -384,6 +454,7 @@ class Entry:
                 continue
             with self._open(shard) as f:
                 ds = self._load(shard, lambda f=f: f["emb"][pooling])
+                self.check_layers(shard, pooling, ds, stored)
                 expected = (shard.rows, len(stored), m.hidden_size)
                 if ds.shape != expected:
                     raise CacheError(
@@ -409,6 +480,19 @@ class Entry:
                 "and rerun the extraction to recompute it"
             ) from None
 
+    def check_layers(self, shard: ShardInfo, pooling: str, ds, stored: Sequence[int]) -> None:
+        """The shard's own record of which hidden states `emb/<pooling>` holds must be the
+        manifest's: a manifest whose layer list was edited (reversed, shifted) must not serve one
+        layer's vectors for another."""
+        own = ds.attrs.get("layers")
+        if own is None or [int(x) for x in own] != [int(x) for x in stored]:
+            raise CacheError(
+                f"{self.path / shard.file}: emb/{pooling} holds layers "
+                f"{None if own is None else [int(x) for x in own]}, the manifest "
+                f"{self.manifest_path} says {list(stored)}; run `llmembed-cache verify --repair` "
+                "and rerun the extraction"
+            )
+
     def _check_rows(self, shard: ShardInfo, n: int) -> None:
         if n != shard.rows:
             raise CacheError(
@@ -429,24 +513,26 @@ class EntryWriter:
     def __init__(self, entry: Entry, *, key: str):
         self.entry = entry
         self.key = key
-        entry.path.mkdir(parents=True, exist_ok=True)
+        inside(entry.root, entry.path).mkdir(parents=True, exist_ok=True)
 
     @property
     def _pending_path(self) -> Path:
-        return self.entry.path / "pending.json"
+        return self.entry.file("pending.json")
 
     def pending(self) -> list[PlannedShard]:
         """The plan of an append that did not finish (empty when none)."""
         try:
-            raw = json.loads(self._pending_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return []
-        return [PlannedShard(s["index"], tuple(s["hashes"])) for s in raw["shards"]]
+            path = inside(self.entry.root, self._pending_path, follow=True)
+            raw = json.loads(path.read_text())
+            return [PlannedShard(s["index"], tuple(s["hashes"])) for s in raw["shards"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []  # none, or damaged: the append is planned again
 
     def set_pending(self, shards: list[PlannedShard]) -> None:
         write_json_atomic(
             self._pending_path,
             {"shards": [{"index": s.index, "hashes": list(s.hashes)} for s in shards]},
+            root=self.entry.root,
         )
 
     def listed(self) -> list[ShardInfo]:
@@ -455,23 +541,31 @@ class EntryWriter:
     def discard_leftovers(self) -> None:
         """Remove temporary files of killed runs and shard files that neither the manifest nor the
         pending append names; only for the holder of the key's lock, before anyone of its job writes."""
-        for tmp in self.entry.path.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        folder = inside(self.entry.root, self.entry.path)
+        self.entry.file("x")  # the folder itself must not lead out of the root
+        for tmp in folder.glob(".*.tmp"):
+            inside(self.entry.root, tmp).unlink(missing_ok=True)  # a link is removed, not followed
         keep = {s.index for s in self.listed()} | {s.index for s in self.pending()}
-        for f in self.entry.path.glob("shard-*.*"):
+        for f in folder.glob("shard-*.*"):
             if int(f.stem.split("-")[1]) not in keep:
-                f.unlink(missing_ok=True)
+                inside(self.entry.root, f).unlink(missing_ok=True)
 
     def done(self) -> dict[int, ShardInfo]:
         """Shards of the pending append already complete on disk (a sidecar and a file of the
         recorded size)."""
         out = {}
         for planned in self.pending():
-            side = self.entry.path / (shard_name(planned.index) + ".json")
-            if not side.is_file():
+            side = self.entry.file(shard_name(planned.index) + ".json")
+            if not side.is_file() or side.is_symlink():
                 continue
-            info = ShardInfo(**json.loads(side.read_text()))
-            data = self.entry.path / info.file
+            try:
+                info = ShardInfo(
+                    **json.loads(inside(self.entry.root, side, follow=True).read_text())
+                )
+            except (OSError, ValueError, TypeError) as err:
+                log.warning("sidecar %s is damaged (%s); its shard will be recomputed", side, err)
+                continue
+            data = self.entry.file(info.file)
             if (
                 info.rows == len(planned.hashes)
                 and data.is_file()
@@ -491,19 +585,22 @@ class EntryWriter:
         layers: dict[str, list[int]],
     ) -> ShardInfo:
         n = len(hashes)
-        final = self.entry.path / (shard_name(index) + ".h5")
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        final = self.entry.file(shard_name(index) + ".h5")
+        side = self.entry.file(shard_name(index) + ".json")
+        tmp = None
         try:
-            self._write_file(tmp, index, n, hashes=hashes, emb=emb, layers=layers)
+            fd, tmp = create_exclusive(final)  # random name, O_EXCL|O_NOFOLLOW
+            self._write_file(fd, index, n, hashes=hashes, emb=emb, layers=layers)
             # A sidecar from an earlier, damaged copy must not vouch for the new file.
-            final.with_suffix(".json").unlink(missing_ok=True)
-            os.replace(tmp, final)
+            side.unlink(missing_ok=True)
+            os.replace(tmp, final)  # a link planted at the final name is replaced, not followed
             info = ShardInfo(
                 index=index, rows=n, bytes=final.stat().st_size, sha256=file_sha256(final)
             )
-            write_json_atomic(final.with_suffix(".json"), info.__dict__)  # now the shard counts
+            write_json_atomic(side, info.__dict__, root=self.entry.root)  # now the shard counts
         except BaseException as err:  # an interrupt included: a half-written shard never stays
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
             if disk_full(err):
                 raise CacheError(
                     f"no space left on the device while writing {final}; free space (or move "
@@ -513,32 +610,41 @@ class EntryWriter:
             raise
         return info
 
-    def _write_file(self, tmp: Path, index: int, n: int, *, hashes, emb, layers) -> None:
+    def _write_file(self, fd: int, index: int, n: int, *, hashes, emb, layers) -> None:
+        # HDF5 builds the file in memory (it never opens a name on disk); its bytes go through the
+        # descriptor that was created exclusively. A shard is held in memory anyway, and a full disk
+        # is an ordinary OSError from the write.
         # fletcher32: HDF5 checks every chunk as it is read, so flipped bytes fail any read.
-        with h5py.File(tmp, "w") as f:
-            f.attrs["key"] = self.key
-            f.attrs["index"] = index
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.create_dataset("text_sha256", data=as_bytes(hashes), chunks=True, fletcher32=True)
-            group = f.create_group("emb")
-            for pooling, arr in emb.items():
-                rows, n_layers, hidden = arr.shape  # (rows, layers, hidden)
-                assert rows == n and n_layers == len(layers[pooling])
-                # Each pooling is written in its own array's dtype: the store dtype, or float32
-                # where the extractor widened it for values beyond the store dtype's range.
-                if not np.isfinite(arr).all():
-                    raise OverflowError(
-                        f"{pooling} embeddings hold NaN or values beyond {arr.dtype}'s range: the "
-                        "model's own computation overflowed; extract with `extract.dtype=float32` "
-                        "and `extract.store_dtype=float32`"
-                    )
-                # One chunk per (shard, layer): reading a layer is one contiguous read per shard.
-                ds = group.create_dataset(
-                    pooling, data=arr, chunks=(rows, 1, hidden), fletcher32=True
-                )
-                ds.attrs["layers"] = np.asarray(layers[pooling], dtype=np.int64)
-        with open(tmp, "rb") as fh:
+        with os.fdopen(fd, "wb") as fh:  # closed on any error too
+            name = f"shard-{index}-{os.getpid()}.h5"  # in memory only
+            with h5py.File(name, "w", driver="core", backing_store=False) as f:
+                self._fill(f, index, n, hashes=hashes, emb=emb, layers=layers)
+                f.flush()
+                image = f.id.get_file_image()
+            fh.write(image)
+            fh.flush()
             os.fsync(fh.fileno())
+
+    def _fill(self, f: h5py.File, index: int, n: int, *, hashes, emb, layers) -> None:
+        f.attrs["key"] = self.key
+        f.attrs["index"] = index
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.create_dataset("text_sha256", data=as_bytes(hashes), chunks=True, fletcher32=True)
+        group = f.create_group("emb")
+        for pooling, arr in emb.items():
+            rows, n_layers, hidden = arr.shape  # (rows, layers, hidden)
+            assert rows == n and n_layers == len(layers[pooling])
+            # Each pooling is written in its own array's dtype: the store dtype, or float32
+            # where the extractor widened it for values beyond the store dtype's range.
+            if not np.isfinite(arr).all():
+                raise OverflowError(
+                    f"{pooling} embeddings hold NaN or values beyond {arr.dtype}'s range: the "
+                    "model's own computation overflowed; extract with `extract.dtype=float32` "
+                    "and `extract.store_dtype=float32`"
+                )
+            # One chunk per (shard, layer): reading a layer is one contiguous read per shard.
+            ds = group.create_dataset(pooling, data=arr, chunks=(rows, 1, hidden), fletcher32=True)
+            ds.attrs["layers"] = np.asarray(layers[pooling], dtype=np.int64)
 
     def commit(self, *, base: Manifest | None, fields: dict, extraction: dict) -> Entry:
         """Write the manifest last: the shards listed before plus every finished pending shard. From
@@ -556,15 +662,80 @@ class EntryWriter:
             extractions=(*(base.extractions if base else ()), extraction),
             **fields,
         )
-        write_json_atomic(self.entry.manifest_path, manifest.to_json())
+        write_json_atomic(
+            self.entry.file("manifest.json"), manifest.to_json(), root=self.entry.root
+        )
         self._pending_path.unlink(missing_ok=True)
         return self.entry
 
 
-def key_lock(kdir: Path, mode: int = -1) -> FileLock:
+class KeyLock:
     """The key's lock: flock, which the kernel releases when its process dies, so a killed job never
-    blocks the next. Never the soft (file-exists) fallback: a stale soft lock would block forever."""
-    return FileLock(kdir / ".lock", mode=mode, fallback_to_soft=False)
+    blocks the next (never a soft, file-exists lock: a stale one would block forever). The lock file
+    is opened with O_NOFOLLOW and never truncated: a symbolic link planted at `.lock` is refused
+    instead of creating or emptying the file it points to."""
+
+    def __init__(self, path: Path, mode: int = 0o644):
+        self.path = Path(path)
+        self.mode = mode
+        self._fd: int | None = None
+
+    def acquire(self, timeout: float = -1, poll: float = 0.05) -> None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags, self.mode)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise EscapeError(
+                    f"{self.path} is a symbolic link; llmembed never opens a lock through a link: "
+                    "remove it"
+                ) from None
+            raise
+        with suppress(OSError):
+            if os.fstat(fd).st_uid == os.geteuid():
+                os.fchmod(fd, self.mode)
+        deadline = None if timeout < 0 else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._fd = fd
+                return
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise Timeout(str(self.path)) from None
+                time.sleep(poll)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def key_lock(kdir: Path, mode: int = -1) -> KeyLock:
+    """The lock of the key folder `kdir`."""
+    return KeyLock(kdir / ".lock", mode=0o644 if mode == -1 else mode)
+
+
+def lock_is_held(kdir: Path) -> bool:
+    """Whether a running job holds the key's lock, creating nothing (for `gc --dry-run`): a lock
+    file that does not exist is not held."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(kdir / ".lock", flags)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # a link or an unreadable lock: not ours to judge, keep the entry
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 class Cache:
@@ -589,7 +760,11 @@ class Cache:
             os.umask(old)
 
     def _make_dir(self, path: Path) -> None:
+        if path != self.root:
+            self.inside(path / "x")  # neither it nor a folder on the way leads out of the root
         path.mkdir(parents=True, exist_ok=True)
+        if path != self.root and path.is_symlink():
+            raise EscapeError(f"{path} is a symbolic link; llmembed never follows one: remove it")
         if self.group_writable:
             path.chmod(path.stat().st_mode | stat.S_IRWXG | stat.S_ISGID)
 
@@ -598,20 +773,40 @@ class Cache:
             raise ValueError(f"cache key must be lowercase hex, got {key!r}")
         return self.root / key
 
+    def inside(self, path: Path) -> Path:
+        """`path`, checked not to lead out of the root (see `keys.inside`)."""
+        return inside(self.root, path)
+
+    def links(self) -> list[Path]:
+        """Key and selection folders that are symbolic links: never entries, never followed, never
+        removed by llmembed (`ls` and `gc` report them)."""
+        if not self.root.is_dir():
+            return []
+        out = [k for k in sorted(self.root.iterdir()) if k.is_symlink()]
+        for kdir in sorted(self.root.iterdir()):
+            if kdir.is_dir() and not kdir.is_symlink():
+                out += [s for s in sorted(kdir.iterdir()) if s.is_symlink()]
+        return out
+
     def hash_memo(self) -> Path:
-        """Remembered file hashes and model shapes (see `JsonMemo`)."""
-        return self.root / "memo.json"
+        """Remembered file hashes and model shapes (see `JsonMemo`), one file per user."""
+        return memo_path(self.root)
 
     def selections(self, key: str, layers: Sequence[int], poolings: Sequence[str]) -> list[Entry]:
         """Complete entries under `key` that store all the requested layers and poolings."""
         kdir = self.key_dir(key)
-        if not kdir.is_dir():
+        if not kdir.is_dir() or kdir.is_symlink():
             return []
         out = []
         for sel in sorted(kdir.iterdir()):
             entry = Entry(sel)
-            if sel.is_dir() and entry.complete and entry.covers(layers, poolings):
-                out.append(entry)
+            if not sel.is_dir() or sel.is_symlink() or not entry.complete:
+                continue
+            try:
+                if entry.covers(layers, poolings):
+                    out.append(entry)
+            except ManifestError as err:  # one damaged entry does not stop the others
+                log.warning("skipped: %s", err)
         return out
 
     def find(
@@ -625,21 +820,22 @@ class Cache:
 
     def prepare(self, spec: EntrySpec, layers: Sequence[int], poolings: Sequence[str]) -> Entry:
         """The (possibly new or half-written) entry for a selection."""
-        kdir = self.key_dir(spec.key)
+        kdir = self.inside(self.key_dir(spec.key))
         self._make_dir(kdir)
-        spec_path = kdir / "spec.json"
+        spec_path = self.inside(kdir / "spec.json")
         if not spec_path.is_file():
-            write_json_atomic(spec_path, spec.as_dict())
+            write_json_atomic(spec_path, spec.as_dict(), root=self.root)
         entry = Entry(kdir / selection_name(layers, poolings))
-        self._make_dir(entry.path)
+        self._make_dir(self.inside(entry.path))
+        entry.file("manifest.json")  # the selection folder itself stays inside the root
         return entry
 
     def check_writable(self) -> None:
         """Fail before any work when the root cannot take new entries."""
         try:
             self._make_dir(self.root)
-            probe = self.root / f".write-probe-{os.getpid()}"
-            probe.touch()
+            fd, probe = create_exclusive(self.root / ".write-probe")
+            os.close(fd)
             probe.unlink()
         except OSError as err:
             raise CacheRootError(
@@ -650,8 +846,9 @@ class Cache:
     @contextmanager
     def lock(self, key: str, *, poll_log_s: float = 30.0) -> Iterator[None]:
         """Hold the key's lock; while waiting, say who holds it."""
-        kdir = self.key_dir(key)
+        kdir = self.inside(self.key_dir(key))
         self._make_dir(kdir)
+        self.inside(kdir / ".lock")
         lock = key_lock(kdir, mode=0o664 if self.group_writable else -1)
         owner = kdir / ".lock.owner.json"
         waited = 0.0
@@ -676,6 +873,7 @@ class Cache:
             write_json_atomic(
                 owner,
                 {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%c")},
+                root=self.root,
             )
             yield
         finally:
@@ -685,26 +883,36 @@ class Cache:
         if not self.root.is_dir():
             return []
         return [
-            k for k in sorted(self.root.iterdir()) if k.is_dir() and (k / "spec.json").is_file()
+            k
+            for k in sorted(self.root.iterdir())
+            if k.is_dir() and not k.is_symlink() and (k / "spec.json").exists()
         ]
 
     @staticmethod
-    def _format_of(kdir: Path) -> int | None:
+    def _format_of(kdir: Path) -> int | str | None:
+        """The key's cache format; "damaged" where its spec.json cannot be read."""
         try:
-            return json.loads((kdir / "spec.json").read_text()).get("format_version")
-        except (OSError, json.JSONDecodeError):
-            return None
+            raw = json.loads((kdir / "spec.json").read_text())
+        except (OSError, ValueError):
+            return "damaged"
+        return raw.get("format_version") if isinstance(raw, dict) else "damaged"
 
     def entries(self) -> list[Entry]:
-        """Entries of this llmembed's format (complete or not)."""
+        """Entries of this llmembed's format (complete or not); symbolic links are not entries."""
         return [
             Entry(sel)
             for kdir in self._key_dirs()
             if self._format_of(kdir) == FORMAT_VERSION
             for sel in sorted(kdir.iterdir())
-            if sel.is_dir()
+            if sel.is_dir() and not sel.is_symlink()
         ]
 
     def old_format(self) -> list[Path]:
         """Key folders of another cache format: never read, listed by `ls`, removed by `gc`."""
-        return [k for k in self._key_dirs() if self._format_of(k) != FORMAT_VERSION]
+        return [
+            k for k in self._key_dirs() if self._format_of(k) not in (FORMAT_VERSION, "damaged")
+        ]
+
+    def damaged_keys(self) -> list[Path]:
+        """Key folders whose spec.json cannot be read: `verify` names them, `--repair` removes them."""
+        return [k for k in self._key_dirs() if self._format_of(k) == "damaged"]

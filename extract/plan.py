@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from llmembed.cache.keys import memo_path
 from llmembed.cache.store import STORE_DTYPES, EntrySpec
 from llmembed.errors import UserError
 from llmembed.extract.backbones import BackboneInfo, inspect_backbone
@@ -114,6 +115,67 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def check_device(name) -> str:
+    """auto, cpu, cuda, cuda:N or mps, and present on this machine: checked before any model is
+    loaded (a missing GPU would otherwise fail only after loading the weights)."""
+    name = str(name)
+    kind, _, number = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (
+        number and (kind != "cuda" or not number.isdigit())
+    ):
+        raise ConfigError(f"extract.device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"extract.device={name} but this machine has no usable CUDA GPU (torch "
+                f"{torch.__version__}, CUDA {torch.version.cuda or 'not built in'}); use "
+                "extract.device=cpu or auto"
+            )
+        if number and int(number) >= torch.cuda.device_count():
+            raise ConfigError(
+                f"extract.device={name} but this machine has {torch.cuda.device_count()} CUDA "
+                f"GPU(s) (cuda:0-cuda:{torch.cuda.device_count() - 1}); use one of them or auto"
+            )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"extract.device={name} but MPS is not available; use cpu or auto")
+    return name
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_settings(ex) -> None:
+    """Settings that would otherwise be reinterpreted silently (1.5 read as layer 1), or fail late
+    (no truncation then a crash, a division by zero): each is refused before any model is loaded."""
+    if not _is_int(ex.max_length) or ex.max_length < 1:
+        raise ConfigError(
+            f"extract.max_length must be a positive number of tokens, got {ex.max_length!r}"
+        )
+    shard_mb = ex.shard_mb
+    if not isinstance(shard_mb, (int, float)) or isinstance(shard_mb, bool) or not shard_mb > 0:
+        raise ConfigError(f"extract.shard_mb must be a positive number of MB, got {shard_mb!r}")
+    budget = ex.token_budget
+    if budget != "auto" and (not _is_int(budget) or budget < 1):
+        raise ConfigError(
+            f"extract.token_budget must be auto or a positive integer, got {budget!r}"
+        )
+    layers = ex.layers
+    if layers != "all" and not isinstance(layers, (str, int, float)):
+        odd = [x for x in layers if not _is_int(x)]
+        if odd:
+            raise ConfigError(
+                f"extract.layers must be 'all' or a list of whole layer indices, got {odd} in "
+                f"{list(layers)}; write e.g. [1,2]"
+            )
+    poolings = ex.poolings
+    if poolings != "all" and not isinstance(poolings, str) and len(poolings) == 0:
+        raise ConfigError(
+            "extract.poolings is empty; give 'all' or a list of poolings, e.g. [mean,last]"
+        )
+    check_device(ex.device)
+
+
 def native_bf16(device: str) -> bool:
     """Whether `device` multiplies bfloat16 in hardware (GPUs; x86 CPUs with AVX512-BF16 or AMX).
 
@@ -140,7 +202,7 @@ def resolve_token_budget(value, device: str, info: BackboneInfo | None = None) -
     faster than 16384 for SmolLM2). On a GPU `auto` sizes batches to half of the free memory, so that
     jobs sharing a card fit beside each other; out-of-memory still halves it."""
     if value != "auto":
-        if int(value) < 1:
+        if not _is_int(value) or value < 1:
             raise ConfigError(
                 f"extract.token_budget must be auto or a positive integer, got {value!r}"
             )
@@ -159,9 +221,14 @@ def resolve_token_budget(value, device: str, info: BackboneInfo | None = None) -
 def resolve_layers(requested, num_layers: int, name: str) -> list[int]:
     if requested == "all":
         return list(range(num_layers + 1))
-    if isinstance(requested, (str, int)) or not requested:
+    if isinstance(requested, (str, int, float)) or not requested:
         raise ConfigError(
             f"extract.layers must be 'all' or a list of layer indices, got {requested!r}"
+        )
+    odd = [x for x in requested if not _is_int(x)]
+    if odd:
+        raise ConfigError(
+            f"layers must be whole layer indices, got {odd} in {list(requested)}; write e.g. [1,2]"
         )
     layers = sorted({int(x) + (num_layers + 1 if int(x) < 0 else 0) for x in requested})
     bad = [x for x in requested if not -(num_layers + 1) <= int(x) <= num_layers]
@@ -177,6 +244,10 @@ def resolve_poolings(requested, info: BackboneInfo, name: str) -> list[str]:
     if requested == "all":
         return list(info.poolings)
     requested = [requested] if isinstance(requested, str) else list(requested)
+    if not requested:
+        raise ConfigError(
+            f"no pooling requested for {name}; give 'all' or a list, e.g. {list(info.poolings)}"
+        )
     if "first" in requested and info.constant_first:
         raise ConfigError(
             f"pooling 'first' of {name} ({info.model_type}) is the state of the BOS token that its "
@@ -198,9 +269,10 @@ def make_plan(extract_cfg, backbone_cfg, cache_cfg, *, need=None) -> ExtractPlan
     `need` (layer indices, poolings) is what an existing entry must cover; by default what
     `extract` asks to store. A new entry stores the union of both."""
     ex = extract_cfg
+    check_settings(ex)  # before anything is read or loaded
     bb = BackboneRef.from_config(backbone_cfg)
     root = Path(str(cache_cfg.root)).expanduser()
-    info = inspect_backbone(bb, root / "memo.json")
+    info = inspect_backbone(bb, memo_path(root))
     if "{text}" not in ex.prompt:
         raise ConfigError(f"extract.prompt must contain {{text}}, got {ex.prompt!r}")
     if ex.truncation_side not in ("left", "right"):

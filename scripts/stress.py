@@ -6,6 +6,13 @@
 It runs the reliability, security and bad-input tests of the suite with larger settings (they read
 LLMEMBED_STRESS_* variables), so the stress run and the suite check the same properties; each test
 asserts that no complete data is lost and that resumed results are bit-identical.
+
+    .venv/bin/python scripts/stress.py --only security  # just the hostile-root tests (a minute)
+
+The security figures: symbolic links planted at every temporary, lock, manifest and shard name,
+linked key and selection folders and `..` names ("escapes tried / escaped"), and metadata tampering
+(a swapped shard, a reversed layer list, an edited spec, a truncated manifest, ...), each of which a
+read and `verify` must detect.
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--only", choices=["security"], help="run only tests/test_security.py (the hostile root)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         report, junit = Path(tmp) / "figures.jsonl", Path(tmp) / "junit.xml"
@@ -65,6 +75,8 @@ def main() -> int:
             "tests/test_cli.py",
             "tests/test_classify.py",
         ]
+        if args.only == "security":
+            tests = ["tests/test_security.py"]
         run = subprocess.run(
             [
                 sys.executable,
@@ -99,6 +111,8 @@ def main() -> int:
     jobs = next((f for f in figures if "concurrent_jobs" in f), {})
     damage = [f["damage"] for f in figures if "damage" in f]
     signals = [f["signal"] for f in figures if "signal" in f]
+    escapes = [f for f in figures if "escapes" in f]
+    tampering = [f for f in figures if "tampering" in f]
     bad = Counter(v for k, v in outcome.items() if any(b in k for b in BAD_INPUT_TESTS))
     failed = [k for k, v in outcome.items() if v == "failed"]
     print("\n== llmembed stress figures")
@@ -127,6 +141,19 @@ def main() -> int:
     )
     print(
         f"bad inputs tried:            {sum(bad.values())} ({bad['passed']} gave their specific error)"
+    )
+    tried = sum(f["tried"] for f in escapes)
+    escaped = sum(f["escaped"] for f in escapes)
+    # A failing escape test records nothing: count its cases as escaped, not as absent.
+    escape_failures = [k for k in failed if "link" in k or "dot_dot" in k]
+    print(
+        f"escapes tried / escaped:     {tried} / {escaped + len(escape_failures)} "
+        f"({len(escapes)} cases: {', '.join(sorted({f['escapes'] for f in escapes}))})"
+    )
+    tamper_cases = [k for k in outcome if "tampered_metadata" in k]
+    print(
+        f"metadata tampering cases detected: {len(tampering)} of {len(tamper_cases)} "
+        f"({', '.join(f['tampering'] for f in tampering)})"
     )
     print(f"data lost:                   {0 if not failed else 'see failures'}")
     if failed:

@@ -202,3 +202,85 @@ def test_names_cannot_place_sweep_folders_outside_the_sweep(tmp_path, tiny_llama
     jobs = [p.name for p in sweep.iterdir() if p.is_dir()]
     assert jobs == ["0__.._.._outside_X_local"], jobs
     assert not (tmp_path / "outside").exists() and not (tmp_path / "runs" / "outside").exists()
+
+
+def _incomplete(root, key="ef" * 16):
+    """A key folder of this format with one incomplete selection (as a killed first run leaves)."""
+    from llmembed.cache.store import EntrySpec
+
+    spec = EntrySpec({"x": key}, "llama", "float32", "float16", 8, "right", "{text}")
+    return Cache(root).prepare(spec, [0], ["mean"])
+
+
+def test_gc_dry_run_creates_nothing(make_cfg, tmp_path):
+    import json
+
+    root = tmp_path / "root"
+    partial = _incomplete(root)
+    old = root / ("cd" * 16)
+    (old / "sel-x").mkdir(parents=True)
+    (old / "spec.json").write_text(json.dumps({"format_version": 1}))
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    assert cache_main(["--root", str(root), "gc", "--dry-run"]) == 0
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no .lock anywhere
+    assert partial.path.exists() and old.exists()
+
+
+def test_gc_never_follows_a_linked_key_or_selection_folder(tmp_path, capsys):
+    root = tmp_path / "root"
+    mine = _incomplete(root, "aa" * 16)
+    # Outside the root: what looks like a key with an incomplete entry, and a plain folder.
+    elsewhere = tmp_path / "elsewhere"
+    looks_like = _incomplete(elsewhere, "bb" * 16)
+    victim_dir = tmp_path / "victim"
+    (victim_dir / "sub").mkdir(parents=True)
+    (victim_dir / "sub" / "data.txt").write_text("precious")
+    key_link = root / ("bb" * 16)
+    key_link.symlink_to(looks_like.path.parent, target_is_directory=True)
+    sel_link = mine.path.parent / "sel-000000000000"
+    sel_link.symlink_to(victim_dir, target_is_directory=True)
+    outside_before = sorted(str(p) for p in tmp_path.rglob("*") if not p.is_relative_to(root))
+    for args in (["gc", "--dry-run"], ["gc"], ["gc", "--older-than", "0"], ["ls"], ["verify"]):
+        assert cache_main(["--root", str(root), *args]) in (0, 1)  # no traceback
+        out = capsys.readouterr().out
+        assert f"{key_link}: a symbolic link" in out and f"{sel_link}: a symbolic link" in out
+    assert sorted(str(p) for p in tmp_path.rglob("*") if not p.is_relative_to(root)) == (
+        outside_before
+    )
+    assert looks_like.path.is_dir() and (victim_dir / "sub" / "data.txt").read_text() == "precious"
+    assert not (looks_like.path.parent / ".lock").exists() and not (victim_dir / ".lock").exists()
+    assert key_link.is_symlink() and sel_link.is_symlink()  # reported, left for the user
+
+
+def test_gc_decides_again_under_the_lock(make_cfg, monkeypatch):
+    """A job that completes the entry between gc's look and gc's lock keeps its entry."""
+    import llmembed.cache.maintenance as maintenance
+
+    done = extract(make_cfg())
+    manifest = done.entry.manifest_path
+    hidden = manifest.with_name("manifest.json.hidden")
+    manifest.rename(hidden)  # incomplete when gc looks
+    real = maintenance._holding
+
+    def finishing_meanwhile(kdir, *, wait):
+        hidden.rename(manifest)  # the job writes its manifest just before gc takes the lock
+        return real(kdir, wait=wait)
+
+    monkeypatch.setattr(maintenance, "_holding", finishing_meanwhile)
+    assert cache_main(["--root", str(make_cfg().cache.root), "gc"]) == 0
+    assert done.entry.complete and done.entry.path.is_dir()
+    assert extract(make_cfg()).hit
+
+
+def test_gc_leaves_the_temporary_file_of_a_running_job(make_cfg):
+    from llmembed.cache.store import Cache as C
+
+    done = extract(make_cfg())
+    root = make_cfg().cache.root
+    tmp = done.entry.path / ".shard-00009.h5.0123456789abcdef.tmp"
+    tmp.write_bytes(b"being written")
+    with C(root).lock(done.entry.key):  # a running job holds the key
+        assert cache_main(["--root", str(root), "gc"]) == 0
+        assert tmp.exists()
+    assert cache_main(["--root", str(root), "gc"]) == 0
+    assert not tmp.exists()
