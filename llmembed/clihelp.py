@@ -62,7 +62,8 @@ def first_comment(path: Path) -> str:
 
 
 def group_options(group: str) -> list[tuple[str, str, str]]:
-    """(name, first comment line, where) of each option, a user's file shadowing a shipped one."""
+    """(name, first comment line, where) of each option. Hydra searches the shipped configs first,
+    so a user's file with a shipped name is never chosen: it is not listed."""
     found: dict[str, tuple[str, str, str]] = {}
     shipped = files("llmembed.conf") / group
     for p in sorted(shipped.iterdir(), key=lambda p: p.name):
@@ -72,7 +73,7 @@ def group_options(group: str) -> list[tuple[str, str, str]]:
     if folder is not None and (folder / group).is_dir():
         for p in sorted((folder / group).glob("*.yaml")):
             if not p.name.startswith("_"):
-                found[p.stem] = (p.stem, first_comment(p), f"({CONFIG_DIR_ENV})")
+                found.setdefault(p.stem, (p.stem, first_comment(p), f"({CONFIG_DIR_ENV})"))
     return sorted(found.values())
 
 
