@@ -81,6 +81,32 @@ def test_a_text_encoded_in_python_is_a_hit_for_the_cli(tmp_path, tiny_bert, data
     assert "\ncache hit: all 60 texts of file" in out.stdout, out.stdout
 
 
+def test_encode_then_the_clis_extraction_runs_no_forward_pass(
+    tmp_path, tiny_bert, data_csv, forward_calls
+):
+    from hydra import compose, initialize_config_module
+
+    from llmembed.extract.pipeline import extract
+    from tests.conftest import file_overrides
+
+    root = tmp_path / "cache"
+    texts = [r["text"] for r in read_rows(data_csv)]
+    x = llmembed.encode(texts, str(tiny_bert), [1], "first", cache_root=root, dtype="float32")
+    assert forward_calls  # computed once, here
+    computed = len(forward_calls)
+    with initialize_config_module("llmembed.conf", version_base=None):
+        cfg = compose("extract", overrides=file_overrides(root, data_csv, tiny_bert))
+    result = extract(cfg)  # what llmembed-extract runs
+    assert result.hit and len(forward_calls) == computed
+    np.testing.assert_array_equal(result.read("first", [1]), x)
+
+
+def test_progress_bar_of_a_cache_fill_when_asked(tmp_path, tiny_bert, capsys):
+    texts = [f"text number {i}" for i in range(7)]
+    llmembed.encode(texts, str(tiny_bert), [1], cache_root=tmp_path, show_progress_bar=True)
+    assert "7/7" in capsys.readouterr().err
+
+
 def test_cache_find_and_read_by_text_hash_or_all(tmp_path, tiny_bert):
     from llmembed.cache.keys import text_hashes
 
