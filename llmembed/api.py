@@ -76,6 +76,10 @@ def _backbone(backbone: str | Mapping | os.PathLike, settings: dict):
         ref = os.fspath(backbone)
         if ref in backbone_names() and ref != "local":
             cfg = _conf("backbone", f"{ref}.yaml")
+        elif ref.startswith(("/", ".", "~")) and not Path(ref).expanduser().exists():
+            raise BackboneNotFoundError(
+                f"backbone {ref!r}: no such model folder or .gguf file; check the path"
+            )
         elif Path(ref).expanduser().exists() or "/" in ref:
             path = Path(ref).expanduser()
             local = path.exists()

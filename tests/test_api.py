@@ -137,6 +137,8 @@ def test_bad_settings_and_arguments_fail_clearly(tmp_path, tiny_bert):
         llmembed.encode("x", str(tiny_bert))
     with pytest.raises(UserError, match="hidden states 0-2"):
         llmembed.encode(["x"], str(tiny_bert), [5], cache_root=tmp_path)
+    with pytest.raises(UserError, match="no such model folder"):
+        llmembed.encode(["x"], str(tmp_path / "missing-model"), [1])
     with pytest.raises(UserError, match="not a conf name"):
         llmembed.encode(["x"], "no-such-model", [1])
     with pytest.raises(UserError, match="truncation_side"):
