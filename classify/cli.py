@@ -17,14 +17,32 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from llmembed.clihelp import maybe_answer
 from llmembed.errors import UserError, reported
 
 
+def classify_main() -> float | None:
+    """`--help` and `--version` answer before Hydra starts (and before torch is imported)."""
+    maybe_answer(
+        "llmembed-classify",
+        "train and evaluate a head on cached embeddings",
+        [
+            "llmembed-classify dataset=mr features=smollm2_l20 head=logreg",
+            "llmembed-classify -m features=smollm2_layer layer='range(0,31)'",
+            "llmembed-classify -m features=demo_fused head=logreg,mlp,llmembed seeds='[0,1,2]'",
+            "llmembed-classify experiment=demo",
+        ],
+        ["dataset", "features", "head", "experiment", "backbone"],
+    )
+    return classify_hydra_main()
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="classify")
-def classify_main(cfg: DictConfig) -> float:
+def classify_hydra_main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
     from llmembed.classify.train import train
 
     with reported("llmembed-classify"):

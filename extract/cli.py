@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import hydra
 from omegaconf import DictConfig
 
+from llmembed.clihelp import maybe_answer
 from llmembed.errors import reported
-from llmembed.extract.pipeline import Interrupted, extract
 
 
 @contextmanager
@@ -54,8 +54,26 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
+def main() -> None:
+    """`--help` and `--version` answer before Hydra starts (and before torch is imported)."""
+    maybe_answer(
+        "llmembed-extract",
+        "embed a data set with a backbone into the cache",
+        [
+            "llmembed-extract dataset=mr backbone=smollm2",
+            "llmembed-extract -m dataset=mr,trec backbone=smollm2,minilm",
+            "llmembed-extract dataset=file dataset.path=my.csv backbone=local backbone.path=/models/x",
+            "llmembed-extract extract.max_length=256 extract.prompt='Review: {text}'",
+        ],
+        ["dataset", "backbone"],
+    )
+    hydra_main()
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="extract")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
+    from llmembed.extract.pipeline import Interrupted, extract
+
     try:
         with reported("llmembed-extract"), stop_on_signals() as check:
             result = extract(cfg, check_stop=check)

@@ -28,8 +28,17 @@ def path_part(name: object) -> str:
     return safe or "_"
 
 
+def config_dir() -> str:
+    """`hydra.searchpath` entry of the Hydra apps: the folder `$LLMEMBED_CONFIG_DIR` names."""
+    from llmembed.clihelp import search_path_entry
+
+    return search_path_entry()
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("llmembed_asset"):
         OmegaConf.register_new_resolver("llmembed_asset", asset_path)
     if not OmegaConf.has_resolver("llmembed_path_part"):
         OmegaConf.register_new_resolver("llmembed_path_part", path_part)
+    if not OmegaConf.has_resolver("llmembed_config_dir"):
+        OmegaConf.register_new_resolver("llmembed_config_dir", config_dir)
