@@ -388,7 +388,8 @@ def write_report(folders: list[Path], out: Path) -> str:
         table
         + f"\n\n{len(rows) - n_failed} finished run(s), {n_failed} {FAILED}"
         + (" (listed with their overrides)" if n_failed else "")
-        + ". test acc: mean [95% CI]: Wilson over test rows for one seed, t over seeds otherwise."
+        + ". test acc: mean [95% CI]: Wilson over the test rows for one run, the hull of the"
+        " runs' test-set intervals over seeds on one split, t over repeated splits (resplit=true)."
         + f"\nwritten: {out / 'results.csv'}, {out / 'results.md'}"
         + "".join(f", {p}" for p in plots)
     )
