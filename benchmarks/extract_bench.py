@@ -28,6 +28,7 @@ one forward batch at the default token budget, storing 1 layer against all layer
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -195,24 +196,15 @@ def run_reference(model: str, texts: list[str], repeats: int, device: str) -> di
     return {"seconds": seconds, "shape": list(out.shape)}
 
 
-def run_sentence_transformers(model: str, texts: list[str], repeats: int, device: str) -> dict:
+def run_sentence_transformers(
+    model: str, texts: list[str], repeats: int, device: str, dtype: torch.dtype = torch.float32
+) -> dict:
+    """`SentenceTransformer.encode`, float32 (its default) or with weights in `dtype`."""
     from sentence_transformers import SentenceTransformer
 
     path = compose("extract", backbone_overrides(model)).backbone.path
-    st = SentenceTransformer(str(path), device=device)
-    seconds = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = st.encode(texts, batch_size=32, convert_to_numpy=True, show_progress_bar=False)
-        seconds.append(time.perf_counter() - t)
-    return {"seconds": seconds, "shape": list(out.shape)}
-
-
-def run_sentence_transformers_bf16(model: str, texts: list[str], repeats: int, device: str) -> dict:
-    from sentence_transformers import SentenceTransformer
-
-    path = compose("extract", backbone_overrides(model)).backbone.path
-    st = SentenceTransformer(str(path), device=device, model_kwargs={"torch_dtype": torch.bfloat16})
+    kwargs = {} if dtype == torch.float32 else {"model_kwargs": {"torch_dtype": dtype}}
+    st = SentenceTransformer(str(path), device=device, **kwargs)
     seconds = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -373,7 +365,9 @@ def child(args) -> None:
     peers = {
         "reference": run_reference,
         "sentence-transformers": run_sentence_transformers,
-        "sentence-transformers bf16": run_sentence_transformers_bf16,
+        "sentence-transformers bf16": functools.partial(
+            run_sentence_transformers, dtype=torch.bfloat16
+        ),
         "onnxruntime": run_onnxruntime,
         "llama.cpp": run_llama_cpp,
     }

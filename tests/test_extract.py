@@ -12,7 +12,6 @@ from transformers import AutoModel
 import llmembed.extract.embed as embed
 import llmembed.extract.plan as plan
 from llmembed.cache.store import Cache, CacheError
-from llmembed.extract.embedder import Extractor
 from llmembed.extract.pipeline import extract
 from llmembed.extract.plan import ConfigError, resolve_dtype
 from tests.conftest import make_tiny_llama, sentences, write_csv
@@ -29,20 +28,6 @@ def count_loads(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(embed, "load_model", counting)
-    return calls
-
-
-@pytest.fixture
-def forward_texts(monkeypatch):
-    """Every batch that reaches a model, as its number of texts."""
-    calls = []
-    real = Extractor._forward
-
-    def counting(self, seqs):
-        calls.append(len(seqs))
-        return real(self, seqs)
-
-    monkeypatch.setattr(Extractor, "_forward", counting)
     return calls
 
 
@@ -138,7 +123,7 @@ def test_dtype_auto_is_bfloat16_where_the_cpu_has_it(monkeypatch, avx512_bf16):
     assert plan.resolve_dtype("float32", "cuda:0") == "float32"
 
 
-def test_weights_and_tokenizer_are_keyed_but_not_the_data(make_cfg, tmp_path, forward_texts):
+def test_weights_and_tokenizer_are_keyed_but_not_the_data(make_cfg, tmp_path, forward_calls):
     base = extract(make_cfg())
     rows = sentences(60)
     rows[5] = (rows[5][0] + " good", rows[5][1])  # one text changed
@@ -146,12 +131,12 @@ def test_weights_and_tokenizer_are_keyed_but_not_the_data(make_cfg, tmp_path, fo
     rows = sentences(60)
     rows[5] = (rows[5][0], "pos" if rows[5][1] == "neg" else "neg")  # one label changed
     other_label = write_csv(tmp_path / "l.csv", rows)
-    forward_texts.clear()
+    forward_calls.clear()
     changed = extract(make_cfg(f"dataset.path={other_text}"))
     assert changed.entry.key == base.entry.key and changed.stats.texts == 1
-    assert sum(forward_texts) == 1  # only the changed text ran
+    assert sum(forward_calls) == 1  # only the changed text ran
     relabelled = extract(make_cfg(f"dataset.path={other_label}"))
-    assert relabelled.hit and sum(forward_texts) == 1
+    assert relabelled.hit and sum(forward_calls) == 1
     other_weights = make_tiny_llama(tmp_path / "llama-seed1", seed=1)
     # Same weights, a tokenizer that adds no BOS token: other ids, other numbers.
     other_tok = make_tiny_llama(tmp_path / "llama-nobos", seed=0)
@@ -170,13 +155,13 @@ def test_weights_and_tokenizer_are_keyed_but_not_the_data(make_cfg, tmp_path, fo
 
 
 def test_new_splits_subsets_relabelled_and_extended_files_run_only_new_texts(
-    make_cfg, tmp_path, forward_texts
+    make_cfg, tmp_path, forward_calls
 ):
     """The issue's measure: after a full extraction, another seed, test size, limit or a relabelled
     copy run the model on no text; a copy with 10 extra rows on exactly those 10."""
     rows = sentences(60)
     full = extract(make_cfg())
-    assert sum(forward_texts) == 60
+    assert sum(forward_calls) == 60
     reference = full.read("mean", [0, 3])
     relabelled = write_csv(tmp_path / "relabelled.csv", [(t, "x" + y) for t, y in rows])
     extra = sentences(70, seed=11)[:10]
@@ -189,9 +174,9 @@ def test_new_splits_subsets_relabelled_and_extended_files_run_only_new_texts(
         ("relabelled", f"dataset.path={relabelled}"),
         ("extended", f"dataset.path={extended}"),
     ]:
-        before = len(forward_texts), sum(forward_texts)
+        before = len(forward_calls), sum(forward_calls)
         res = extract(make_cfg(override))
-        runs[name] = (res.stats.texts, sum(forward_texts) - before[1])
+        runs[name] = (res.stats.texts, sum(forward_calls) - before[1])
         assert res.entry.path == full.entry.path  # one entry serves them all
     assert runs == {
         "seed": (0, 0),
@@ -209,21 +194,21 @@ def test_new_splits_subsets_relabelled_and_extended_files_run_only_new_texts(
     assert {"file"} == set(full.entry.usage["datasets"])
 
 
-def test_a_plain_list_of_texts_and_duplicates_are_served_by_text(make_cfg, forward_texts):
+def test_a_plain_list_of_texts_and_duplicates_are_served_by_text(make_cfg, forward_calls):
     from llmembed.extract.pipeline import extract_texts
     from llmembed.extract.plan import plan_from_config
 
     cfg = make_cfg("extract.store_dtype=float32")
     full = extract(cfg)
     texts = [t for t, _ in sentences(60)]
-    forward_texts.clear()
+    forward_calls.clear()
     p = plan_from_config(cfg)
     picked = extract_texts(p, [texts[9], texts[2], texts[9]], name="mine")
-    assert picked.hit and forward_texts == []
+    assert picked.hit and forward_calls == []
     np.testing.assert_array_equal(picked.read("last", [1, 2]), full.read("last", [1, 2])[[9, 2, 9]])
     new = ["a brand new text", "another new one", "a brand new text"]
     res = extract_texts(p, new + texts[:3], name="mine")
-    assert res.stats.texts == 2 and sum(forward_texts) == 2  # each distinct new text once
+    assert res.stats.texts == 2 and sum(forward_calls) == 2  # each distinct new text once
     got = res.read("mean", [3])
     np.testing.assert_array_equal(got[0], got[2])
     assert res.entry.usage["datasets"].keys() == {"file", "mine"}
