@@ -12,6 +12,8 @@ llmembed-cache rm ENTRY                remove one entry (as `ls` names it), with
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -41,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         help="cache root (default: $LLMEMBED_CACHE, else %(default)s)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("ls", help="list entries")
+    listing = sub.add_parser("ls", help="list entries")
+    listing.add_argument(
+        "--json", action="store_true", help="one JSON object per entry, for scripts"
+    )
     verify = sub.add_parser("verify", help="check shards against manifests")
     verify.add_argument("--repair", action="store_true", help="remove damaged shards for recompute")
     clean = sub.add_parser("gc", help="remove incomplete, old-format or unused entries")
@@ -68,6 +73,10 @@ def _run(args: argparse.Namespace) -> int:
         rows = [describe(e) for e in cache.entries()] + [
             describe_old(k) for k in cache.old_format()
         ]
+        if args.json:
+            for row in rows:
+                print(json.dumps({**dataclasses.asdict(row), "path": str(row.path)}))
+            return 0
         print(format_table(rows, cache.root))
         for kdir in cache.damaged_keys():
             print(

@@ -4,9 +4,11 @@ the extraction pipeline (once per job, then shard by shard) and by `predict` on 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import numpy as np
+from transformers.utils import logging as hf_logging
 
 from llmembed.cache.store import STORE_DTYPES
 from llmembed.extract.backbones import load_model, load_tokenizer
@@ -19,6 +21,9 @@ log = logging.getLogger(__name__)
 def load_embedder(plan: ExtractPlan, device: str) -> tuple[Extractor, float]:
     """The plan's model (cut after its deepest stored layer) and tokenizer, ready to embed; and the
     seconds loading took."""
+    if not (plan.progress and sys.stderr.isatty()):
+        # transformers' own bars (loading weights, de-quantizing GGUF) follow the same rule as ours
+        hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     # A GGUF backbone is de-quantized once into the cache root and read from there afterwards.
     converted = plan.cache_root / "converted"

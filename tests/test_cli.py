@@ -1,5 +1,6 @@
 """The command-line tools as a user runs them: Hydra multirun, strict config keys, ls, verify, gc."""
 
+import json
 import os
 import subprocess
 import sys
@@ -160,6 +161,8 @@ def test_classify_without_extraction_prints_the_extract_command(tmp_path, tiny_l
     assert filled.returncode == 0, filled.stderr
     again = run(*args, cwd=tmp_path, env_root=tmp_path / "cache")
     assert again.returncode == 0 and "test accuracy" in again.stdout
+    # Each CLI's Hydra log file is named after the CLI.
+    assert list(tmp_path.glob("outputs/classify/*/*/llmembed-classify.log"))
 
 
 @pytest.mark.parametrize(
@@ -284,3 +287,27 @@ def test_gc_leaves_the_temporary_file_of_a_running_job(make_cfg):
         assert tmp.exists()
     assert cache_main(["--root", str(root), "gc"]) == 0
     assert not tmp.exists()
+
+
+def test_ls_json_gives_one_object_per_entry(make_cfg, capsys):
+    res = extract(make_cfg())
+    root = str(make_cfg().cache.root)
+    assert cache_main(["--root", root, "ls", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 1 and rows[0]["path"] == str(res.entry.path)
+    assert rows[0]["rows"] == 60 and rows[0]["status"] == "complete"
+
+
+def test_no_progress_bars_when_output_is_not_a_terminal(tmp_path, tiny_llama, data_csv):
+    res = run(
+        "llmembed-extract",
+        "dataset=file",
+        f"dataset.path={data_csv}",
+        "backbone=local",
+        f"backbone.path={tiny_llama}",
+        cwd=tmp_path,
+        env_root=tmp_path / "cache",
+    )
+    assert res.returncode == 0, res.stderr
+    assert "text/s" not in res.stderr and "extracted " in res.stdout
+    assert "Loading weights" not in res.stderr  # nor transformers' own bars
