@@ -805,7 +805,7 @@ def activation_memory(model: str, texts: list[str], device: str, converted: Path
 
     from llmembed.extract.backbones import inspect_backbone, load_model, load_tokenizer
     from llmembed.extract.embedder import Extractor
-    from llmembed.extract.pipeline import resolve_token_budget
+    from llmembed.extract.plan import resolve_token_budget
 
     bb = compose("extract", backbone_overrides(model)).backbone
     info = inspect_backbone(bb, None)

@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
+from llmembed.cache.export import FORMATS, entry_at, export_columns, write_export
 from llmembed.cache.maintenance import (
     describe,
     describe_link,
@@ -54,6 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     clean.add_argument(
         "--older-than", type=float, metavar="DAYS", help="also remove entries unused for DAYS days"
     )
+    export = sub.add_parser("export", help="write layers of one entry as parquet or a HF dataset")
+    export.add_argument("entry", help="<key>/<sel> as `ls` shows it")
+    export.add_argument("--layers", type=int, nargs="+", required=True, help="e.g. 4 6 -1")
+    export.add_argument("--pooling", default="mean")
+    export.add_argument("--out", type=Path, required=True, help="a new .parquet file or folder")
+    export.add_argument("--format", choices=FORMATS, default="parquet")
+    export.add_argument(
+        "--data",
+        type=Path,
+        help="a CSV/TSV/JSONL/parquet file: join its texts, labels and splits (rows in its order)",
+    )
+    export.add_argument("--text-column", default="text")
+    export.add_argument("--label-column", default="label")
     remove = sub.add_parser("rm", help="remove one entry")
     remove.add_argument("entry", help="<key>/<sel> as `ls` shows it, or a key (all its selections)")
     args = parser.parse_args(argv)
@@ -93,6 +108,12 @@ def _run(args: argparse.Namespace) -> int:
             print("kept " + describe_link(link))
         print(f"{len(removed)} item(s) {'to remove' if args.dry_run else 'removed'}")
         return 0
+    if args.command == "export":
+        data = _data_set(args) if args.data else None
+        columns = export_columns(entry_at(cache, args.entry), args.layers, args.pooling, data)
+        out = write_export(columns, args.out, args.format)
+        print(f"{len(columns['text_sha256'])} rows x {len(args.layers)} layers written to {out}")
+        return 0
     if args.command == "rm":
         try:
             for path in rm(cache, args.entry):
@@ -128,6 +149,22 @@ def _run(args: argparse.Namespace) -> int:
             f"{damaged} damaged entr{'y' if damaged == 1 else 'ies'}: run `llmembed-cache verify --repair`"
         )
     return 1 if damaged and not args.repair else 0
+
+
+def _data_set(args: argparse.Namespace):
+    """The data set of a file, split as `llmembed-classify dataset=file` splits it."""
+    from hydra import compose, initialize_config_module
+
+    from llmembed.extract.datasets import load_dataset
+
+    overrides = [
+        "dataset=file",
+        f"dataset.path={args.data}",
+        f"dataset.text_column={args.text_column}",
+        f"dataset.label_column={args.label_column}",
+    ]
+    with initialize_config_module("llmembed.conf", version_base=None):
+        return load_dataset(compose("extract", overrides=overrides).dataset)
 
 
 if __name__ == "__main__":

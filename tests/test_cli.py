@@ -13,7 +13,7 @@ import pytest
 from llmembed.cache.cli import main as cache_main
 from llmembed.cache.store import Cache
 from llmembed.extract.pipeline import extract
-from tests.conftest import make_tiny_bert, sentences, write_csv
+from tests.conftest import make_tiny_bert, read_rows, sentences, write_csv
 
 BIN = Path(sys.executable).parent
 
@@ -311,3 +311,42 @@ def test_no_progress_bars_when_output_is_not_a_terminal(tmp_path, tiny_llama, da
     assert res.returncode == 0, res.stderr
     assert "text/s" not in res.stderr and "extracted " in res.stdout
     assert "Loading weights" not in res.stderr  # nor transformers' own bars
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf"])
+def test_export_writes_chosen_layers_joined_to_the_data_set(make_cfg, data_csv, tmp_path, fmt):
+    res = extract(make_cfg())
+    root = make_cfg().cache.root
+    name = str(res.entry.path.relative_to(root))
+    out = tmp_path / f"export-{fmt}"
+    args = ["llmembed-cache", "--root", str(root), "export", name, "--layers", "1", "-1"]
+    done = run(
+        *args,
+        "--out",
+        str(out),
+        "--format",
+        fmt,
+        "--data",
+        str(data_csv),
+        cwd=tmp_path,
+        env_root=root,
+    )
+    assert done.returncode == 0, done.stderr
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(out).to_pydict()
+    else:
+        from datasets import load_from_disk
+
+        table = load_from_disk(str(out)).to_dict()
+    texts = [r["text"] for r in read_rows(data_csv)]
+    assert table["text"] == texts and set(table["split"]) == {"train", "validation", "test"}
+    assert list(table) == ["text_sha256", "row_id", "text", "label", "split", "L1", "L3"]
+    np.testing.assert_array_equal(np.array(table["L3"], np.float32), res.read("mean", [3])[:, 0])
+    again = run(*args, "--out", str(out), cwd=tmp_path, env_root=root)  # never overwrites
+    assert again.returncode == 2 and "exists" in again.stderr
+    bad = run(
+        *args[:-2], "--layers", "9", "--out", str(tmp_path / "x"), cwd=tmp_path, env_root=root
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
