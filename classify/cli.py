@@ -19,7 +19,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from llmembed.clihelp import maybe_answer
+from llmembed.clihelp import bars_on_a_terminal_only, maybe_answer
 from llmembed.errors import UserError, reported
 
 
@@ -45,6 +45,7 @@ def classify_hydra_main(cfg: DictConfig) -> float:
 
     from llmembed.classify.train import train
 
+    bars_on_a_terminal_only(cfg)
     with reported("llmembed-classify"):
         metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
     acc, f1 = metrics["test"]["accuracy"], metrics["test"]["macro_f1"]

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import hydra
 from omegaconf import DictConfig
 
-from llmembed.clihelp import maybe_answer
+from llmembed.clihelp import bars_on_a_terminal_only, maybe_answer
 from llmembed.errors import reported
 
 
@@ -74,6 +74,7 @@ def main() -> None:
 def hydra_main(cfg: DictConfig) -> None:
     from llmembed.extract.pipeline import Interrupted, extract
 
+    bars_on_a_terminal_only(cfg)
     try:
         with reported("llmembed-extract"), stop_on_signals() as check:
             result = extract(cfg, check_stop=check)

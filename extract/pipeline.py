@@ -300,7 +300,7 @@ def _compute(plan, writer: EntryWriter, shards, request: Request, device: str) -
         total=sum(len(s.hashes) for s in shards),
         unit="text",
         desc=f"{request.name} x {plan.backbone.name}",
-        disable=None if plan.progress else True,  # None: no bar when stderr is not a terminal
+        disable=not plan.progress,
         dynamic_ncols=True,
     ) as bar:
         seen = {"tokens": 0}

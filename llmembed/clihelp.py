@@ -117,3 +117,10 @@ def maybe_answer(prog: str, summary: str, usage: list[str], groups: list[str]) -
     if "--help" in argv or "-h" in argv:
         print(render(prog, summary, usage, groups))
         sys.exit(0)
+
+
+def bars_on_a_terminal_only(cfg) -> None:
+    """`extract.progress: true` draws progress bars on a terminal only: a log file or a SLURM
+    output gets the summary lines, not thousands of bar refreshes."""
+    if not sys.stderr.isatty():
+        cfg.extract.progress = False
