@@ -55,17 +55,22 @@ class FineTuneResult:
     params_trained: int = 0
 
 
+def _encode(tok, texts, rows, cfg: FineTuneConfig):
+    """Token ids and attention mask of `texts[rows]`, padded to the longest of them."""
+    enc = tok(
+        [texts[i] for i in rows],
+        padding=True,
+        truncation=True,
+        max_length=cfg.max_length,
+        return_tensors="pt",
+    )
+    return enc["input_ids"], enc["attention_mask"]
+
+
 def _batches(tok, texts, labels, idx, cfg: FineTuneConfig):
     for start in range(0, len(idx), cfg.batch_size):
         rows = idx[start : start + cfg.batch_size]
-        enc = tok(
-            [texts[i] for i in rows],
-            padding=True,
-            truncation=True,
-            max_length=cfg.max_length,
-            return_tensors="pt",
-        )
-        yield enc["input_ids"], enc["attention_mask"], torch.as_tensor(labels[rows])
+        yield *_encode(tok, texts, rows, cfg), torch.as_tensor(labels[rows])
 
 
 @torch.inference_mode()
@@ -77,15 +82,9 @@ def predict(
     out = np.zeros(len(texts), dtype=np.int64)
     for start in range(0, len(texts), batch_size):
         rows = order[start : start + batch_size]
-        enc = tok(
-            [texts[i] for i in rows],
-            padding=True,
-            truncation=True,
-            max_length=cfg.max_length,
-            return_tensors="pt",
-        )
+        ids, mask = _encode(tok, texts, rows, cfg)
         dev = model.classifier.weight.device
-        logits = model(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
+        logits = model(ids.to(dev), mask.to(dev))
         out[rows] = logits.argmax(1).cpu().numpy()
     return out
 
