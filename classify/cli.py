@@ -217,7 +217,11 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="llmembed-predict", description="Label new texts with a saved model."
     )
-    parser.add_argument("model", type=Path, help="a model folder written by llmembed-classify")
+    parser.add_argument(
+        "model",
+        help="a model folder written by llmembed-classify, or a Hugging Face hub repo id "
+        "(owner/name[@revision]) holding one",
+    )
     parser.add_argument(
         "texts", type=Path, help=".txt (one text per line) or .csv/.tsv/.jsonl/.json/.parquet"
     )
@@ -247,6 +251,7 @@ def predict_main(argv: list[str] | None = None) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from llmembed.classify.hub import locate_model
     from llmembed.classify.predict import predict_texts
 
     if args.output is not None and args.output.resolve() == args.texts.resolve():
@@ -255,7 +260,7 @@ def _predict(args: argparse.Namespace) -> int:
         args.texts, args.text_column, id_column=args.id_column, label_column=args.label_column
     )
     labels, proba, names = predict_texts(
-        args.model,
+        locate_model(args.model),
         inp.texts,
         device=args.device,
         backbone_paths=_backbone_paths(args.backbone_path),
@@ -284,6 +289,32 @@ def _write_predictions(
         row_id = [inp.ids[i]] if inp.ids is not None else []
         true = [inp.labels[i]] if inp.labels is not None else []
         w.writerow([*row_id, label, *[f"{x:.6f}" for x in p], *true, text])
+
+
+def push_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llmembed-push",
+        description="Upload a saved model folder to a Hugging Face hub model repo (created if "
+        "missing); `llmembed-predict OWNER/NAME texts.txt` then runs it anywhere.",
+    )
+    parser.add_argument("model", type=Path, help="a model folder written by llmembed-classify")
+    parser.add_argument("repo_id", help="the hub repo to upload to: owner/name")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--revision", help="a branch to commit to (created if missing)")
+    parser.add_argument("--message", help="the commit message")
+    args = parser.parse_args(argv)
+    from llmembed.classify.hub import push_model
+
+    with reported("llmembed-push"):
+        url = push_model(
+            args.model,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            message=args.message,
+        )
+        print(f"{args.model} pushed to {args.repo_id}: {url}")
+    return 0
 
 
 def report_main(argv: list[str] | None = None) -> int:

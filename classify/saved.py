@@ -43,8 +43,15 @@ def _contract(meta: dict) -> dict:
 
 
 def save_trained(
-    folder: Path, head, *, head_name: str, info: dict, group_writable: bool = False
+    folder: Path,
+    head,
+    *,
+    head_name: str,
+    info: dict,
+    metrics: dict | None = None,
+    group_writable: bool = False,
 ) -> Path:
+    """Write the model folder; with the run's `metrics`, its model card (README.md) as well."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta = json.loads(
@@ -57,10 +64,13 @@ def save_trained(
     contract = json.dumps(_contract(meta), sort_keys=True)
     save_file(state, str(folder / "head.safetensors"), metadata={CONTRACT_KEY: contract})
     (folder / "model.json").write_text(json.dumps(meta, indent=2))
+    written = [folder / "head.safetensors", folder / "model.json"]
+    if metrics is not None:
+        written.append(write_model_card(folder, meta, metrics))
     # Readable by whoever the model is handed to (safetensors writes 0600); on a shared node with
     # `cache.group_writable`, writable by the group as well.
     mode = 0o664 if group_writable else 0o644
-    for path in (folder / "head.safetensors", folder / "model.json"):
+    for path in written:
         path.chmod(mode)
     return folder
 
@@ -136,7 +146,24 @@ def check_contract(meta: dict, weights: Path) -> None:
 def write_model_card(folder: Path, meta: dict, metrics: dict) -> Path:
     """README.md beside the weights: what the model is, how well it did, how to run it."""
     data = metrics["data"]
+    test = metrics["test"]
+    acc, f1 = test["accuracy"], test["macro_f1"]
     lines = [
+        # The hub reads this header: what library and task the repo is, and its headline scores.
+        "---",
+        "library_name: llmembed",
+        "pipeline_tag: text-classification",
+        "tags: [llmembed, text-classification, frozen-backbone]",
+        "model-index:",
+        f"- name: {json.dumps(data['name'] + ' ' + meta['head'])}",
+        "  results:",
+        "  - task: {type: text-classification}",
+        f"    dataset: {{name: {json.dumps(data['name'])}, type: {json.dumps(data['name'])}}}",
+        "    metrics:",
+        f"    - {{type: accuracy, value: {acc['mean']:.4f}}}",
+        f"    - {{type: f1, name: macro-F1, value: {f1['mean']:.4f}}}",
+        "---",
+        "",
         f"# llmembed model: {data['name']}",
         "",
         f"A `{meta['head']}` head on frozen-backbone features ({meta['fusion']} fusion), trained "
@@ -156,8 +183,6 @@ def write_model_card(folder: Path, meta: dict, metrics: dict) -> Path:
             f"| {s['backbone']['name']} | {s['role'] or '-'} | {s['layers']} | {s['pooling']} | "
             f"{str(pin)[:16]} |"
         )
-    test = metrics["test"]
-    acc, f1 = test["accuracy"], test["macro_f1"]
     lo, hi = acc["ci"]
     lines += [
         "",
@@ -172,7 +197,8 @@ def write_model_card(folder: Path, meta: dict, metrics: dict) -> Path:
         "Predict:",
         "",
         "```bash",
-        "llmembed-predict path/to/this/folder texts.txt   # or .csv/.tsv/.jsonl with a text column",
+        "llmembed-predict path/to/this/folder texts.txt   # or .csv/.tsv/.jsonl/.parquet tables",
+        "llmembed-predict owner/name texts.txt            # this folder pushed to the hub",
         "```",
         "",
         "A backbone not found at its recorded path is given with `--backbone-path NAME=PATH`; its "

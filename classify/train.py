@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import inspect
-import json
 import logging
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from llmembed.cache.keys import fingerprint, write_json_atomic
 from llmembed.cache.store import SPLITS
 from llmembed.classify.metrics import evaluate, summarize
-from llmembed.classify.saved import save_trained, write_model_card
+from llmembed.classify.saved import save_trained
 from llmembed.extract.command import extract_command
 from llmembed.extract.datasets import TextDataset, load_dataset, resplit
 from llmembed.extract.pipeline import ExtractResult, extract_texts
@@ -219,7 +218,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     if cfg.save_model and not hasattr(heads[0], "state"):
         log.warning("%s has no state() to save as safetensors: no model saved", type(heads[0]))
     elif cfg.save_model:
-        model_dir = save_trained(
+        save_trained(
             out_dir / "model",
             heads[0],
             head_name=cfg.head.name,
@@ -231,10 +230,9 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                     for i, (s, r) in enumerate(zip(sources, feats.entries, strict=True))
                 ],
             },
+            metrics=metrics,
             group_writable=cfg.cache.get("group_writable", False),
         )
-        meta = json.loads((model_dir / "model.json").read_text())
-        write_model_card(model_dir, meta, metrics)
     write_json_atomic(out_dir / "metrics.json", metrics)  # a killed run leaves none, not half
     proba = probabilities(heads[0], X, len(feats.label_names))
     write_predictions(out_dir / "predictions.csv", ds, splits[seeds[0]], proba)

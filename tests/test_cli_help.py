@@ -17,6 +17,7 @@ CLIS = [
     "llmembed-classify",
     "llmembed-cache",
     "llmembed-predict",
+    "llmembed-push",
     "llmembed-report",
 ]
 

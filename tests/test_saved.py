@@ -2,14 +2,22 @@
 backbones found by name or by an override on another machine, no code run because model.json
 says so, files readable by whoever gets the folder."""
 
+import csv
 import json
+import os
 import shutil
 import stat
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 
-from llmembed.classify.cli import predict_main
+from llmembed.classify.cli import predict_main, push_main
+from llmembed.classify.hub import MODEL_FILES, repo_ref
 from llmembed.classify.predict import predict_texts, resolve_backbone
 from llmembed.classify.saved import SavedModelError
 from llmembed.classify.train import train
@@ -95,3 +103,137 @@ def test_predict_refuses_to_overwrite_its_input_and_empty_inputs(trained, tmp_pa
     with pytest.raises(SystemExit):
         predict_main([str(folder), str(texts)])
     assert "holds no texts" in capsys.readouterr().err
+
+
+def test_the_model_card_states_the_run_and_its_scores(trained):
+    folder = trained[0]
+    metrics = json.loads((folder.parent / "metrics.json").read_text())
+    card = (folder / "README.md").read_text()
+    _, header, body = card.split("---\n", 2)
+    meta = yaml.safe_load(header)  # the hub reads this header
+    assert meta["library_name"] == "llmembed" and meta["pipeline_tag"] == "text-classification"
+    scores = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert scores["accuracy"] == round(metrics["test"]["accuracy"]["mean"], 4)
+    assert scores["f1"] == round(metrics["test"]["macro_f1"]["mean"], 4)
+    lo, hi = metrics["test"]["accuracy"]["ci"]
+    assert f"95% CI {lo:.4f}-{hi:.4f}" in body and "| tiny-llama | llm | [1, 3] | mean |" in body
+    assert stat.S_IMODE((folder / "README.md").stat().st_mode) == 0o644
+
+
+# --- models on the Hugging Face hub --------------------------------------------------------------
+
+BIN = Path(sys.executable).parent
+
+
+def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / args[0]), *map(str, args[1:])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})},
+        cwd=cwd,
+    )
+
+
+def into_hub_cache(hub: Path, repo_id: str, folder: Path, commit: str = "a" * 40) -> str:
+    """What `snapshot_download` leaves in a hub cache after downloading `folder` from `repo_id`."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in MODEL_FILES:
+        shutil.copy(folder / name, snapshot / name)
+    return commit
+
+
+def test_predict_takes_a_hub_repo_id_from_the_local_hub_cache(trained, tmp_path):
+    folder, _, texts, test = trained
+    hub = tmp_path / "hub"
+    commit = into_hub_cache(hub, "alice/sentiment", folder)
+    (tmp_path / "new.txt").write_text("\n".join(texts) + "\n")
+    env = {"HF_HUB_CACHE": str(hub)}
+    for ref in ("alice/sentiment", f"alice/sentiment@{commit}"):
+        done = cli("llmembed-predict", ref, tmp_path / "new.txt", "--device", "cpu", env=env)
+        assert done.returncode == 0, done.stderr
+        rows = list(csv.DictReader(done.stdout.splitlines()))
+        assert [r["label"] for r in rows] == [r["predicted"] for r in test]
+    missing = cli("llmembed-predict", "alice/other", tmp_path / "new.txt", env=env)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "HF_HUB_OFFLINE=1 is set and it is not in the local hub cache" in missing.stderr
+
+
+def test_a_folder_here_wins_over_a_repo_id_of_the_same_name(trained, tmp_path):
+    folder, _, texts, _ = trained
+    (tmp_path / "alice").mkdir()
+    shutil.copytree(folder, tmp_path / "alice" / "sentiment")
+    (tmp_path / "new.txt").write_text(texts[0] + "\n")
+    done = cli("llmembed-predict", "alice/sentiment", "new.txt", "--device", "cpu", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert repo_ref("alice/sentiment") == ("alice/sentiment", None)  # not a folder from here
+    assert repo_ref("alice/sentiment@v1") == ("alice/sentiment", "v1")
+    for path in ("./alice/x", "alice/x/y", "/abs/x", "../x/y"):
+        assert repo_ref(path) is None, path
+
+
+def test_push_uploads_the_model_files_and_predict_runs_them_from_the_hub(
+    trained, tmp_path, monkeypatch
+):
+    """The hub is unreachable here, so HfApi is replaced by one that stores each upload the way a
+    later download lays it out in the hub cache; predicting from the repo id then runs the upload."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    folder, _, texts, test = trained
+    (folder / "notes.txt").write_text("not part of the model")
+    hub, calls = tmp_path / "hub", []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw))
+
+        def create_branch(self, repo_id, **kw):
+            calls.append(("create_branch", repo_id, kw))
+
+        def upload_folder(self, *, repo_id, folder_path, allow_patterns, **kw):
+            calls.append(("upload_folder", repo_id, kw))
+            assert allow_patterns == MODEL_FILES
+            into_hub_cache(hub, repo_id, Path(folder_path))
+            return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/x")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert push_main([str(folder), "alice/sentiment", "--private", "--revision", "v1"]) == 0
+    assert [c[0] for c in calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert calls[0][2]["private"] is True and calls[2][2]["revision"] == "v1"
+    snapshot = next((hub / "models--alice--sentiment" / "snapshots").iterdir())
+    assert sorted(p.name for p in snapshot.iterdir()) == sorted(MODEL_FILES)
+    (tmp_path / "new.txt").write_text("\n".join(texts) + "\n")
+    done = cli(
+        "llmembed-predict",
+        "alice/sentiment",
+        tmp_path / "new.txt",
+        "--device",
+        "cpu",
+        env={"HF_HUB_CACHE": str(hub)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert [r["label"] for r in csv.DictReader(done.stdout.splitlines())] == [
+        r["predicted"] for r in test
+    ]
+
+
+def test_push_refuses_before_sending_anything(trained, tmp_path):
+    folder = trained[0]
+    offline = cli("llmembed-push", folder, "alice/sentiment")
+    assert offline.returncode == 2 and "HF_HUB_OFFLINE=1 is set" in offline.stderr
+    not_a_model = cli("llmembed-push", tmp_path, "alice/sentiment")
+    assert not_a_model.returncode == 2 and "not a saved llmembed model" in not_a_model.stderr
+    bad_id = cli("llmembed-push", folder, "sentiment")
+    assert bad_id.returncode == 2 and "is not a hub repo id" in bad_id.stderr
+    # A hub that cannot be reached: one message, no traceback.
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_x"}
+    down = cli("llmembed-push", folder, "alice/sentiment", env=env)
+    assert down.returncode == 2 and "Traceback" not in down.stderr, down.stderr
+    assert "pushing" in down.stderr and "failed" in down.stderr
