@@ -14,6 +14,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cached_property
@@ -292,6 +293,32 @@ def _fill(plan: ExtractPlan, append: Append, request: Request, ranks: Ranks) -> 
     return work
 
 
+class WriteAhead:
+    """A shard's write (HDF5 image, fsync, sha256, sidecar) runs on a thread while the model computes
+    the next shard. One write at most is in flight, so memory holds two shards at most, whatever the
+    number of texts; a failed write raises at the next `submit` or `wait`."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="llmembed-write")
+        self._pending: Future | None = None
+
+    def submit(self, fn: Callable, *args, **kwargs) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args, **kwargs)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def finish(self) -> None:
+        """Let a write in flight end (its error is not this caller's to raise) and stop the thread."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            wait([pending])
+        self._pool.shutdown()
+
+
 def _compute(plan, writer: EntryWriter, shards, request: Request, device: str) -> EmbedStats:
     """Run the model over this process's new shards and write each as it finishes."""
     stats = EmbedStats()
@@ -312,22 +339,31 @@ def _compute(plan, writer: EntryWriter, shards, request: Request, device: str) -
             bar.update(n)
             request.stop_here()
 
+        ahead = WriteAhead()
         try:
             for shard in shards:
                 request.stop_here()
                 texts = [request.by_hash[h] for h in shard.hashes]
                 emb, shard_stats = extractor.embed(texts, on_batch)
                 stats.add(shard_stats)
-                writer.write_shard(
-                    shard.index, hashes=hex_to_hashes(shard.hashes), emb=emb, layers=plan.stored
+                ahead.submit(
+                    writer.write_shard,
+                    shard.index,
+                    hashes=hex_to_hashes(shard.hashes),
+                    emb=emb,
+                    layers=plan.stored,
                 )
+            ahead.wait()
         except KeyboardInterrupt as err:
+            ahead.finish()  # the shard being written is kept: it is complete, or not there at all
             raise Interrupted(
                 f"interrupted ({getattr(err, 'signal_name', 'SIGINT')}): {len(writer.done())} of "
                 f"{len(writer.pending())} new shards are complete in {writer.entry.path}; rerun "
                 "the same command to resume with the rest",
                 getattr(err, "signal_number", signal.SIGINT),
             ) from None
+        finally:
+            ahead.finish()
     if stats.truncated:
         log.info(
             "%d texts were longer than %d tokens and truncated",

@@ -373,6 +373,47 @@ def test_disk_full_during_a_write_loses_nothing_and_resumes(
     record(disk_full="ENOSPC injected at the HDF5 write", finished_shards_kept=1)
 
 
+def test_a_shard_is_written_while_the_next_is_computed(tmp_path, tiny_llama, data_csv, monkeypatch):
+    """Storage off the critical path: the first shard's write waits until the model has started on
+    the second shard, which can only happen when writes run beside the computation (a write on the
+    computing thread would wait out its timeout). At most one write is in flight."""
+    import threading
+
+    from llmembed.cache.store import EntryWriter
+    from llmembed.extract.embedder import Extractor
+
+    real_write, real_embed = EntryWriter.write_shard, Extractor.embed
+    second_started, seen = threading.Event(), {"embeds": 0, "writers": set(), "overlapped": None}
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+
+    def embed(self, *args, **kwargs):
+        seen["embeds"] += 1
+        if seen["embeds"] == 2:
+            second_started.set()
+        return real_embed(self, *args, **kwargs)
+
+    def write(self, index, **kwargs):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        seen["writers"].add(threading.current_thread().name)
+        if index == 0:
+            seen["overlapped"] = second_started.wait(timeout=20)
+        try:
+            return real_write(self, index, **kwargs)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+
+    monkeypatch.setattr(Extractor, "embed", embed)
+    monkeypatch.setattr(EntryWriter, "write_shard", write)
+    res = extract(_cfg(tmp_path / "c", data_csv, tiny_llama))
+    assert seen["embeds"] >= 3 and seen["overlapped"] is True
+    assert most[0] == 1 and all(name.startswith("llmembed-write") for name in seen["writers"])
+    assert res.entry.complete and verify_entry(res.entry) == []
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_sigint_stop_cleanly_with_a_resume_message(
     tmp_path, tiny_llama, big_csv, sig, code
