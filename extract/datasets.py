@@ -50,7 +50,6 @@ from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from sklearn.model_selection import train_test_split
 
 from llmembed.cache.keys import fingerprint
 from llmembed.cache.store import SPLITS
@@ -319,6 +318,10 @@ def _draw(
     first = train_size if train_size is not None else len(pool) - test_size
     _, counts = np.unique(keys, return_counts=True)
     if counts.min() >= 2 and min(first, len(pool) - first) >= len(counts):
+        # Imported here: scikit-learn costs ~0.9 s of start-up, which only a split needs (not
+        # `llmembed.encode`, nor a table read for prediction).
+        from sklearn.model_selection import train_test_split
+
         a, b = train_test_split(
             pool, train_size=train_size, test_size=test_size, random_state=seed, stratify=keys
         )
