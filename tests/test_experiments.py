@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from transformers import AutoTokenizer, BertModel, LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from llmembed.classify.heads import LLMEmbedHead
@@ -236,6 +236,30 @@ def test_classify_runs_llmembed_over_repeated_splits(classify_cfg, tmp_path):
     assert s.info["n_seeds"] == 2
     one = classify(with_changes(cfg, seeds=[1]), tmp_path / "one", "llama L1, split 1")
     assert one.per_split[1] == s.per_split[1]  # a split is the same drawn alone or among others
+
+
+def test_a_finished_run_is_reused_whatever_process_or_data_set_list_made_it(
+    classify_cfg, tmp_path, monkeypatch
+):
+    """A stopped runner resumes, and a run made by `results.datasets=[mr]` in a second process is
+    reused by the full command; a change that alters the figures (here C) runs again."""
+    import scripts.experiments.common as common
+
+    base = classify_cfg(
+        [("llama", [1], "mean")], "head=logreg", "seeds=[0]", "resplit=true", "save_model=false"
+    )
+    first = base.copy()
+    with open_dict(first):
+        first.results = {"datasets": ["mr"], "out_dir": "/tmp/a", "head_threads": 1}
+    done = classify(first, tmp_path / "run", "llama L1")
+    trained = []
+    monkeypatch.setattr(common, "train", lambda *a, **k: trained.append(a) or None)
+    full = with_changes(first, **{"results.datasets": ["mr", "trec"], "results.out_dir": "docs"})
+    again = classify(full, tmp_path / "run", "llama L1")
+    assert trained == [] and again.per_split == done.per_split
+    with pytest.raises(TypeError):  # the stand-in returns no metrics: it was called to train again
+        classify(with_changes(full, **{"head.params.C": 0.5}), tmp_path / "run", "llama L1")
+    assert len(trained) == 1
 
 
 def test_overrides_may_add_head_parameters_but_nothing_else(classify_cfg):

@@ -192,7 +192,22 @@ def finished_run(cfg: DictConfig, out_dir: Path) -> dict | None:
     if not cfg.get("results", {}).get("resume", True) or not path.is_file():
         return None
     m = json.loads(path.read_text())
-    return m if m.get("config") == OmegaConf.to_container(cfg, resolve=True) else None
+    return m if _what_counts(m.get("config")) == _what_counts(cfg) else None
+
+
+# Where results go and which data sets one invocation covers do not change a run's figures: a run
+# made by `results.datasets=[mr]` (say, in a second process) is reused by the full command.
+_ORCHESTRATION = ("datasets", "out_dir", "resume")
+
+
+def _what_counts(cfg) -> dict | None:
+    if cfg is None:
+        return None
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    plain = json.loads(json.dumps(plain))  # a copy
+    for key in _ORCHESTRATION:
+        plain.get("results", {}).pop(key, None)
+    return plain
 
 
 def params_trained(metrics: dict, cfg: DictConfig, widths: dict[str, int] | None = None) -> int:
