@@ -337,3 +337,50 @@ def test_results_page_shows_every_figure_with_its_interval_and_command(tmp_path)
         0.8001,
         "5",
     )
+
+
+def test_the_headline_and_readings_come_from_the_results_folder(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    acc = {"mean": 0.85, "ci": [0.84, 0.86], "n": 5, "std": 0.01}
+    row = {"test": {"accuracy": acc, "macro_f1": acc}, "chosen_per_split": {"0": "x: L1"}}
+    name = "SmolLM2 best single layer (validation), logreg"
+    fusion = {
+        "command": "c",
+        "machine": {"cpu": "CPU", "cores": 2},
+        "datasets": {"mr": {"rows": {name: row}}},
+    }
+    (results / "fusion.json").write_text(json.dumps(fusion))
+    (results / "reading_fusion.md").write_text("Fusion helps on MR.\n")
+    page = write(results, tmp_path / "RESULTS.md")
+    assert "| SmolLM2, best single layer and pooling (validation) | 0.850 [0.840, 0.860] |" in page
+    assert "| prompting SmolLM2, zero-shot | not run |" in page
+    assert page.index("## Headline") < page.index("## 1. Layer curves")
+    assert "**Reading.** Fusion helps on MR." in page
+
+
+def test_result_folders_of_separate_processes_merge(tmp_path):
+    from scripts.experiments.merge import merge
+
+    def result(ds: str, seeds=(0, 1)) -> dict:
+        return {
+            "command": f"run {ds}",
+            "seeds": list(seeds),
+            "resplit": True,
+            "dataset_limit": None,
+            "datasets": {ds: {"rows": {}}},
+        }
+
+    a, b, into = tmp_path / "a", tmp_path / "b", tmp_path / "into"
+    for folder, ds in ((a, "mr"), (b, "trec")):
+        folder.mkdir()
+        (folder / "fusion.json").write_text(json.dumps(result(ds)))
+        (folder / f"layers_{ds}.png").write_bytes(b"png")
+    merge([a, b], into)
+    merged = json.loads((into / "fusion.json").read_text())
+    assert sorted(merged["datasets"]) == ["mr", "trec"]
+    assert merged["commands"] == ["run mr", "run trec"]
+    assert (into / "layers_trec.png").is_file()
+    (b / "fusion.json").write_text(json.dumps(result("trec", seeds=(0,))))
+    with pytest.raises(SystemExit, match="another protocol"):
+        merge([a, b], into)

@@ -4,8 +4,9 @@ Per split, for SmolLM2 alone and SmolLM2 + MiniLM:
 
 - best single layer: the (layer, pooling) with the best validation accuracy (from experiment 1);
 - last layer: SmolLM2 hidden state 30, mean pooling (from experiment 1);
-- concatenation: the k best SmolLM2 layers on validation (k from `results.fusion.ks`, chosen on
-  validation; + MiniLM adds that split's best MiniLM layer), logistic regression;
+- concatenation: the k best SmolLM2 layers on validation of one pooling (k from
+  `results.fusion.ks`, k and pooling chosen on validation; + MiniLM adds that split's best MiniLM
+  layer and pooling), logistic regression;
 - the paper's co-occurrence head (`head=llmembed`) on the paper's last five layers (+ MiniLM L6;
   with `results.fusion.cooc_on_chosen=true` also on the layers the concatenation chose), σ from
   `results.fusion.sigmas` chosen on validation.
@@ -13,7 +14,7 @@ Per split, for SmolLM2 alone and SmolLM2 + MiniLM:
     .venv/bin/python -m scripts.experiments.fusion [hydra overrides]    # conf/experiment/results_fusion.yaml
 
 Needs <results.out_dir>/layers.json (experiment 1). Per set: 5 splits x 2 feature sets x (4
-concatenations + 2 σ of the paper's head) = 40 logreg and 20 head fits. Estimated full run: about
+concatenations x 2 poolings + 2 σ of the paper's head) = 80 logreg and 20 head fits. Estimated full run: about
 45 min on two idle CPU cores (the paper's head ~45 s per fit on MR's 7,400 training rows, judged
 from the demo's 18 s on 2,800 rows); 5-10x that on the loaded shared machine (the pilot, TREC + MR
 with dataset.limit=600 and 2 splits: 8 min 18 s, ~25 s per head fit on 420 rows). Setting
@@ -72,7 +73,8 @@ def run_dataset(cfg, layers_result: dict) -> dict:
     fcfg = cfg.results.fusion
     seeds = [int(s) for s in cfg.seeds]
     curves = layers_result["curves"]
-    smol_mean, mini_mean = from_layers(curves, "smollm2:mean"), from_layers(curves, "minilm:mean")
+    smol_mean = from_layers(curves, "smollm2:mean")
+    smol_poolings = [k.split(":")[1] for k in curves if k.startswith("smollm2:")]
     smol_all = [s for k in curves if k.startswith("smollm2:") for s in from_layers(curves, k)]
     mini_all = [s for k in curves if k.startswith("minilm:") for s in from_layers(curves, k)]
     missing = set(seeds) - set(smol_mean[0].per_split)
@@ -111,34 +113,37 @@ def run_dataset(cfg, layers_result: dict) -> dict:
     for combo in ("smollm2", "smollm2+minilm"):
         concat_picks, cooc_picks, paper_picks = {}, {}, {}
         for seed in seeds:
-            ranked = ranked_layers(smol_mean, seed)
-            mini_best = ranked_layers(mini_mean, seed)[0]
+            mini_pick = choose(mini_all, seed).name  # e.g. "minilm:mean:L4"
+            _, mini_pooling, mini_layer = mini_pick.split(":")
             cands = []
-            for k in fcfg.ks:
-                sources = [
-                    {
-                        "backbone": "smollm2",
-                        "layers": sorted(ranked[:k]),
-                        "pooling": "mean",
-                        "role": "llm",
-                    }
-                ]
-                if combo == "smollm2+minilm":
-                    sources.append(
+            for pooling in smol_poolings:
+                ranked = ranked_layers(from_layers(curves, f"smollm2:{pooling}"), seed)
+                for k in fcfg.ks:
+                    sources = [
                         {
-                            "backbone": "minilm",
-                            "layers": [mini_best],
-                            "pooling": "mean",
-                            "role": "encoder",
+                            "backbone": "smollm2",
+                            "layers": sorted(ranked[:k]),
+                            "pooling": pooling,
+                            "role": "llm",
                         }
+                    ]
+                    if combo == "smollm2+minilm":
+                        sources.append(
+                            {
+                                "backbone": "minilm",
+                                "layers": [int(mini_layer[1:])],
+                                "pooling": mini_pooling,
+                                "role": "encoder",
+                            }
+                        )
+                    c = with_changes(
+                        one_split(cfg, seed),
+                        **{"features.sources": sources, "features.fusion": "concat"},
                     )
-                c = with_changes(
-                    one_split(cfg, seed),
-                    **{"features.sources": sources, "features.fusion": "concat"},
-                )
-                name = f"{combo} concat k={k}: " + describe(sources)
-                cands.append(classify(c, run_dir / f"s{seed}" / f"{combo}-concat-k{k}", name))
-                cands[-1].info["sources"] = sources
+                    name = f"{combo} concat {pooling} k={k}: " + describe(sources)
+                    out = run_dir / f"s{seed}" / f"{combo}-concat-{pooling}-k{k}"
+                    cands.append(classify(c, out, name))
+                    cands[-1].info["sources"] = sources
             concat_picks[seed] = choose(cands, seed)
             chosen_layers[combo][seed] = concat_picks[seed].info["sources"]
 
@@ -179,7 +184,7 @@ def run_dataset(cfg, layers_result: dict) -> dict:
         report(
             f"{what} concatenation of layers chosen on validation, logreg",
             concat_picks,
-            len(fcfg.ks),
+            len(fcfg.ks) * len(smol_poolings),
         )
         report(
             f"{what} co-occurrence head, paper's last five layers (σ on validation)",

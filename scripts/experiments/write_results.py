@@ -320,6 +320,73 @@ def sec_cost(r: dict) -> list[str]:
     return out
 
 
+# The page's first table (and the README's): each method's test accuracy per data set, as the
+# experiments' own tables report it.
+HEADLINE = [
+    (
+        "SmolLM2, best single layer and pooling (validation)",
+        "fusion",
+        "SmolLM2 best single layer (validation), logreg",
+    ),
+    ("SmolLM2, last layer, mean", "fusion", "SmolLM2 last layer (L30, mean), logreg"),
+    (
+        "SmolLM2, layers concatenated (validation)",
+        "fusion",
+        "SmolLM2 concatenation of layers chosen on validation, logreg",
+    ),
+    (
+        "SmolLM2 + MiniLM, layers concatenated (validation)",
+        "fusion",
+        "SmolLM2 + MiniLM concatenation of layers chosen on validation, logreg",
+    ),
+    (
+        "SmolLM2 + MiniLM, the paper's co-occurrence head, its last five layers",
+        "fusion",
+        "SmolLM2 + MiniLM co-occurrence head, paper's last five layers (σ on validation)",
+    ),
+    (
+        "MiniLM, best single layer and pooling (validation)",
+        "layers",
+        "minilm best (layer, pooling) on validation",
+    ),
+    ("prompting SmolLM2, zero-shot", "counterparts", "prompting zero_shot"),
+    ("prompting SmolLM2, few-shot", "counterparts", "prompting few_shot"),
+    ("fine-tuning MiniLM end to end", "counterparts", "fine-tuning MiniLM"),
+]
+
+
+def headline(summary: list) -> list[str]:
+    found = {(exp, method, ds): t for exp, ds, method, t in summary}
+    sets = list(dict.fromkeys(ds for _, ds, _, _ in summary))
+    rows = [
+        [
+            label,
+            *(
+                ci(found[exp, method, ds]["accuracy"]) if (exp, method, ds) in found else "not run"
+                for ds in sets
+            ),
+        ]
+        for label, exp, method in HEADLINE
+    ]
+    return [
+        "## Headline",
+        "",
+        "Test accuracy, mean over the five splits [95% interval]; every choice made on validation.",
+        "",
+        table(["method", *sets], rows),
+        "",
+    ]
+
+
+def reading(results: Path, name: str) -> list[str]:
+    """The person's reading of an experiment's figures, kept beside its JSON as reading_<name>.md
+    (written by hand after a full run; the generator only places it)."""
+    path = results / f"reading_{name}.md"
+    if not path.is_file():
+        return [f"_Reading: not written yet ({path.name})._", ""]
+    return ["**Reading.** " + path.read_text().strip(), ""]
+
+
 def write(results: Path, out: Path) -> str:
     rel = (
         str(results.relative_to(out.parent)) if results.is_relative_to(out.parent) else str(results)
@@ -340,6 +407,7 @@ def write(results: Path, out: Path) -> str:
             f"> **Pilot figures**: runs on a subsample (`dataset.limit={sorted(limits - {None})}`), not the full sets.",
             "",
         ]
+    top = len(lines)  # where the headline goes, once every section has given its figures
     lines += [
         "## Reproduce",
         "",
@@ -391,7 +459,9 @@ def write(results: Path, out: Path) -> str:
             lines += sec_counterparts(r, summary)
         else:
             lines += sec_cost(r)
-        lines += ["_Reading: to be written from the full runs._", ""]
+        lines += reading(results, name)
+    if summary:
+        lines[top:top] = headline(summary)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     if not summary:

@@ -1,0 +1,61 @@
+"""Merge result folders made by separate processes (or machines), one data set or more each, into one:
+
+    .venv/bin/python -m scripts.experiments.merge /tmp/exp/mr /tmp/exp/trec --into docs/results
+
+Each experiment's JSON files must share the protocol (seeds, resplit, data-set limit); their data
+sets are put together (a data set in two folders: the later folder wins, and is named), their
+commands listed in order, and their plots copied. The page is then written by write_results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+PROTOCOL = ("seeds", "resplit", "dataset_limit")
+
+
+def merge(sources: list[Path], into: Path) -> list[str]:
+    into.mkdir(parents=True, exist_ok=True)
+    said = []
+    names = sorted({p.name for src in sources for p in src.glob("*.json")})
+    for name in names:
+        merged = None
+        for src in sources:
+            path = src / name
+            if not path.is_file():
+                continue
+            r = json.loads(path.read_text())
+            if merged is None:
+                merged = {**r, "commands": list(r.get("commands", [r["command"]]))}
+                continue
+            if any(r.get(k) != merged.get(k) for k in PROTOCOL):
+                raise SystemExit(
+                    f"{path} has another protocol than the files before it: not merged"
+                )
+            again = set(r.get("datasets", {})) & set(merged.get("datasets", {}))
+            if again:
+                said.append(f"{name}: {sorted(again)} taken from {src}")
+            merged["datasets"] = {**merged.get("datasets", {}), **r.get("datasets", {})}
+            merged["commands"] += r.get("commands", [r["command"]])
+        (into / name).write_text(json.dumps(merged, indent=1))
+        said.append(f"{name}: {sorted(merged.get('datasets', {}))}")
+    for src in sources:
+        for png in src.glob("*.png"):
+            shutil.copy(png, into / png.name)
+    return said
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sources", type=Path, nargs="+")
+    ap.add_argument("--into", type=Path, default=Path("docs/results"))
+    a = ap.parse_args()
+    for line in merge(a.sources, a.into):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
