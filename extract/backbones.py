@@ -16,16 +16,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-)
+from typing import TYPE_CHECKING
 
 from llmembed.cache.keys import JsonMemo, file_sha256, fingerprint
 from llmembed.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and transformers are imported where a model or tokenizer is touched: what a cache hit needs
+# (identities, and facts remembered in the memo) is read without them, in a fraction of a second.
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,11 @@ class BackboneInfo:
 def is_causal(config) -> bool:
     """Whether each token sees only those before it: a decoder config, or a model type with a
     causal-LM class and no masked-LM class (BERT and RoBERTa have both: they are encoders)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
     if getattr(config, "is_decoder", False):
         return True
     causal_lm = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -183,6 +188,9 @@ def inspect_backbone(cfg, memo: Path | None) -> BackboneInfo:
     )
     known = facts.get(key)
     if known is None:
+        import torch
+        from transformers import AutoConfig, AutoModel
+
         kw = source.load_kwargs(ident.get("commit"), trust)
         config = AutoConfig.from_pretrained(source.location, **kw)
         text = config.get_text_config()
@@ -212,6 +220,8 @@ def inspect_backbone(cfg, memo: Path | None) -> BackboneInfo:
 
 
 def _tokenizer(cfg, source: Source, commit: str | None):
+    from transformers import AutoTokenizer
+
     src = resolve_source(cfg.tokenizer) if cfg.get("tokenizer") else source
     kw = src.load_kwargs(commit, cfg.get("trust_remote_code", False))
     return AutoTokenizer.from_pretrained(src.location, **kw)
@@ -220,6 +230,8 @@ def _tokenizer(cfg, source: Source, commit: str | None):
 def load_tokenizer(cfg, info: BackboneInfo, *, converted: Path | None = None):
     """The backbone's tokenizer, with a pad token. `converted`: as for `load_model`; a GGUF
     vocabulary is then read from the converted copy (converting it takes seconds)."""
+    from transformers import AutoTokenizer
+
     copy = converted_copy(info, converted) if not cfg.get("tokenizer") else None
     if copy is not None:
         tok = AutoTokenizer.from_pretrained(copy)
@@ -247,6 +259,8 @@ def load_model(
     `converted`: a folder (the cache root's `converted/`) where a GGUF backbone is kept, once
     de-quantized, as a safetensors copy named by the GGUF file's hash; later loads read that copy
     (about 1 s instead of 11-20 s for SmolLM2). None: de-quantize the GGUF file on every load."""
+    from transformers import AutoModel
+
     # Load the commit the cache key names, not whatever a branch points at by now.
     kw = info.source.load_kwargs(info.identity.get("commit"), cfg.get("trust_remote_code", False))
     location = info.source.location
@@ -335,6 +349,9 @@ def convert_gguf(cfg, info: BackboneInfo, converted: Path) -> Path:
 
 def _load_gguf(cfg, info: BackboneInfo):
     """The whole base model de-quantized to float32, and its tokenizer, from the GGUF file."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
     kw = info.source.load_kwargs(None, cfg.get("trust_remote_code", False))
     model = AutoModel.from_pretrained(info.source.location, dtype=torch.float32, **kw)
     tok = AutoTokenizer.from_pretrained(info.source.location, **kw)

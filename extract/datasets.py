@@ -685,14 +685,35 @@ def load_dataset(cfg) -> TextDataset:
     return build_dataset(src, cfg.name, cfg.get("path") or cfg.name, settings)
 
 
-def build_dataset(src: Source, name: str, where: object, settings: Settings) -> TextDataset:
-    """Check texts and labels, deduplicate, encode, split and subsample rows of any source."""
+def dataset_texts(cfg) -> tuple[str, list[str]]:
+    """(name, texts) of the data set a `dataset` config describes, as extraction embeds them: the
+    texts of `load_dataset(cfg)`, in its order. Texts and labels pass the same checks; the splits are
+    drawn only when `limit` asks for a subsample (what is embedded does not depend on them otherwise,
+    and their checks run before any classifier is trained), so a cache hit skips that work."""
+    settings = check_settings(cfg)
+    if settings.limit:
+        ds = load_dataset(cfg)
+        return ds.name, ds.texts
+    if cfg.source not in LOADERS:
+        raise DatasetError(f"dataset.source must be packaged, file or hub, got {cfg.source!r}")
+    src, _, dropped = _checked(LOADERS[cfg.source](cfg), cfg.get("path") or cfg.name)
+    log.info("dataset %s: %d rows, %d duplicate texts dropped", cfg.name, len(src.texts), dropped)
+    return cfg.name, list(src.texts)
+
+
+def _checked(src: Source, where: object) -> tuple[Source, list[str], int]:
+    """The rows of `src` whose texts and labels pass the checks, repeats dropped: (rows, their
+    normalized labels, how many were dropped)."""
     check_texts(src.texts, src.refs, where)
     raw = normalize_labels(src.labels, src.refs, where)
     keep = deduplicate(src, raw, where)
-    dropped = len(src.texts) - len(keep)
-    src = src.take(keep)
-    labels, names = encode_labels([raw[i] for i in keep], src.names)
+    return src.take(keep), [raw[i] for i in keep], len(src.texts) - len(keep)
+
+
+def build_dataset(src: Source, name: str, where: object, settings: Settings) -> TextDataset:
+    """Check texts and labels, deduplicate, encode, split and subsample rows of any source."""
+    src, raw, dropped = _checked(src, where)
+    labels, names = encode_labels(raw, src.names)
     if len(np.unique(labels)) < 2:
         raise DatasetError(
             f"{name}: every row has the label {names[labels[0]]!r}; a classifier needs at "

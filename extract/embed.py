@@ -8,12 +8,14 @@ import sys
 import time
 
 import numpy as np
+import torch
 from transformers.utils import logging as hf_logging
 
 from llmembed.cache.store import STORE_DTYPES
 from llmembed.extract.backbones import load_model, load_tokenizer
-from llmembed.extract.embedder import EmbedStats, Extractor
-from llmembed.extract.plan import COMPUTE_DTYPES, ExtractPlan, resolve_token_budget
+from llmembed.extract.embedder import Extractor
+from llmembed.extract.plan import ExtractPlan, resolve_token_budget
+from llmembed.extract.stats import EmbedStats
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ def load_embedder(plan: ExtractPlan, device: str) -> tuple[Extractor, float]:
         plan.backbone,
         plan.info,
         depth=plan.depth,
-        dtype=COMPUTE_DTYPES[plan.spec.compute_dtype],
+        dtype=getattr(torch, plan.spec.compute_dtype),
         device=device,
         converted=converted,
     )

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from llmembed.extract.pooling import LayerPooler, first_token_index, pool_layers
+from llmembed.extract.stats import EmbedStats
 
 log = logging.getLogger(__name__)
 
@@ -103,24 +104,6 @@ def _position_padding_idx(model: torch.nn.Module) -> int | None:
         if name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding):
             return module.padding_idx
     return None
-
-
-@dataclass
-class EmbedStats:
-    texts: int = 0
-    tokens: int = 0  # real tokens fed to the model
-    padded_tokens: int = 0  # tokens including padding
-    truncated: int = 0  # texts cut at max_length
-    seconds: float = 0.0  # tokenizing and forward passes
-    load_seconds: float = 0.0  # loading the model and tokenizer (set by the pipeline)
-    oom_retries: int = 0
-    forward_calls: int = 0
-    widened: set[str] = field(default_factory=set)  # poolings returned in float32: beyond out_dtype
-
-    def add(self, other: EmbedStats) -> None:
-        for name in self.__dataclass_fields__:
-            mine, theirs = getattr(self, name), getattr(other, name)
-            setattr(self, name, mine | theirs if isinstance(mine, set) else mine + theirs)
 
 
 @dataclass

@@ -37,10 +37,9 @@ from llmembed.cache.store import (
     hex_to_hashes,
 )
 from llmembed.errors import UserError
-from llmembed.extract.embed import load_embedder
-from llmembed.extract.embedder import EmbedStats
 from llmembed.extract.plan import ExtractPlan, plan_from_config
 from llmembed.extract.ranks import Ranks
+from llmembed.extract.stats import EmbedStats
 from llmembed.meter import Meter, combine
 
 log = logging.getLogger(__name__)
@@ -321,6 +320,8 @@ class WriteAhead:
 
 def _compute(plan, writer: EntryWriter, shards, request: Request, device: str) -> EmbedStats:
     """Run the model over this process's new shards and write each as it finishes."""
+    from llmembed.extract.embed import load_embedder  # torch: imported only when computing
+
     stats = EmbedStats()
     extractor, stats.load_seconds = load_embedder(plan, device)
     with tqdm(
@@ -426,14 +427,16 @@ def extract(
     `dataset` spares reloading an already loaded data set; `need` (layers, poolings) is what an
     existing entry must store (default: what `cfg.extract` asks for)."""
     from llmembed.extract.command import extract_command
-    from llmembed.extract.datasets import load_dataset
+    from llmembed.extract.datasets import dataset_texts
 
-    ds = dataset if dataset is not None else load_dataset(cfg.dataset)
+    name, texts = (
+        (dataset.name, dataset.texts) if dataset is not None else dataset_texts(cfg.dataset)
+    )
     plan = plan_from_config(cfg, need=need)
     return extract_texts(
         plan,
-        ds.texts,
-        name=ds.name,
+        texts,
+        name=name,
         allow_extract=allow_extract,
         check_stop=check_stop,
         fill_command=None if allow_extract else extract_command(cfg),

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-
-import torch
 
 from llmembed.cache.keys import memo_path
 from llmembed.cache.store import STORE_DTYPES, EntrySpec
@@ -21,7 +21,7 @@ from llmembed.extract.backbones import BackboneInfo, inspect_backbone
 
 log = logging.getLogger(__name__)
 
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # torch dtypes by name
 AUTO_DTYPES = ("bfloat16", "float32")  # what `extract.dtype: auto` may resolve to
 
 
@@ -109,8 +109,17 @@ class ExtractPlan:
         return dataclasses.replace(self, layers=tuple(layers), poolings=tuple(poolings))
 
 
+# Device files that a CUDA (or ROCm) driver creates: without any, torch cannot see a GPU, so `auto`
+# means the CPU, known without importing torch (a cache hit needs nothing else from it).
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
+        if not any(os.path.exists(f) for f in GPU_DEVICE_FILES):
+            return "cpu"
+        import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
 
@@ -124,6 +133,8 @@ def check_device(name) -> str:
         number and (kind != "cuda" or not number.isdigit())
     ):
         raise ConfigError(f"extract.device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if kind in ("cuda", "mps"):
+        import torch
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
@@ -183,8 +194,27 @@ def native_bf16(device: str) -> bool:
     accuracy (benchmarks/RESULTS.md); elsewhere bfloat16 is emulated and no faster."""
     if device.startswith("cuda"):
         return True
+    flags = cpu_flags()
+    if flags is not None:
+        return bool(flags & {"avx512_bf16", "amx_tile"})
+    import torch
+
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence getattr
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+@cache
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags as Linux reports them (the same CPUID bits, enabled by the kernel,
+    that torch's checks read), or None where /proc/cpuinfo does not exist."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
 
 
 def resolve_dtype(name: str, device: str) -> str:
@@ -209,6 +239,8 @@ def resolve_token_budget(value, device: str, info: BackboneInfo | None = None) -
         return int(value)
     if not device.startswith("cuda"):
         return 1024
+    import torch
+
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     hidden = info.hidden_size if info else 4096
     # Layers are pooled as they run (hooks), so no hidden state is kept: one live hidden state plus

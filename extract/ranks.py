@@ -4,34 +4,49 @@ a single process, so the extraction code has no `if distributed:` branches."""
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 
-import torch
+# A launcher (accelerate launch, torchrun, mpirun) announces itself with these; without any, this is
+# a plain single process, known without importing torch and accelerate (a cache hit needs neither).
+LAUNCHER_VARIABLES = (
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "MV2_COMM_WORLD_SIZE",
+)
 
 
 class Ranks:
     @cached_property
     def _state(self):
+        import torch
         from accelerate import PartialState
 
         # cpu=True lets CPU-only processes form a gloo group (accelerate's MULTI_CPU).
         return PartialState(cpu=not torch.cuda.is_available())
 
+    @cached_property
+    def _alone(self) -> bool:
+        return not any(name in os.environ for name in LAUNCHER_VARIABLES)
+
     @property
     def count(self) -> int:
-        return self._state.num_processes
+        return 1 if self._alone else self._state.num_processes
 
     @property
     def index(self) -> int:
-        return self._state.process_index
+        return 0 if self._alone else self._state.process_index
 
     @property
     def is_main(self) -> bool:
-        return self._state.is_main_process
+        return self._alone or self._state.is_main_process
 
     @property
     def is_local_main(self) -> bool:
-        return self._state.is_local_main_process
+        return self._alone or self._state.is_local_main_process
 
     @property
     def device(self) -> str:

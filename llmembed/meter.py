@@ -8,8 +8,6 @@ import resource
 import time
 from pathlib import Path
 
-import torch
-
 RAPL = "/sys/class/powercap/intel-rapl:*/energy_uj"  # package domains (AMD exposes them too)
 
 
@@ -19,6 +17,15 @@ def _rapl_read() -> dict[str, int] | None:
         return {p: int(Path(p).read_text()) for p in paths} or None
     except OSError:  # present but not readable (needs root on recent kernels)
         return None
+
+
+def _cuda():
+    """torch.cuda where CUDA is in use, else None. Meters of work that ran no model (a cache hit) do
+    not import torch for it."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch.cuda if torch is not None and torch.cuda.is_available() else None
 
 
 def _nvml_devices(device_indices: list[int]):
@@ -47,8 +54,8 @@ class Meter:
         )
         self.e0 = [self.nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self.handles]  # mJ
         self.r0 = _rapl_read() if self.cpu_energy and not self.handles else None
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        if cuda := _cuda():
+            cuda.reset_peak_memory_stats()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -82,8 +89,8 @@ class Meter:
             "wall_s": round(self.wall, 3),
             "cpu_s": round(self.cpu, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            if torch.cuda.is_available()
+            "peak_gpu_mb": round(cuda.max_memory_allocated() / 2**20, 1)
+            if (cuda := _cuda())
             else None,
             "energy_j": None if self.energy is None else round(self.energy, 3),
             "energy_source": self.source,

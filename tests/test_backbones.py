@@ -126,8 +126,8 @@ def test_backbone_facts_are_memoized_without_reloading_the_tokenizer(
     def no_loading(*args, **kwargs):
         raise AssertionError("the memo should have answered")
 
-    monkeypatch.setattr("llmembed.extract.backbones.AutoTokenizer.from_pretrained", no_loading)
-    monkeypatch.setattr("llmembed.extract.backbones.AutoConfig.from_pretrained", no_loading)
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", no_loading)
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", no_loading)
     assert inspect_backbone(cfg, memo) == first
 
 

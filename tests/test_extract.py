@@ -114,13 +114,53 @@ def test_dtype_auto_reads_an_entry_of_either_dtype(make_cfg, count_loads, made, 
     assert (said in caplog.text) == (made != own), caplog.text
 
 
-@pytest.mark.parametrize("avx512_bf16", [True, False])
-def test_dtype_auto_is_bfloat16_where_the_cpu_has_it(monkeypatch, avx512_bf16):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+@pytest.mark.parametrize("flags", [{"avx512_bf16"}, {"amx_tile"}, {"avx512f"}, None])
+def test_dtype_auto_is_bfloat16_where_the_cpu_has_it(monkeypatch, flags):
+    """The CPU's flags from /proc/cpuinfo where it exists (no torch import), else torch's checks."""
+    has = flags is not None and bool(flags & {"avx512_bf16", "amx_tile"})
+    monkeypatch.setattr(plan, "cpu_flags", lambda: None if flags is None else frozenset(flags))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flags is None)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert plan.resolve_dtype("auto", "cpu") == ("bfloat16" if avx512_bf16 else "float32")
+    want = "bfloat16" if has or flags is None else "float32"
+    assert plan.resolve_dtype("auto", "cpu") == want
     assert plan.resolve_dtype("auto", "cuda:0") == "bfloat16"
     assert plan.resolve_dtype("float32", "cuda:0") == "float32"
+
+
+def test_the_cpu_flags_agree_with_torch_on_this_machine():
+    plan.cpu_flags.cache_clear()
+    flags = plan.cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo here")
+    assert ("avx512_bf16" in flags) == torch.cpu._is_avx512_bf16_supported()
+    assert ("amx_tile" in flags) == torch.cpu._is_amx_tile_supported()
+
+
+def test_a_cache_hit_imports_neither_torch_nor_transformers_nor_scikit_learn(tmp_path, data_csv):
+    """What a hit needs (the data set's texts, the backbone's remembered facts, the entry's index)
+    is read without the heavy imports: a hit is a sub-second process, not a 4-second one."""
+    import subprocess
+    import sys
+
+    from tests.conftest import file_overrides, make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "m")
+    args = file_overrides(tmp_path / "c", data_csv, model, "extract.device=cpu")
+    code = (
+        "import sys\n"
+        "sys.argv = ['llmembed-extract', *sys.argv[1:]]\n"
+        "from llmembed.extract.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'sklearn', 'accelerate') "
+        "if m in sys.modules))\n"
+    )
+    run = [sys.executable, "-c", code, *args]
+    first = subprocess.run(run, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "torch" in first.stdout  # a miss computes
+    hit = subprocess.run(run, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert hit.returncode == 0 and "cache hit" in hit.stdout, hit.stderr
+    assert hit.stdout.strip().splitlines()[-1] == "[]", hit.stdout
 
 
 def test_weights_and_tokenizer_are_keyed_but_not_the_data(make_cfg, tmp_path, forward_calls):

@@ -12,9 +12,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import transformers
 from omegaconf import OmegaConf
 
-import llmembed.extract.backbones as backbones
 from llmembed.cache.cli import main as cache_main
 from llmembed.cache.keys import (
     EscapeError,
@@ -69,13 +69,13 @@ def test_remote_code_is_off_unless_asked(make_cfg, monkeypatch):
     for path in (ROOT / "conf" / "backbone").glob("*.yaml"):
         assert OmegaConf.load(path).trust_remote_code is False, path
     seen = []
-    real = backbones.AutoModel.from_pretrained
+    real = transformers.AutoModel.from_pretrained
 
     def spy(*args, **kwargs):
         seen.append(kwargs["trust_remote_code"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(backbones.AutoModel, "from_pretrained", spy)
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", spy)
     extract(make_cfg())
     extract(make_cfg("backbone.trust_remote_code=true", "extract.max_length=50"))
     assert seen == [False, True]
