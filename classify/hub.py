@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from llmembed.classify.saved import SavedModelError, load_trained
@@ -24,9 +25,21 @@ def repo_ref(model: str) -> tuple[str, str | None] | None:
     if Path(model).expanduser().exists():
         return None
     m = _REPO_ID.match(model)
-    if m is None or model.startswith(".") or ".." in model:
+    if m is None or model.startswith(".") or ".." in model or not _valid_repo_id(m["repo"]):
         return None
     return m["repo"], m["revision"]
+
+
+def _valid_repo_id(repo_id: str) -> bool:
+    """The hub's own rule (no `--`, no leading `-`, at most 96 characters, ...)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return False
+    return True
 
 
 def locate_model(model: str | os.PathLike) -> Path:
@@ -54,6 +67,9 @@ def _download(repo_id: str, revision: str | None) -> str:
     )
 
     at = f"{repo_id}@{revision}" if revision else repo_id
+    # Said every time: a mistyped local folder of the form owner/name would otherwise run a hub
+    # model of that name without a word.
+    print(f"model {at} from the Hugging Face hub (no folder {at} here)", file=sys.stderr)
     try:
         return snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILES)
     except GatedRepoError:
@@ -93,17 +109,37 @@ def push_model(
     The folder is checked (model.json against the weights' contract) before anything is sent."""
     from huggingface_hub import HfApi, constants
 
-    if _REPO_ID.match(repo_id) is None or "@" in repo_id:
-        raise SavedModelError(f"{repo_id!r} is not a hub repo id; give owner/name")
-    load_trained(folder)
+    if _REPO_ID.match(repo_id) is None or "@" in repo_id or not _valid_repo_id(repo_id):
+        raise SavedModelError(
+            f"{repo_id!r} is not a hub repo id; give owner/name (letters, digits, '-', '_', '.'; "
+            "no '--' or '..', at most 96 characters)"
+        )
+    _, meta = load_trained(folder)
     missing = [f for f in MODEL_FILES if not (Path(folder) / f).is_file()]
     if missing:
         raise SavedModelError(f"{folder} lacks {missing}; push the folder llmembed-classify wrote")
     if constants.HF_HUB_OFFLINE:
         raise SavedModelError("HF_HUB_OFFLINE=1 is set; unset it to push to the hub")
+    local = sorted(
+        {
+            str(s["backbone"]["path"])
+            for s in meta["sources"]
+            if Path(str(s["backbone"].get("path", ""))).is_absolute()
+        }
+    )
+    if local:
+        print(
+            f"note: model.json names local backbone paths {local}; they are published with it",
+            file=sys.stderr,
+        )
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
+        if private and not api.repo_info(repo_id).private:
+            raise SavedModelError(
+                f"{repo_id} exists and is public: --private does not change an existing repo; make "
+                "it private on the hub first, or push to a new repo"
+            )
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(

@@ -205,7 +205,7 @@ def extract_texts(
                 elif not allow_extract:
                     raise MissingEntryError(_missing_message(cache, plan, request, fill_command))
                 else:
-                    decision = _decide(cache, plan, request.hashes, held)
+                    decision = _decide(cache, plan.confirmed(), request.hashes, held)
             except Exception as err:  # the other processes must hear of it, not wait forever
                 decision = err
         decision = ranks.broadcast(decision)
@@ -311,10 +311,15 @@ class WriteAhead:
             pending.result()
 
     def finish(self) -> None:
-        """Let a write in flight end (its error is not this caller's to raise) and stop the thread."""
+        """Let a write in flight end (its error is not this caller's to raise) and stop the thread.
+        Called while stopping: a second Ctrl-C or SIGTERM during the wait is absorbed, so the stop
+        still ends with its resume message, and the shard being written is kept whole."""
         pending, self._pending = self._pending, None
-        if pending is not None:
-            wait([pending])
+        while pending is not None and not pending.done():
+            try:
+                wait([pending])
+            except KeyboardInterrupt:
+                continue
         self._pool.shutdown()
 
 

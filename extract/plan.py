@@ -8,6 +8,7 @@ the key itself. Every check a user can trip runs here, before any model is loade
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class ExtractPlan:
     progress: bool
     cache_root: Path
     group_writable: bool = False
+    dtype_request: str = ""  # extract.dtype as configured ("auto", or the dtype itself)
 
     @property
     def key(self) -> str:
@@ -108,20 +110,54 @@ class ExtractPlan:
     def storing(self, layers, poolings) -> ExtractPlan:
         return dataclasses.replace(self, layers=tuple(layers), poolings=tuple(poolings))
 
-
-# Device files that a CUDA (or ROCm) driver creates: without any, torch cannot see a GPU, so `auto`
-# means the CPU, known without importing torch (a cache hit needs nothing else from it).
-GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+    def confirmed(self) -> ExtractPlan:
+        """The plan whose `auto` device and dtype torch itself chose, for computing: the cache key
+        of a new entry follows the hardware that computes it, even where `presumed_device` (no
+        torch) could not see a GPU."""
+        if self.device != "auto" or self.dtype_request != "auto":
+            return self
+        dtype = resolve_dtype("auto", resolve_device("auto"))
+        if dtype == self.spec.compute_dtype:
+            return self
+        return self.for_spec(dataclasses.replace(self.spec, compute_dtype=dtype))
 
 
 def resolve_device(name: str) -> str:
+    """The device `name` means here; `auto` asks torch (CUDA where it sees a GPU, else the CPU)."""
     if name == "auto":
-        if not any(os.path.exists(f) for f in GPU_DEVICE_FILES):
-            return "cpu"
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+# What a GPU leaves on a Linux machine: its driver's device files, or a display or 3D controller
+# (PCI class 0x03) by NVIDIA or AMD. Without any, torch cannot see one.
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg", "/dev/nvhost-ctrl")
+GPU_VENDORS = ("0x10de", "0x1002")
+
+
+def gpu_hints() -> bool:
+    if any(os.path.exists(f) for f in GPU_DEVICE_FILES):
+        return True
+    for device in glob.glob("/sys/bus/pci/devices/*"):
+        try:
+            vendor = Path(device, "vendor").read_text().strip()
+            kind = Path(device, "class").read_text().strip()
+        except OSError:
+            continue
+        if vendor in GPU_VENDORS and kind.startswith("0x03"):
+            return True
+    return not os.path.isdir("/sys/bus/pci/devices")  # not Linux: ask torch
+
+
+def presumed_device(name: str) -> str:
+    """`resolve_device` without importing torch where no GPU can be present: what names the cache
+    entry a run looks up first (a hit needs nothing else from torch). A miss imports torch anyway
+    and confirms it (`ExtractPlan.confirmed`) before anything is computed."""
+    if name == "auto" and not gpu_hints():
+        return "cpu"
+    return resolve_device(name)
 
 
 def check_device(name) -> str:
@@ -327,7 +363,7 @@ def make_plan(extract_cfg, backbone_cfg, cache_cfg, *, need=None) -> ExtractPlan
     spec = EntrySpec(
         backbone=info.identity,
         model_type=info.model_type,
-        compute_dtype=resolve_dtype(ex.dtype, resolve_device(ex.device)),
+        compute_dtype=resolve_dtype(ex.dtype, presumed_device(ex.device)),
         store_dtype=ex.store_dtype,
         max_length=max_length,
         truncation_side=ex.truncation_side,
@@ -362,6 +398,7 @@ def make_plan(extract_cfg, backbone_cfg, cache_cfg, *, need=None) -> ExtractPlan
         progress=bool(ex.progress),
         cache_root=root,
         group_writable=bool(cache_cfg.get("group_writable", False)),
+        dtype_request=str(ex.dtype),
     )
 
 

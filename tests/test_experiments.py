@@ -381,6 +381,14 @@ def test_result_folders_of_separate_processes_merge(tmp_path):
     assert sorted(merged["datasets"]) == ["mr", "trec"]
     assert merged["commands"] == ["run mr", "run trec"]
     assert (into / "layers_trec.png").is_file()
+    merge([into, b], into)  # into one of its own sources: again, nothing doubled
+    again = json.loads((into / "fusion.json").read_text())
+    assert again["commands"] == ["run mr", "run trec"] and sorted(again["datasets"]) == [
+        "mr",
+        "trec",
+    ]
     (b / "fusion.json").write_text(json.dumps(result("trec", seeds=(0,))))
+    before = (into / "fusion.json").read_text()
     with pytest.raises(SystemExit, match="another protocol"):
         merge([a, b], into)
+    assert (into / "fusion.json").read_text() == before  # nothing written

@@ -81,3 +81,22 @@ def test_valid_settings_still_plan(make_cfg):
         make_cfg("extract.layers=[1,-1]", "extract.shard_mb=0.5", "extract.token_budget=64")
     )
     assert plan.layers == (1, 3) and plan.shard_mb == 0.5 and plan.token_budget == 64
+
+
+def test_a_gpu_the_device_files_do_not_show_is_confirmed_before_computing(make_cfg, monkeypatch):
+    """`auto` names the cache entry to look up without importing torch where no GPU leaves a trace;
+    before computing, torch's own answer decides the new entry's dtype (and key)."""
+    import llmembed.extract.plan as plan
+
+    monkeypatch.setattr(plan, "gpu_hints", lambda: False)
+    monkeypatch.setattr(plan, "cpu_flags", lambda: frozenset({"avx512f"}))  # no bf16 on this CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    p = plan_from_config(make_cfg("extract.dtype=auto", "extract.device=auto"))
+    assert p.spec.compute_dtype == "float32"  # what a hit looks up first (both dtypes are read)
+    assert {s.compute_dtype for s in p.read_specs} == {"float32", "bfloat16"}
+    confirmed = p.confirmed()
+    assert confirmed.spec.compute_dtype == "bfloat16" and confirmed.key != p.key
+    pinned = plan_from_config(make_cfg("extract.dtype=float32", "extract.device=auto"))
+    assert pinned.confirmed() is pinned
+    monkeypatch.setattr(plan, "gpu_hints", lambda: True)
+    assert plan.presumed_device("auto") == "cuda"

@@ -414,6 +414,27 @@ def test_a_shard_is_written_while_the_next_is_computed(tmp_path, tiny_llama, dat
     assert res.entry.complete and verify_entry(res.entry) == []
 
 
+def test_a_second_interrupt_while_a_shard_is_written_still_keeps_it_whole():
+    """Stopping waits for the shard being written; Ctrl-C pressed again meanwhile does not break
+    out of that wait (the stop then ends with its resume message, not a traceback)."""
+    import threading
+
+    from llmembed.extract.pipeline import WriteAhead
+
+    written, ahead = [], WriteAhead()
+    ahead.submit(lambda: (time.sleep(1.0), written.append("shard")))
+    main = threading.get_ident()
+
+    def press_ctrl_c_twice():
+        for _ in range(2):
+            time.sleep(0.2)
+            signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c_twice).start()
+    ahead.finish()
+    assert written == ["shard"]
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_sigint_stop_cleanly_with_a_resume_message(
     tmp_path, tiny_llama, big_csv, sig, code

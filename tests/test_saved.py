@@ -173,8 +173,12 @@ def test_a_folder_here_wins_over_a_repo_id_of_the_same_name(trained, tmp_path):
     assert done.returncode == 0, done.stderr
     assert repo_ref("alice/sentiment") == ("alice/sentiment", None)  # not a folder from here
     assert repo_ref("alice/sentiment@v1") == ("alice/sentiment", "v1")
-    for path in ("./alice/x", "alice/x/y", "/abs/x", "../x/y"):
-        assert repo_ref(path) is None, path
+    for path in ("./alice/x", "alice/x/y", "/abs/x", "../x/y", "run--1/model", "a/b."):
+        assert repo_ref(path) is None, path  # a missing folder, not a hub repo the hub would refuse
+    typo = cli("llmembed-predict", "run--1/model", "new.txt", cwd=tmp_path)
+    assert (
+        typo.returncode == 2 and "is not a folder" in typo.stderr and "Traceback" not in typo.stderr
+    )
 
 
 def test_push_uploads_the_model_files_and_predict_runs_them_from_the_hub(
@@ -192,6 +196,9 @@ def test_push_uploads_the_model_files_and_predict_runs_them_from_the_hub(
     class FakeApi:
         def create_repo(self, repo_id, **kw):
             calls.append(("create_repo", repo_id, kw))
+
+        def repo_info(self, repo_id):
+            return SimpleNamespace(private=repo_id != "alice/public")
 
         def create_branch(self, repo_id, **kw):
             calls.append(("create_branch", repo_id, kw))
@@ -222,6 +229,11 @@ def test_push_uploads_the_model_files_and_predict_runs_them_from_the_hub(
     assert [r["label"] for r in csv.DictReader(done.stdout.splitlines())] == [
         r["predicted"] for r in test
     ]
+    assert "model alice/sentiment from the Hugging Face hub" in done.stderr
+    calls.clear()
+    with pytest.raises(SystemExit):  # an existing public repo is not made private by --private
+        push_main([str(folder), "alice/public", "--private"])
+    assert [c[0] for c in calls] == ["create_repo"]
 
 
 def test_push_refuses_before_sending_anything(trained, tmp_path):
@@ -230,8 +242,9 @@ def test_push_refuses_before_sending_anything(trained, tmp_path):
     assert offline.returncode == 2 and "HF_HUB_OFFLINE=1 is set" in offline.stderr
     not_a_model = cli("llmembed-push", tmp_path, "alice/sentiment")
     assert not_a_model.returncode == 2 and "not a saved llmembed model" in not_a_model.stderr
-    bad_id = cli("llmembed-push", folder, "sentiment")
-    assert bad_id.returncode == 2 and "is not a hub repo id" in bad_id.stderr
+    for bad in ("sentiment", "alice/senti--ment", "alice/-x", "a/" + "b" * 97):
+        bad_id = cli("llmembed-push", folder, bad)
+        assert bad_id.returncode == 2 and "is not a hub repo id" in bad_id.stderr, bad
     # A hub that cannot be reached: one message, no traceback.
     env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_x"}
     down = cli("llmembed-push", folder, "alice/sentiment", env=env)

@@ -17,9 +17,13 @@ from pathlib import Path
 PROTOCOL = ("seeds", "resplit", "dataset_limit")
 
 
+def _commands(r: dict) -> list[str]:
+    return list(r.get("commands") or [r.get("command", "?")])
+
+
 def merge(sources: list[Path], into: Path) -> list[str]:
-    into.mkdir(parents=True, exist_ok=True)
-    said = []
+    """Everything is read and checked before anything is written."""
+    said, merged_files = [], {}
     names = sorted({p.name for src in sources for p in src.glob("*.json")})
     for name in names:
         merged = None
@@ -29,7 +33,7 @@ def merge(sources: list[Path], into: Path) -> list[str]:
                 continue
             r = json.loads(path.read_text())
             if merged is None:
-                merged = {**r, "commands": list(r.get("commands", [r["command"]]))}
+                merged = {**r, "commands": _commands(r)}
                 continue
             if any(r.get(k) != merged.get(k) for k in PROTOCOL):
                 raise SystemExit(
@@ -39,12 +43,16 @@ def merge(sources: list[Path], into: Path) -> list[str]:
             if again:
                 said.append(f"{name}: {sorted(again)} taken from {src}")
             merged["datasets"] = {**merged.get("datasets", {}), **r.get("datasets", {})}
-            merged["commands"] += r.get("commands", [r["command"]])
-        (into / name).write_text(json.dumps(merged, indent=1))
+            merged["commands"] += [c for c in _commands(r) if c not in merged["commands"]]
+        merged_files[name] = merged
         said.append(f"{name}: {sorted(merged.get('datasets', {}))}")
-    for src in sources:
-        for png in src.glob("*.png"):
-            shutil.copy(png, into / png.name)
+    into.mkdir(parents=True, exist_ok=True)
+    for name, merged in merged_files.items():
+        (into / name).write_text(json.dumps(merged, indent=1))
+    for src in sources:  # plots, and the readings written by hand beside the figures
+        for extra in [*src.glob("*.png"), *src.glob("reading_*.md")]:
+            if extra.resolve() != (into / extra.name).resolve():
+                shutil.copy(extra, into / extra.name)
     return said
 
 
