@@ -357,7 +357,7 @@ HEADLINE = [
 
 def headline(summary: list) -> list[str]:
     found = {(exp, method, ds): t for exp, ds, method, t in summary}
-    sets = list(dict.fromkeys(ds for _, ds, _, _ in summary))
+    sets = list(dict.fromkeys([*DATASETS, *(ds for _, ds, _, _ in summary)]))
     rows = [
         [
             label,
@@ -420,6 +420,11 @@ def write(results: Path, out: Path) -> str:
         *[f".venv/bin/python -m {module}" for _, _, module, _ in EXPERIMENTS],
         ".venv/bin/python -m scripts.experiments.write_results",
         "```",
+        "",
+        "Data sets may run in separate processes or machines (`'results.datasets=[mr]' "
+        "results.out_dir=DIR`; finished runs are reused by any later command); "
+        "`.venv/bin/python -m scripts.experiments.merge DIR1 DIR2 --into docs/results` then joins "
+        "their result files before experiment 5 and the page.",
         "",
         "## Protocol",
         "",
