@@ -17,6 +17,9 @@ LAUNCHER_VARIABLES = (
     "PMI_SIZE",
     "MV2_COMM_WORLD_SIZE",
 )
+# `accelerate launch` (any backend, TPUs included) and SageMaker set variables with these prefixes:
+# there, accelerate itself says how many processes there are.
+LAUNCHER_PREFIXES = ("ACCELERATE_", "SM_", "XRT_", "PJRT_")
 
 
 class Ranks:
@@ -30,7 +33,9 @@ class Ranks:
 
     @cached_property
     def _alone(self) -> bool:
-        return not any(name in os.environ for name in LAUNCHER_VARIABLES)
+        return not any(
+            name in LAUNCHER_VARIABLES or name.startswith(LAUNCHER_PREFIXES) for name in os.environ
+        )
 
     @property
     def count(self) -> int:

@@ -100,3 +100,20 @@ def test_a_gpu_the_device_files_do_not_show_is_confirmed_before_computing(make_c
     assert pinned.confirmed() is pinned
     monkeypatch.setattr(plan, "gpu_hints", lambda: True)
     assert plan.presumed_device("auto") == "cuda"
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [None, "WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "ACCELERATE_MIXED_PRECISION", "PJRT_DEVICE"],
+)
+def test_a_plain_process_knows_it_is_alone_and_a_launched_one_asks_accelerate(
+    monkeypatch, variable
+):
+    from llmembed.extract.ranks import LAUNCHER_PREFIXES, LAUNCHER_VARIABLES, Ranks
+
+    for name in list(__import__("os").environ):
+        if name in LAUNCHER_VARIABLES or name.startswith(LAUNCHER_PREFIXES):
+            monkeypatch.delenv(name)
+    if variable:
+        monkeypatch.setenv(variable, "1" if variable != "PJRT_DEVICE" else "TPU")
+    assert Ranks()._alone is (variable is None)
