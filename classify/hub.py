@@ -3,7 +3,8 @@ and `llmembed-push` uploads a folder.
 
 Which one a MODEL argument means, by a fixed rule: an existing folder is always the folder; anything
 else of the form `owner/name` (optionally `@revision`) is a hub model repo. A missing folder that
-cannot be a repo id (`./x`, `a/b/c`, an absolute path) is reported as a missing folder.
+cannot be a repo id (`./x`, `a/b/c`, an absolute path, a name the hub's own rule refuses such as
+`run--1/model`) is reported as a missing folder. Every download is said on stderr.
 """
 
 from __future__ import annotations
