@@ -679,10 +679,7 @@ def load_dataset(cfg) -> TextDataset:
     """Build the data set a `dataset` config describes: check settings, load, check, deduplicate,
     split, subsample (rules in the module docstring)."""
     settings = check_settings(cfg)
-    if cfg.source not in LOADERS:
-        raise DatasetError(f"dataset.source must be packaged, file or hub, got {cfg.source!r}")
-    src = LOADERS[cfg.source](cfg)
-    return build_dataset(src, cfg.name, cfg.get("path") or cfg.name, settings)
+    return build_dataset(_load_source(cfg), cfg.name, _where(cfg), settings)
 
 
 def dataset_texts(cfg) -> tuple[str, list[str]]:
@@ -691,14 +688,24 @@ def dataset_texts(cfg) -> tuple[str, list[str]]:
     drawn only when `limit` asks for a subsample (what is embedded does not depend on them otherwise,
     and their checks run before any classifier is trained), so a cache hit skips that work."""
     settings = check_settings(cfg)
+    src = _load_source(cfg)
     if settings.limit:
-        ds = load_dataset(cfg)
+        ds = build_dataset(src, cfg.name, _where(cfg), settings)
         return ds.name, ds.texts
-    if cfg.source not in LOADERS:
-        raise DatasetError(f"dataset.source must be packaged, file or hub, got {cfg.source!r}")
-    src, _, dropped = _checked(LOADERS[cfg.source](cfg), cfg.get("path") or cfg.name)
+    src, _, dropped = _checked(src, _where(cfg))
     log.info("dataset %s: %d rows, %d duplicate texts dropped", cfg.name, len(src.texts), dropped)
     return cfg.name, list(src.texts)
+
+
+def _load_source(cfg) -> Source:
+    if cfg.source not in LOADERS:
+        raise DatasetError(f"dataset.source must be packaged, file or hub, got {cfg.source!r}")
+    return LOADERS[cfg.source](cfg)
+
+
+def _where(cfg) -> object:
+    """How messages name the data set: its file, else its name."""
+    return cfg.get("path") or cfg.name
 
 
 def _checked(src: Source, where: object) -> tuple[Source, list[str], int]:

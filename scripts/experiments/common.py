@@ -372,6 +372,15 @@ def header(cfg: DictConfig, experiment: str, module: str, argv: Sequence[str]) -
     }
 
 
+# What makes result files of one protocol: those with the same values may be merged.
+PROTOCOL = ("seeds", "resplit", "dataset_limit")
+
+
+def commands_of(result: dict) -> list[str]:
+    """The commands that made a result file (one, or several for one merged or continued)."""
+    return list(result.get("commands") or [result["command"]])
+
+
 def continue_result(path: Path, result: dict) -> dict:
     """`result` with the data sets of an earlier result file of the same protocol (seeds, resplit,
     limit): a run on one data set, or one part, adds to the file instead of replacing it."""
@@ -379,13 +388,13 @@ def continue_result(path: Path, result: dict) -> dict:
     if not path.is_file():
         return result
     earlier = json.loads(path.read_text())
-    if any(earlier.get(k) != result[k] for k in ("seeds", "resplit", "dataset_limit")):
+    if any(earlier.get(k) != result[k] for k in PROTOCOL):
         log.warning("%s holds another protocol's results: replacing it", path)
         return result
     return {
         **result,
         "datasets": earlier["datasets"],
-        "commands": [*earlier.get("commands", [earlier["command"]]), result["command"]],
+        "commands": [*commands_of(earlier), result["command"]],
     }
 
 

@@ -14,11 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-PROTOCOL = ("seeds", "resplit", "dataset_limit")
-
-
-def _commands(r: dict) -> list[str]:
-    return list(r.get("commands") or [r.get("command", "?")])
+from scripts.experiments.common import PROTOCOL, commands_of
 
 
 def merge(sources: list[Path], into: Path) -> list[str]:
@@ -33,7 +29,7 @@ def merge(sources: list[Path], into: Path) -> list[str]:
                 continue
             r = json.loads(path.read_text())
             if merged is None:
-                merged = {**r, "commands": _commands(r)}
+                merged = {**r, "commands": commands_of(r)}
                 continue
             if any(r.get(k) != merged.get(k) for k in PROTOCOL):
                 raise SystemExit(
@@ -43,7 +39,7 @@ def merge(sources: list[Path], into: Path) -> list[str]:
             if again:
                 said.append(f"{name}: {sorted(again)} taken from {src}")
             merged["datasets"] = {**merged.get("datasets", {}), **r.get("datasets", {})}
-            merged["commands"] += [c for c in _commands(r) if c not in merged["commands"]]
+            merged["commands"] += [c for c in commands_of(r) if c not in merged["commands"]]
         merged_files[name] = merged
         said.append(f"{name}: {sorted(merged.get('datasets', {}))}")
     into.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import csv
 import json
 from pathlib import Path
 
-from scripts.experiments.common import machine
+from scripts.experiments.common import commands_of, machine
 
 EXPERIMENTS = [  # (file, title, runner module, config)
     ("layers", "1. Layer curves", "scripts.experiments.layers", "results_layers"),
@@ -446,7 +446,7 @@ def write(results: Path, out: Path) -> str:
     for name, title, module, config in EXPERIMENTS:
         r = found[name]
         lines += [f"## {title}", ""]
-        cmds = r.get("commands", [r["command"]]) if r else [f".venv/bin/python -m {module}"]
+        cmds = commands_of(r) if r else [f".venv/bin/python -m {module}"]
         lines += [
             f"Command: {' then '.join(f'`{c}`' for c in cmds)} (config `conf/experiment/{config}.yaml`).",
             "",
