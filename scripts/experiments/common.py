@@ -32,6 +32,7 @@ import llmembed  # noqa: F401  (registers the config resolvers)
 from llmembed.classify.metrics import t_interval
 from llmembed.classify.train import train
 from llmembed.extract.datasets import TextDataset, load_dataset, resplit
+from llmembed.meter import Meter
 
 log = logging.getLogger("results")
 # Threads while fitting heads (not while extracting). Measured on the shared 2-core machine under
@@ -39,6 +40,11 @@ log = logging.getLogger("results")
 # paper's head 51 s with 2 torch threads and 13 s with one (a thread spins while the other waits for
 # a core). `results.head_threads` sets the torch threads; BLAS stays at one.
 BLAS_THREADS = 1
+
+
+def metered() -> Meter:
+    """A meter of this process's GPU where there is one (NVML joules), else of the CPU (RAPL)."""
+    return Meter([0] if torch.cuda.is_available() else [])
 
 
 @contextmanager

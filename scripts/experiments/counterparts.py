@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from llmembed.meter import Meter
 from scripts.experiments.common import (
     SPLIT_CODES,
     backbone_path,
@@ -40,6 +39,7 @@ from scripts.experiments.common import (
     load_model,
     load_tokenizer,
     log,
+    metered,
     resolve_compute_dtype,
     scores_from_predictions,
     setup_logging,
@@ -79,7 +79,7 @@ def run_prompting(cfg, splits) -> dict:
     path = backbone_path(p.backbone)
     tok = load_tokenizer(path)
     dtype = resolve_compute_dtype(cfg.results.counterparts.dtype)
-    with Meter([0] if torch.cuda.is_available() else []) as load_meter:
+    with metered() as load_meter:
         model = load_model(path, "causal", dtype)
     scorer = PromptScorer(model, tok, words, token_budget=int(p.token_budget))
     texts = [truncate(tok, t, int(p.max_text_tokens)) for t in ds0.texts]
@@ -94,7 +94,7 @@ def run_prompting(cfg, splits) -> dict:
     rows = np.unique(
         np.concatenate([np.flatnonzero(d.split == SPLIT_CODES["test"]) for d in splits.values()])
     )
-    with Meter([]) as meter:
+    with metered() as meter:
         pred_rows = scorer.predict([render(spec.template, texts[i]) for i in rows])
     pred = np.full(len(texts), -1)
     pred[rows] = pred_rows
@@ -123,7 +123,7 @@ def run_prompting(cfg, splits) -> dict:
             int(p.max_shot_tokens),
         )
         test = np.flatnonzero(ds.split == SPLIT_CODES["test"])
-        with Meter([]) as meter:
+        with metered() as meter:
             few_pred[seed] = dict(
                 zip(
                     test.tolist(),
@@ -173,10 +173,10 @@ def run_finetuning(cfg, splits) -> dict:
             np.flatnonzero(ds.split == SPLIT_CODES[p]) for p in ("train", "validation", "test")
         )
         encoder = load_model(path, "base", torch.float32)
-        with Meter([0] if torch.cuda.is_available() else []) as meter:
+        with metered() as meter:
             res = fine_tune(encoder, tok, ds.texts, ds.labels, tr, va, len(ds.label_names), c)
         train_cost.append(per_1000(meter.figures(), len(tr)))
-        with Meter([]) as meter:
+        with metered() as meter:
             pred = predict(res.model, tok, [ds.texts[i] for i in te], c)
         infer_cost.append(per_1000(meter.figures(), len(te)))
         preds[seed] = dict(zip(te.tolist(), pred, strict=True))
