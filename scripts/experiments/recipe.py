@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from joblib import Parallel, delayed
 from safetensors.numpy import load_file, save_file
 
 from llmembed.classify.heads import LogRegHead
-from llmembed.meter import Meter
 from scripts.experiments.common import (
     SPLIT_CODES,
     Scores,
@@ -55,6 +55,7 @@ from scripts.experiments.common import (
     load_model,
     load_tokenizer,
     log,
+    metered,
     pre_extract,
     resolve_compute_dtype,
     setup_logging,
@@ -108,19 +109,23 @@ def pooled_variants(
         states = model(
             input_ids=x.to(dev), attention_mask=mask.to(dev), output_hidden_states=True
         ).hidden_states
-        h = torch.stack([states[j] for j in layers], dim=1).float().cpu()  # (B, L, T, H)
-        m = mask[:, None, :, None].float()  # (B, 1, T, 1)
+        # Pooled where the states are (a GPU's host copy of every state cost more than the pass).
+        h = torch.stack([states[j] for j in layers], dim=1).float()  # (B, L, T, H)
+        m = mask[:, None, :, None].float().to(dev)  # (B, 1, T, 1)
         sl = slice(start, start + len(chunk))
+        pooled = {}
         if bos_id is None:
-            out["masked"][sl] = ((h * m).sum(2) / m.sum(2)).numpy()
-            out["padded"][sl] = h.mean(2).numpy()
+            pooled["masked"] = (h * m).sum(2) / m.sum(2)
+            pooled["padded"] = h.mean(2)
         else:
             nobos = m.clone()
             nobos[:, :, 0] = 0
-            out["masked_bos"][sl] = ((h * m).sum(2) / m.sum(2)).numpy()
-            out["masked_nobos"][sl] = ((h * nobos).sum(2) / nobos.sum(2).clamp(min=1)).numpy()
-            out["padded_bos"][sl] = h.mean(2).numpy()
-            out["padded_nobos"][sl] = h[:, :, 1:].mean(2).numpy()
+            pooled["masked_bos"] = (h * m).sum(2) / m.sum(2)
+            pooled["masked_nobos"] = (h * nobos).sum(2) / nobos.sum(2).clamp(min=1)
+            pooled["padded_bos"] = h.mean(2)
+            pooled["padded_nobos"] = h[:, :, 1:].mean(2)
+        for k, v in pooled.items():
+            out[k][sl] = v.cpu().numpy()
     return out
 
 
@@ -173,7 +178,7 @@ def custom_states(cfg, ds) -> tuple[dict[str, np.ndarray], dict]:
     work.mkdir(parents=True, exist_ok=True)
     out, cost = {}, {}
     for bos in (None, bos_id):
-        with Meter([]) as meter:
+        with metered() as meter:
             out.update(
                 pooled_variants(
                     model,
@@ -236,13 +241,23 @@ def run_dataset(cfg) -> dict:
     layers = [int(x) for x in r.layers]
     last_idx = [layers.index(int(x)) for x in r.last]
     rows: dict[str, dict] = {}
-    for variant, (_, label) in VARIANTS.items():
-        X = states[variant]
-        last5 = logreg_scores(f"{variant}:last5-mean", X[:, last_idx].mean(1), splits, cfg)
-        singles = [
-            logreg_scores(f"{variant}:L{layer}", X[:, j], splits, cfg)
-            for j, layer in enumerate(layers)
+    # Every variant's features: the paper's last-five mean, then each stored layer. The fits are
+    # independent, so `results.recipe.jobs` processes share them (arrays made as they are sent).
+    features = (
+        (f"{variant}:{what}", X)
+        for variant in VARIANTS
+        for what, X in [
+            ("last5-mean", states[variant][:, last_idx].mean(1)),
+            *((f"L{layer}", states[variant][:, j]) for j, layer in enumerate(layers)),
         ]
+    )
+    fitted = Parallel(n_jobs=int(r.jobs))(
+        delayed(logreg_scores)(name, X, splits, cfg) for name, X in features
+    )
+    by_name = {s.name: s for s in fitted}
+    for variant, (_, label) in VARIANTS.items():
+        last5 = by_name[f"{variant}:last5-mean"]
+        singles = [by_name[f"{variant}:L{layer}"] for layer in layers]
         picks = {s: choose(singles, s) for s in seeds}
         rows[f"pooling: {label}; last five layers, mean"] = {
             "test": summary_of(last5),
