@@ -392,3 +392,96 @@ def test_result_folders_of_separate_processes_merge(tmp_path):
     with pytest.raises(SystemExit, match="another protocol"):
         merge([a, b], into)
     assert (into / "fusion.json").read_text() == before  # nothing written
+
+
+def test_gpu_cost_takes_the_gpu_extraction_records_and_leaves_the_load_out():
+    from scripts.experiments.cost import on_gpu
+
+    cpu = {
+        "extraction": {"smollm2": {"seconds_per_1000": 11.0, "joules_per_1000": None}},
+        "extraction_seconds_per_1000": 11.0,
+        "extraction_joules_per_1000": None,
+        "training_seconds_per_1000": 0.5,
+        "training_joules": None,
+    }
+    run = {"load_seconds": 1.0, "energy_note": None}
+    records = {
+        "smollm2": [
+            {
+                **run,
+                "dataset": "mr",
+                "device": "cpu",
+                "rows_computed": 2000,
+                "wall_s": 22.0,
+                "energy_j": None,
+            },
+            {
+                **run,
+                "dataset": "trec",
+                "device": "cuda:0",
+                "rows_computed": 500,
+                "wall_s": 3.0,
+                "energy_j": 99.0,
+            },
+            {
+                **run,
+                "dataset": "mr",
+                "device": "cuda:0",
+                "rows_computed": 0,
+                "wall_s": 2.0,
+                "energy_j": 9.0,
+            },
+            {
+                **run,
+                "dataset": "mr",
+                "device": "cuda:0",
+                "rows_computed": 2000,
+                "wall_s": 6.0,
+                "load_seconds": 4.0,
+                "energy_j": 800.0,
+            },
+        ]
+    }
+    g = on_gpu(cpu, records, "mr")
+    assert (
+        g["extraction"]["smollm2"]["seconds_per_1000"] == 1.0
+    )  # (6 s - 4 s of load) / 2,000 texts
+    assert g["extraction_joules_per_1000"] == 400.0
+    assert (g["training_seconds_per_1000"], g["training_joules"]) == (0.5, 0.0)
+    assert cpu["extraction"]["smollm2"]["seconds_per_1000"] == 11.0  # the CPU's figures untouched
+
+
+def test_counterparts_of_both_machines_are_shown_and_the_gpu_run_makes_the_headline(tmp_path):
+    results = tmp_path / "results"
+    (results / "gpu").mkdir(parents=True)
+
+    def acc(mean):
+        a = {"mean": mean, "ci": [mean - 0.01, mean + 0.01], "n": 5, "std": 0.01}
+        return {"accuracy": a, "macro_f1": a}
+
+    cost = {"seconds": 2.0, "joules": None}
+    prompting = {
+        "template": "Review: {text}\nSentiment:",
+        "words": {"neg": "negative", "pos": "positive"},
+        "zero_shot": {"test": acc(0.78), "cost_per_1000": cost},
+        "few_shot": {"test": acc(0.75), "cost_per_1000": cost, "shots_per_class": 1},
+    }
+    finetuning = {"test": acc(0.86), "train_cost_per_1000": cost, "params_trained": 22_713_986}
+    for folder, cpu, gpu, datasets in (
+        (results, "CPU", None, {"mr": {"prompting": prompting}}),
+        (
+            results / "gpu",
+            "Xeon",
+            "NVIDIA H200",
+            {"mr": {"prompting": prompting, "finetuning": finetuning}},
+        ),
+    ):
+        r = {"command": "c", "machine": {"cpu": cpu, "cores": 2, "gpu": gpu}, "datasets": datasets}
+        (folder / "counterparts.json").write_text(json.dumps(r))
+    page = write(results, tmp_path / "RESULTS.md")
+    gpu_at, cpu_at = (
+        page.index("On the GPU (Xeon, 2 cores, GPU: NVIDIA H200"),
+        page.index("On the CPU"),
+    )
+    assert gpu_at < page.index("| fine-tuning MiniLM | 0.860 [0.850, 0.870]") < cpu_at
+    assert "| fine-tuning MiniLM end to end | 0.860 [0.850, 0.870] |" in page  # the headline

@@ -6,6 +6,10 @@ meters).
 
     .venv/bin/python -m scripts.experiments.cost [hydra overrides]   # conf/experiment/results_cost.yaml
 
+With docs/results/gpu/ (scripts/experiments/gpu_run.sh, merged), the same figures on the GPU for
+`results.gpu_cost_datasets` (the sets it ran alone on the machine): llmembed's extraction and the
+counterparts measured there, llmembed's training as on the CPU.
+
 Seconds. Energy: llmembed and the counterparts read the same counters (NVML on NVIDIA GPUs, RAPL
 under /sys/class/powercap on CPUs); where none is readable the joules are null and the reason is
 kept. Estimated run: seconds.
@@ -112,10 +116,44 @@ def end_to_end(c: dict, kind: str, rows: dict) -> tuple[float, float | None]:
     return s, None if tj is None or ij is None else tj * n_train / 1000 + ij * n_test / 1000
 
 
-def run_dataset(cfg, fusion: dict, counterparts: dict) -> dict:
+def on_gpu(c: dict, records: dict, dataset: str) -> dict:
+    """llmembed's cost `c` with each backbone's extraction replaced by its GPU record of `dataset`
+    (scripts/experiments/gpu_run.sh's extraction.json). The model's load is left out of the seconds,
+    as it is of the counterparts' (on a fresh GPU machine it is GGUF's first de-quantization, longer
+    than the forward passes); NVML's joules cover the whole run, load included. Training stays as
+    measured on the CPU (a logistic regression runs there on any machine): its seconds count, its
+    energy is not metered."""
+    c = {**c, "extraction": dict(c["extraction"])}
+    for b in c["extraction"]:
+        r = next(
+            r
+            for r in records[b]
+            if r["dataset"] == dataset and r["device"].startswith("cuda") and r["rows_computed"]
+        )
+        n = r["rows_computed"]
+        c["extraction"][b] = {
+            "seconds_per_1000": round((r["wall_s"] - r["load_seconds"]) * 1000 / n, 3),
+            "joules_per_1000": None
+            if r["energy_j"] is None
+            else round(r["energy_j"] * 1000 / n, 3),
+            "energy_note": r.get("energy_note") or "joules include the model's load",
+            "device": r["device"],
+        }
+    joules = [v["joules_per_1000"] for v in c["extraction"].values()]
+    c["extraction_seconds_per_1000"] = sum(v["seconds_per_1000"] for v in c["extraction"].values())
+    c["extraction_joules_per_1000"] = None if None in joules else sum(joules)
+    c["training_joules"] = 0.0
+    c["training_energy_note"] = "training on the CPU, not metered: GPU board energy only"
+    return c
+
+
+def run_dataset(cfg, fusion: dict, counterparts: dict, gpu_records: dict | None = None) -> dict:
+    """Cost and ratios of one data set; with `gpu_records`, llmembed's extraction is the GPU's."""
     methods, rows = {}, None
     for name, row in fusion["rows"].items():
         c = llmembed_cost(row)
+        if gpu_records is not None:
+            c = on_gpu(c, gpu_records, fusion["dataset"])
         rows = rows or c["rows"]
         methods[name] = {
             "kind": "llmembed",
@@ -207,6 +245,21 @@ def main(argv: list[str]) -> None:
             fusion["datasets"][cfg.dataset.name],
             counterparts["datasets"].get(cfg.dataset.name),
         )
+    gpu_dir = out_dir / "gpu"  # scripts/experiments/gpu_run.sh's results, merged
+    if (gpu_dir / "counterparts.json").is_file() and (gpu_dir / "extraction.json").is_file():
+        gpu_cp = read_json(gpu_dir / "counterparts.json", "experiment 5 (cost)")
+        records = read_json(gpu_dir / "extraction.json", "experiment 5 (cost)")
+        result["gpu"] = {
+            "machine": gpu_cp["machine"],
+            "paper_ratios": result["paper_ratios"],
+            "datasets": {
+                ds: run_dataset(cfg, fusion["datasets"][ds], gpu_cp["datasets"][ds], records)
+                for cfg in cfgs
+                if (ds := cfg.dataset.name) in cfgs[0].results.gpu_cost_datasets
+                and ds in fusion["datasets"]
+                and ds in gpu_cp["datasets"]
+            },
+        }
     write_json(out_dir / "cost.json", result)
 
 

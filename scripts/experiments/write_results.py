@@ -210,6 +210,14 @@ def sec_counterparts(r: dict, summary: list) -> list[str]:
     return out
 
 
+def energy_notes(m: dict) -> set[str]:
+    """What the meters said of the energy behind one method's figures."""
+    c = m["cost"]
+    parts = [c, *c.get("extraction", {}).values(), c.get("train", {}), c.get("inference", {})]
+    notes = {p.get("energy_note") for p in parts} | {c.get("training_energy_note")}
+    return notes - {None}
+
+
 def sec_cost(r: dict) -> list[str]:
     out = []
     for ds, d in r["datasets"].items():
@@ -298,18 +306,11 @@ def sec_cost(r: dict) -> list[str]:
                 ),
                 "",
             ]
-    notes = {
-        m["cost"].get("training_energy_note")
-        for d in r["datasets"].values()
-        for m in d["methods"].values()
-        if m["kind"] == "llmembed"
-    }
-    notes.discard(None)
+    notes = sorted(
+        {n for d in r["datasets"].values() for m in d["methods"].values() for n in energy_notes(m)}
+    )
     if notes:
-        out += [
-            f"Joules: none on this machine ({'; '.join(sorted(notes))}); on NVIDIA GPUs the same code reads NVML.",
-            "",
-        ]
+        out += [f"Where joules are missing or partial: {'; '.join(notes)}.", ""]
     p = r["paper_ratios"]
     out += [
         f"The paper reports LLMEmbed at {p['parameters']:.0%} of the parameters, {p['electricity']:.1%} of the electricity and "
@@ -387,11 +388,20 @@ def reading(results: Path, name: str) -> list[str]:
     return ["**Reading.** " + path.read_text().strip(), ""]
 
 
+def machine_text(m: dict) -> str:
+    return (
+        f"{m['cpu']}, {m['cores']} cores, GPU: {m.get('gpu') or 'none'}; "
+        f"torch {m.get('torch')}, {m.get('torch_threads')} threads"
+    )
+
+
 def write(results: Path, out: Path) -> str:
     rel = (
         str(results.relative_to(out.parent)) if results.is_relative_to(out.parent) else str(results)
     )
-    found = {name: load(results, name) for name, *_ in EXPERIMENTS}
+    # An experiment run only on the GPU (scripts/experiments/gpu_run.sh) is read from results/gpu/.
+    found = {name: load(results, name) or load(results / "gpu", name) for name, *_ in EXPERIMENTS}
+    gpu_counterparts = load(results / "gpu", "counterparts")
     any_result = next((v for v in found.values() if v), None)
     m = (any_result or {}).get("machine") or machine()
     lines = [
@@ -434,7 +444,7 @@ def write(results: Path, out: Path) -> str:
         "fine-tuning epochs) is made on the validation rows of each split; the test rows of a split are scored once, "
         "for the configuration chosen on that split. Layer curves show test scores of every layer for reading, never for choosing.",
         "- Figures: mean over the five splits and its 95% t-interval, `mean [low, high]`, for accuracy and macro-F1.",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, GPU: {m.get('gpu') or 'none'}; torch {m.get('torch')}, {m.get('torch_threads')} threads. "
+        f"- Machine: {machine_text(m)}, unless a section names another. "
         "Shared with other work while measuring: timings are indicative.",
         "",
         "## Data",
@@ -454,16 +464,34 @@ def write(results: Path, out: Path) -> str:
         if not r:
             lines += ["_Not run yet._", ""]
             continue
+        if r.get("machine") and r["machine"] != m:
+            lines += [f"Machine: {machine_text(r['machine'])}.", ""]
         if name == "layers":
             lines += sec_layers(r, rel, summary)
         elif name == "fusion":
             lines += sec_rows(r, name, summary)
         elif name == "recipe":
             lines += sec_rows(r, name, summary, recipe_extra)
+        elif name == "counterparts" and gpu_counterparts and gpu_counterparts is not r:
+            # Both machines: the GPU's run (every set) first, then the CPU's, for comparison.
+            g, from_gpu = gpu_counterparts, []
+            lines += [
+                f"On the GPU ({machine_text(g['machine'])}), one job at a time: "
+                "`bash scripts/experiments/gpu_run.sh OUT_DIR`, which runs "
+                f"`{'` then `'.join(commands_of(g))}`:",
+                "",
+            ]
+            lines += sec_counterparts(g, from_gpu)
+            lines += ["On the CPU of the other experiments:", ""]
+            lines += sec_counterparts(r, summary)
+            summary += from_gpu  # the GPU's run covers every set: its figures make the headline
         elif name == "counterparts":
             lines += sec_counterparts(r, summary)
         else:
             lines += sec_cost(r)
+            if r.get("gpu"):
+                lines += [f"On the GPU ({machine_text(r['gpu']['machine'])}):", ""]
+                lines += sec_cost(r["gpu"])
         lines += reading(results, name)
     if summary:
         lines[top:top] = headline(summary)
