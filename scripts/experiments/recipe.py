@@ -230,7 +230,15 @@ def logreg_scores(name: str, X: np.ndarray, splits: dict, cfg) -> Scores:
                     f1_score(ds.labels[rows], pred, average="macro", zero_division=0)
                 ),
             }
-    return Scores(name, per, {"fit_s": round(fit_s, 2)})
+    scores = Scores(name, per, {"fit_s": round(fit_s, 2)})
+    log.info(
+        "%s: validation %.4f test %.4f (%.1f s)",
+        name,
+        summary_of(scores, "validation")["accuracy"]["mean"],
+        summary_of(scores)["accuracy"]["mean"],
+        fit_s,
+    )
+    return scores
 
 
 def run_dataset(cfg) -> dict:
