@@ -485,3 +485,22 @@ def test_counterparts_of_both_machines_are_shown_and_the_gpu_run_makes_the_headl
     )
     assert gpu_at < page.index("| fine-tuning MiniLM | 0.860 [0.850, 0.870]") < cpu_at
     assert "| fine-tuning MiniLM end to end | 0.860 [0.850, 0.870] |" in page  # the headline
+
+
+def test_extraction_cost_is_the_data_sets_own_not_the_entrys_running_total(tmp_path):
+    from scripts.experiments.cost import dataset_cost
+
+    run = {"energy_j": None, "device": "cpu"}
+    records = [
+        {**run, "dataset": "mr", "rows_computed": 10000, "wall_s": 100.0},
+        {**run, "dataset": "bbc", "rows_computed": 2000, "wall_s": 900.0},
+        {**run, "dataset": "bbc", "rows_computed": 0, "wall_s": 1.0},  # resumed, nothing left
+    ]
+    (tmp_path / "manifest.json").write_text(json.dumps({"extractions": records}))
+    total = {"rows_computed": 12000, "wall_s": 1001.0}
+    e = {"entry": str(tmp_path), "entry_cost": total}
+    assert (dataset_cost(e, "bbc")["rows_computed"], dataset_cost(e, "bbc")["wall_s"]) == (
+        2000,
+        900.0,
+    )
+    assert dataset_cost({**e, "entry": str(tmp_path / "elsewhere")}, "bbc") == total

@@ -15,8 +15,8 @@ under /sys/class/powercap on CPUs); where none is readable the joules are null a
 kept. Estimated run: seconds.
 
 Definitions (per data set, all per 1,000 texts):
-- extraction: making the cache entry of each backbone (all layers and poolings; one forward pass
-  per text), per 1,000 texts embedded;
+- extraction: embedding the data set's rows with each backbone (all layers and poolings; one forward
+  pass per text), from the cache manifest's records of that data set, per 1,000 texts embedded;
 - training: fitting the chosen configuration on one split, per 1,000 training rows (the
   validation search trains every candidate: `candidates` says how many);
 - prompting: scoring, per 1,000 texts scored; fine-tuning: training per 1,000 training rows and
@@ -29,6 +29,7 @@ Definitions (per data set, all per 1,000 texts):
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -50,13 +51,36 @@ BACKBONE_PARAMS = {
 }  # counted from the packaged weights
 
 
-def llmembed_cost(row: dict) -> dict:
-    """Cost figures of one llmembed method (a row of fusion.json / recipe.json)."""
+def dataset_cost(e: dict, dataset: str) -> dict:
+    """What making `dataset`'s rows of one cache entry cost, from the entry's manifest where it is
+    on this machine: llmembed's `entry_cost` sums every data set the entry has taken in so far
+    (short MR snippets and long BBC articles alike), so it depends on the order of the runs."""
+    path = Path(e["entry"]) / "manifest.json"
+    if path.is_file():
+        records = [
+            r
+            for r in json.loads(path.read_text())["extractions"]
+            if r["dataset"] == dataset and r["rows_computed"]
+        ]
+        if records:
+            energy = [r["energy_j"] for r in records]
+            return {
+                "rows_computed": sum(r["rows_computed"] for r in records),
+                "wall_s": sum(r["wall_s"] for r in records),
+                "energy_j": None if None in energy else sum(energy),
+                "energy_note": records[0].get("energy_note"),
+                "device": records[0]["device"],
+            }
+    return e["entry_cost"]
+
+
+def llmembed_cost(row: dict, dataset: str) -> dict:
+    """Cost figures of one llmembed method (a row of fusion.json / recipe.json) on `dataset`."""
     infos = list(row["info"].values())  # one per split: llmembed's figures of the chosen candidate
     first = infos[0]
     extraction, entries = {}, []
     for e in first["extraction"]:
-        c = e["entry_cost"]
+        c = dataset_cost(e, dataset)
         n = c.get("rows_computed") or e.get("texts") or 0
         extraction[e["backbone"]] = {
             "seconds_per_1000": None if not n else round(c["wall_s"] * 1000 / n, 3),
@@ -151,7 +175,7 @@ def run_dataset(cfg, fusion: dict, counterparts: dict, gpu_records: dict | None 
     """Cost and ratios of one data set; with `gpu_records`, llmembed's extraction is the GPU's."""
     methods, rows = {}, None
     for name, row in fusion["rows"].items():
-        c = llmembed_cost(row)
+        c = llmembed_cost(row, fusion["dataset"])
         if gpu_records is not None:
             c = on_gpu(c, gpu_records, fusion["dataset"])
         rows = rows or c["rows"]
