@@ -297,6 +297,15 @@ def run_dataset(cfg) -> dict:
             "info": s.info,
         }
 
+    rows.update(head_rows(cfg, seeds, run_dir, smol_last))
+    return {"dataset": cfg.dataset.name, "rows": rows, "custom_extraction": info}
+
+
+def head_rows(cfg, seeds: list[int], run_dir: Path, smol_last: dict) -> dict[str, dict]:
+    """The paper-faithful head against llmembed's on the paper's features, σ chosen on validation
+    per split. Each fit is a finished run in `run_dir` that any later process reuses, so a second
+    process may fit the splits from the other end (`seeds` reversed) to share the work."""
+    r, rows = cfg.results.recipe, {}
     paper_head = {f"head.params.{k}": v for k, v in r.head.items()}
     sources = [smol_last, {**dict(r.encoder), "role": "encoder"}]
     for label, extra in (
@@ -332,7 +341,7 @@ def run_dataset(cfg) -> dict:
             "chosen_per_split": {s: picks[s].name for s in seeds},
             "info": {s: picks[s].info for s in seeds},
         }
-    return {"dataset": cfg.dataset.name, "rows": rows, "custom_extraction": info}
+    return rows
 
 
 def main(argv: list[str]) -> None:
