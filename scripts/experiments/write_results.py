@@ -436,6 +436,10 @@ def write(results: Path, out: Path) -> str:
         "`.venv/bin/python -m scripts.experiments.merge DIR1 DIR2 --into docs/results` then joins "
         "their result files before experiment 5 and the page.",
         "",
+        "On a machine with an NVIDIA GPU, `bash scripts/experiments/gpu_run.sh OUT_DIR` runs experiment 4 and "
+        "llmembed's extraction of MR one job at a time, each metered (NVML joules); merged into "
+        "`docs/results/gpu/` as its first lines say, experiment 4 and experiment 5 show it beside the CPU's figures.",
+        "",
         "## Protocol",
         "",
         "- Five repeated stratified train / validation / test splits per data set (70 / 10 / 20): "
