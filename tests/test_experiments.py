@@ -356,6 +356,7 @@ def test_the_headline_and_readings_come_from_the_results_folder(tmp_path):
     assert "| SmolLM2, best single layer and pooling (validation) | 0.850 [0.840, 0.860] |" in page
     assert "| prompting SmolLM2, zero-shot | not run |" in page
     assert page.index("## Headline") < page.index("## 1. Layer curves")
+    assert "(results/headline.png)" in page and (results / "headline.png").stat().st_size > 0
     assert "**Reading.** Fusion helps on MR." in page
 
 

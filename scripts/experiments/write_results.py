@@ -15,6 +15,8 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
+
 from scripts.experiments.common import commands_of, machine
 
 EXPERIMENTS = [  # (file, title, runner module, config)
@@ -356,9 +358,46 @@ HEADLINE = [
 ]
 
 
-def headline(summary: list) -> list[str]:
+def plot_headline(found: dict, sets: list[str], path: Path) -> None:
+    """The headline as bars: one panel per data set, each method's mean with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [label for label, *_ in HEADLINE][::-1]  # first row on top
+    fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets) + 4, 5), sharey=True)
+    for ax, ds in zip(np.atleast_1d(axes), sets, strict=True):
+        for y, (_, exp, method) in enumerate(HEADLINE[::-1]):
+            t = found.get((exp, method, ds))
+            if t is None:
+                continue
+            a = t["accuracy"]
+            color = "tab:gray" if exp == "counterparts" else "tab:blue"
+            ax.barh(y, a["mean"], color=color, alpha=0.8)
+            ax.errorbar(
+                a["mean"],
+                y,
+                xerr=[[a["mean"] - a["ci"][0]], [a["ci"][1] - a["mean"]]],
+                color="black",
+                capsize=3,
+            )
+        ax.set_title(ds)
+        ax.set_xlim(0.2, 1.0)
+        ax.set_xlabel("test accuracy (95% interval)")
+        ax.grid(axis="x", alpha=0.3)
+    ax0 = np.atleast_1d(axes)[0]
+    ax0.set_yticks(range(len(labels)), labels, fontsize=8)
+    fig.suptitle("llmembed (blue) against its counterparts (gray), five splits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def headline(summary: list, results: Path, rel: str) -> list[str]:
     found = {(exp, method, ds): t for exp, ds, method, t in summary}
     sets = list(dict.fromkeys([*DATASETS, *(ds for _, ds, _, _ in summary)]))
+    plot_headline(found, sets, results / "headline.png")
     rows = [
         [
             label,
@@ -375,6 +414,8 @@ def headline(summary: list) -> list[str]:
         "Test accuracy, mean over the five splits [95% interval]; every choice made on validation.",
         "",
         table(["method", *sets], rows),
+        "",
+        f"![headline bars]({rel}/headline.png)",
         "",
     ]
 
@@ -498,7 +539,7 @@ def write(results: Path, out: Path) -> str:
                 lines += sec_cost(r["gpu"])
         lines += reading(results, name)
     if summary:
-        lines[top:top] = headline(summary)
+        lines[top:top] = headline(summary, results, rel)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     if not summary:
