@@ -448,8 +448,10 @@ def test_gpu_cost_takes_the_gpu_extraction_records_and_leaves_the_load_out():
         g["extraction"]["smollm2"]["seconds_per_1000"] == 1.0
     )  # (6 s - 4 s of load) / 2,000 texts
     assert g["extraction_joules_per_1000"] == 400.0
-    assert (g["training_seconds_per_1000"], g["training_joules"]) == (0.5, 0.0)
+    assert (g["training_seconds_per_1000"], g["training_joules"]) == (0.5, None)  # not metered
     assert cpu["extraction"]["smollm2"]["seconds_per_1000"] == 11.0  # the CPU's figures untouched
+    with pytest.raises(SystemExit, match="no GPU extraction of bbc with smollm2"):
+        on_gpu(cpu, records, "bbc")
 
 
 def test_counterparts_of_both_machines_are_shown_and_the_gpu_run_makes_the_headline(tmp_path):

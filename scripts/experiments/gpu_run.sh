@@ -11,18 +11,23 @@
 # extraction of MR with both backbones (the cache manifests keep the figures), then the
 # counterparts on MR, BBC and TREC.
 # Environment: PYTHON (default python3), DEADLINE (seconds for the whole run, default none: a
-# job still running then is stopped as by Ctrl-C and what it had not written is left out).
+# job still running then is stopped as by Ctrl-C and what it had not written is left out), EXTRA
+# and EXTRA_EXTRACT (Hydra overrides, split on spaces, for a dry run: "dataset.limit=60").
 set -u
 R=${1:?usage: gpu_run.sh OUT_DIR}; PY=${PYTHON:-python3}; X=scripts.experiments
 T0=$SECONDS; DEADLINE=${DEADLINE:-0}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg PYTHONUNBUFFERED=1
-mkdir -p "$R"
+mkdir -p "$R" && : > "$R"/jobs.txt
 nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv > "$R"/gpu.txt 2>&1
 job() {  # job NAME COMMAND...: its log in OUT_DIR/NAME.log, its start, end and status in jobs.txt
-  local name=$1 limit=(); shift
-  [ "$DEADLINE" -gt 0 ] && limit=(timeout -s INT -k 20 $((DEADLINE - (SECONDS - T0))))
+  local name=$1 limit=() left; shift
+  if [ "$DEADLINE" -gt 0 ]; then
+    left=$((DEADLINE - (SECONDS - T0) - 20))  # 20 s for the Ctrl-C to be heard before the kill
+    if [ "$left" -le 0 ]; then echo "$name skipped: deadline" >> "$R"/jobs.txt; return; fi
+    limit=(timeout -s INT -k 20 "$left")
+  fi
   echo "$name start $((SECONDS - T0)) s" >> "$R"/jobs.txt
-  "${limit[@]}" "$@" > "$R/$name.log" 2>&1
+  ${limit[@]+"${limit[@]}"} "$@" > "$R/$name.log" 2>&1
   echo "$name rc=$? end $((SECONDS - T0)) s" >> "$R"/jobs.txt
 }
 for b in smollm2 minilm; do
