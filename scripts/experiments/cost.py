@@ -51,6 +51,19 @@ BACKBONE_PARAMS = {
 }  # counted from the packaged weights
 
 
+def summed(records: list[dict], *, without_load: bool = False) -> dict:
+    """Extraction records (a cache manifest's) of one data set and backbone taken together."""
+    energy = [r["energy_j"] for r in records]
+    load = [r.get("load_seconds", 0.0) if without_load else 0.0 for r in records]
+    return {
+        "rows_computed": sum(r["rows_computed"] for r in records),
+        "wall_s": sum(r["wall_s"] for r in records) - sum(load),
+        "energy_j": None if None in energy else sum(energy),
+        "energy_note": records[0].get("energy_note"),
+        "device": records[0]["device"],
+    }
+
+
 def dataset_cost(e: dict, dataset: str) -> dict:
     """What making `dataset`'s rows of one cache entry cost, from the entry's manifest where it is
     on this machine: llmembed's `entry_cost` sums every data set the entry has taken in so far
@@ -63,14 +76,7 @@ def dataset_cost(e: dict, dataset: str) -> dict:
             if r["dataset"] == dataset and r["rows_computed"]
         ]
         if records:
-            energy = [r["energy_j"] for r in records]
-            return {
-                "rows_computed": sum(r["rows_computed"] for r in records),
-                "wall_s": sum(r["wall_s"] for r in records),
-                "energy_j": None if None in energy else sum(energy),
-                "energy_note": records[0].get("energy_note"),
-                "device": records[0]["device"],
-            }
+            return summed(records)
     return e["entry_cost"]
 
 
@@ -160,14 +166,14 @@ def on_gpu(c: dict, records: dict, dataset: str) -> dict:
                 f"run scripts/experiments/gpu_run.sh for it, or drop {dataset} from "
                 "results.gpu_cost_datasets"
             )
-        n = sum(r["rows_computed"] for r in runs)
-        wall = sum(r["wall_s"] - r.get("load_seconds", 0.0) for r in runs)
-        energy = [r["energy_j"] for r in runs]
+        r = summed(runs, without_load=True)
         c["extraction"][b] = {
-            "seconds_per_1000": round(wall * 1000 / n, 3),
-            "joules_per_1000": None if None in energy else round(sum(energy) * 1000 / n, 3),
-            "energy_note": runs[0].get("energy_note") or "joules include the model's load",
-            "device": runs[0]["device"],
+            "seconds_per_1000": round(r["wall_s"] * 1000 / r["rows_computed"], 3),
+            "joules_per_1000": None
+            if r["energy_j"] is None
+            else round(r["energy_j"] * 1000 / r["rows_computed"], 3),
+            "energy_note": r["energy_note"] or "joules include the model's load",
+            "device": r["device"],
         }
     joules = [v["joules_per_1000"] for v in c["extraction"].values()]
     c["extraction_seconds_per_1000"] = sum(v["seconds_per_1000"] for v in c["extraction"].values())
