@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from joblib import Parallel, delayed
 from safetensors.numpy import load_file, save_file
 
 from llmembed.classify.heads import LogRegHead
@@ -249,23 +248,13 @@ def run_dataset(cfg) -> dict:
     layers = [int(x) for x in r.layers]
     last_idx = [layers.index(int(x)) for x in r.last]
     rows: dict[str, dict] = {}
-    # Every variant's features: the paper's last-five mean, then each stored layer. The fits are
-    # independent, so `results.recipe.jobs` processes share them (arrays made as they are sent).
-    features = (
-        (f"{variant}:{what}", X)
-        for variant in VARIANTS
-        for what, X in [
-            ("last5-mean", states[variant][:, last_idx].mean(1)),
-            *((f"L{layer}", states[variant][:, j]) for j, layer in enumerate(layers)),
-        ]
-    )
-    fitted = Parallel(n_jobs=int(r.jobs))(
-        delayed(logreg_scores)(name, X, splits, cfg) for name, X in features
-    )
-    by_name = {s.name: s for s in fitted}
     for variant, (_, label) in VARIANTS.items():
-        last5 = by_name[f"{variant}:last5-mean"]
-        singles = [by_name[f"{variant}:L{layer}"] for layer in layers]
+        X = states[variant]
+        last5 = logreg_scores(f"{variant}:last5-mean", X[:, last_idx].mean(1), splits, cfg)
+        singles = [
+            logreg_scores(f"{variant}:L{layer}", X[:, j], splits, cfg)
+            for j, layer in enumerate(layers)
+        ]
         picks = {s: choose(singles, s) for s in seeds}
         rows[f"pooling: {label}; last five layers, mean"] = {
             "test": summary_of(last5),
