@@ -80,6 +80,27 @@ def dataset_cost(e: dict, dataset: str) -> dict:
     return e["entry_cost"]
 
 
+def extraction_per_1000(c: dict, n: int) -> dict:
+    """One backbone's extraction figures `c` (for `n` texts) per 1,000 texts."""
+    return {
+        "seconds_per_1000": None if not n else round(c["wall_s"] * 1000 / n, 3),
+        "joules_per_1000": None
+        if (not n or c.get("energy_j") is None)
+        else round(c["energy_j"] * 1000 / n, 3),
+        "energy_note": c.get("energy_note"),
+        "device": c.get("device"),
+    }
+
+
+def extraction_totals(extraction: dict) -> dict:
+    """The extraction of every backbone a method reads, per 1,000 texts."""
+    joules = [v["joules_per_1000"] for v in extraction.values()]
+    return {
+        "extraction_seconds_per_1000": sum(v["seconds_per_1000"] or 0 for v in extraction.values()),
+        "extraction_joules_per_1000": None if None in joules else sum(joules),
+    }
+
+
 def llmembed_cost(row: dict, dataset: str) -> dict:
     """Cost figures of one llmembed method (a row of fusion.json / recipe.json) on `dataset`."""
     infos = list(row["info"].values())  # one per split: llmembed's figures of the chosen candidate
@@ -87,17 +108,10 @@ def llmembed_cost(row: dict, dataset: str) -> dict:
     extraction, entries = {}, []
     for e in first["extraction"]:
         c = dataset_cost(e, dataset)
-        n = c.get("rows_computed") or e.get("texts") or 0
-        extraction[e["backbone"]] = {
-            "seconds_per_1000": None if not n else round(c["wall_s"] * 1000 / n, 3),
-            "joules_per_1000": None
-            if (not n or c.get("energy_j") is None)
-            else round(c["energy_j"] * 1000 / n, 3),
-            "energy_note": c.get("energy_note"),
-            "device": c.get("device"),
-        }
+        extraction[e["backbone"]] = extraction_per_1000(
+            c, c.get("rows_computed") or e.get("texts") or 0
+        )
         entries.append(e["entry"])
-    joules = [v["joules_per_1000"] for v in extraction.values()]
     fit = [
         i["timings"]["fit_s"] / max(i.get("n_seeds", 1), 1) / i["rows"]["train"] * 1000
         for i in infos
@@ -106,8 +120,7 @@ def llmembed_cost(row: dict, dataset: str) -> dict:
     rows_total = sum(first["rows"].values())
     return {
         "extraction": extraction,
-        "extraction_seconds_per_1000": sum(v["seconds_per_1000"] or 0 for v in extraction.values()),
-        "extraction_joules_per_1000": None if any(j is None for j in joules) else sum(joules),
+        **extraction_totals(extraction),
         "training_seconds_per_1000": round(float(np.mean(fit)), 3),
         "training_joules": None
         if any(e is None for e in energy)
@@ -167,17 +180,9 @@ def on_gpu(c: dict, records: dict, dataset: str) -> dict:
                 "results.gpu_cost_datasets"
             )
         r = summed(runs, without_load=True)
-        c["extraction"][b] = {
-            "seconds_per_1000": round(r["wall_s"] * 1000 / r["rows_computed"], 3),
-            "joules_per_1000": None
-            if r["energy_j"] is None
-            else round(r["energy_j"] * 1000 / r["rows_computed"], 3),
-            "energy_note": r["energy_note"] or "joules include the model's load",
-            "device": r["device"],
-        }
-    joules = [v["joules_per_1000"] for v in c["extraction"].values()]
-    c["extraction_seconds_per_1000"] = sum(v["seconds_per_1000"] for v in c["extraction"].values())
-    c["extraction_joules_per_1000"] = None if None in joules else sum(joules)
+        r["energy_note"] = r["energy_note"] or "joules include the model's load"
+        c["extraction"][b] = extraction_per_1000(r, r["rows_computed"])
+    c.update(extraction_totals(c["extraction"]))
     c["training_joules"] = None
     c["training_energy_note"] = "llmembed's training runs on the CPU: not metered"
     return c
