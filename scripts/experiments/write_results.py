@@ -442,8 +442,9 @@ def write(results: Path, out: Path) -> str:
         str(results.relative_to(out.parent)) if results.is_relative_to(out.parent) else str(results)
     )
     # An experiment run only on the GPU (scripts/experiments/gpu_run.sh) is read from results/gpu/.
-    found = {name: load(results, name) or load(results / "gpu", name) for name, *_ in EXPERIMENTS}
-    gpu_counterparts = load(results / "gpu", "counterparts")
+    here = {name: load(results, name) for name, *_ in EXPERIMENTS}
+    on_gpu = {name: load(results / "gpu", name) for name, *_ in EXPERIMENTS}
+    found = {name: here[name] or on_gpu[name] for name in here}
     any_result = next((v for v in found.values() if v), None)
     m = (any_result or {}).get("machine") or machine()
     lines = [
@@ -518,9 +519,9 @@ def write(results: Path, out: Path) -> str:
             lines += sec_rows(r, name, summary)
         elif name == "recipe":
             lines += sec_rows(r, name, summary, recipe_extra)
-        elif name == "counterparts" and gpu_counterparts and load(results, "counterparts"):
+        elif name == "counterparts" and here[name] and on_gpu[name]:
             # Both machines: the GPU's run (every set) first, then the CPU's, for comparison.
-            g, from_gpu = gpu_counterparts, []
+            g, from_gpu = on_gpu[name], []
             lines += [
                 f"On the GPU ({machine_text(g['machine'])}): `bash scripts/experiments/gpu_run.sh OUT_DIR`, "
                 f"which runs `{'` then `'.join(commands_of(g))}` (the reading says which timings are cost figures):",
@@ -530,8 +531,8 @@ def write(results: Path, out: Path) -> str:
             lines += ["On the CPU of the other experiments:", ""]
             lines += sec_counterparts(r, summary)
             # One row per method and set: the GPU run's where it has one (it covers every set).
-            on_gpu = {(exp, ds, method) for exp, ds, method, _ in from_gpu}
-            summary[:] = [x for x in summary if tuple(x[:3]) not in on_gpu] + from_gpu
+            gpu_rows = {(exp, ds, method) for exp, ds, method, _ in from_gpu}
+            summary[:] = [x for x in summary if tuple(x[:3]) not in gpu_rows] + from_gpu
         elif name == "counterparts":
             lines += sec_counterparts(r, summary)
         else:
