@@ -21,6 +21,7 @@ from llmembed.cache.keys import fingerprint, write_json_atomic
 from llmembed.cache.store import SPLITS
 from llmembed.classify.metrics import evaluate, summarize
 from llmembed.classify.saved import save_trained
+from llmembed.errors import UserError
 from llmembed.extract.command import extract_command
 from llmembed.extract.datasets import TextDataset, load_dataset, resplit
 from llmembed.extract.pipeline import ExtractResult, extract_texts
@@ -125,16 +126,28 @@ def splits_per_seed(cfg: DictConfig, ds: TextDataset, seeds: list[int]) -> dict[
     return {seed: resplit(ds, seed).split for seed in seeds}
 
 
+def seeds_of(cfg: DictConfig) -> list[int]:
+    """`seeds` as the list of integers it must be (one run, or one split, per seed)."""
+    seeds = cfg.seeds
+    if (
+        not OmegaConf.is_list(seeds)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        raise UserError(f"seeds must be a list of integers, e.g. seeds='[0,1,2]'; got {seeds!r}")
+    return [int(s) for s in seeds]
+
+
 def train(cfg: DictConfig, out_dir: Path) -> dict:
+    seeds = seeds_of(cfg)
+    if not cfg.head.params.get("_target_"):
+        raise UserError("head.params._target_ must name the estimator class (see conf/head/)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if not cfg.head.params.get("_target_"):
-        raise ValueError("head.params._target_ must name the estimator class (see conf/head/)")
     with Meter([torch.cuda.current_device()] if torch.cuda.is_available() else []) as meter:
         sources = parse_sources(cfg.features)
         fusion = resolve_fusion(cfg.features.fusion, cfg.head.name)
-        seeds = [int(s) for s in cfg.seeds]
         ds = load_dataset(cfg.dataset)
         feats = load_features(sources, [stored_rows(cfg, src, ds) for src in sources], ds)
         t_features = time.perf_counter() - t0

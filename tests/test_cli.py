@@ -171,6 +171,7 @@ def test_classify_without_extraction_prints_the_extract_command(tmp_path, tiny_l
         (["llmembed-extract", "dataset=file", "dataset.path=missing.csv"], "missing.csv"),
         (["llmembed-extract", "backbone=local", "backbone.path=./nowhere"], "does not exist"),
         (["llmembed-classify", "head=logreg", "features.fusion=cooccurrence"], "paper's head"),
+        (["llmembed-classify", "seeds=oops"], "seeds must be a list of integers"),
         (["llmembed-predict", ".", "texts.txt"], "not a saved llmembed model"),
         (["llmembed-cache", "--root", "{root}/x/file", "gc"], "not a directory"),
     ],
