@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +31,8 @@ from scripts.experiments.finetune import FineTuneConfig, fine_tune, predict
 from scripts.experiments.prompting import PromptScorer, draw_shots, few_shot_prefix, render
 from scripts.experiments.recipe import pooled_variants
 from scripts.experiments.write_results import write
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -507,3 +513,30 @@ def test_extraction_cost_is_the_data_sets_own_not_the_entrys_running_total(tmp_p
         900.0,
     )
     assert dataset_cost({**e, "entry": str(tmp_path / "elsewhere")}, "bbc") == total
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["scripts.experiments.cost", "results.datasets=[nope]"], "Could not find 'dataset/nope'"),
+        (["scripts.experiments.layers", "seeds=oops"], "seeds must be a list of integers"),
+        (
+            ["scripts.experiments.merge", "{tmp}/nothing", "--into", "{tmp}/into"],
+            "holds no result files",
+        ),
+        (["scripts.experiments.write_results", "--results", "{tmp}/nothing"], "is not a folder"),
+    ],
+)
+def test_experiment_commands_refuse_bad_input_in_one_message(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    res = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    assert message in res.stderr, res.stderr
+    assert not (tmp_path / "nothing").exists() and not (tmp_path / "into").exists()

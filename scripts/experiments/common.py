@@ -25,12 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra import compose, initialize_config_module
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 from threadpoolctl import threadpool_limits
 
 import llmembed  # noqa: F401  (registers the config resolvers)
 from llmembed.classify.metrics import t_interval
-from llmembed.classify.train import train
+from llmembed.classify.train import seeds_of, train
+from llmembed.errors import UserError
 from llmembed.extract.datasets import TextDataset, load_dataset, resplit
 from llmembed.meter import Meter
 
@@ -85,15 +88,24 @@ METRICS = ("accuracy", "macro_f1")
 
 # --- configs -------------------------------------------------------------------------------------
 def compose_cfg(name: str, overrides: Sequence[str]) -> DictConfig:
-    """`name` (classify / extract) composed exactly as the CLI composes it."""
-    with initialize_config_module("llmembed.conf", version_base=None):
-        return compose(name, overrides=list(overrides))
+    """`name` (classify / extract) composed exactly as the CLI composes it. An override Hydra
+    cannot apply (an unknown data set, a misspelled key) is one message, before any work."""
+    try:
+        with initialize_config_module("llmembed.conf", version_base=None):
+            return compose(name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        message = str(err).split("\nConfig search path:")[0].strip()  # not Hydra's internals
+        raise SystemExit(f"error: {message}") from None
 
 
 def experiment_cfgs(experiment: str, argv: Sequence[str]) -> list[DictConfig]:
     """One classify config per data set of `results.datasets`, each composed from
     `experiment=<experiment>` and the command line's overrides (applied to every data set)."""
     base = compose_cfg("classify", [f"experiment={experiment}", *argv])
+    try:
+        seeds_of(base)
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
     names = list(base.results.datasets)
     user = [a for a in argv if not a.startswith("dataset=")]
     return [
@@ -138,7 +150,7 @@ def setup_logging() -> None:
 def split_datasets(cfg: DictConfig) -> dict[int, TextDataset]:
     """The split of every seed, drawn exactly as `llmembed-classify resplit=true` draws it."""
     ds = load_dataset(cfg.dataset)
-    return {int(s): resplit(ds, int(s)) for s in cfg.seeds}
+    return {s: resplit(ds, s) for s in seeds_of(cfg)}
 
 
 # --- running llmembed and reading its scores ------------------------------------------------------
@@ -370,7 +382,7 @@ def header(cfg: DictConfig, experiment: str, module: str, argv: Sequence[str]) -
         "experiment": experiment,
         "command": command_line(module, argv),
         "config": f"conf/experiment/{experiment}.yaml",
-        "seeds": [int(s) for s in cfg.seeds],
+        "seeds": seeds_of(cfg),
         "resplit": bool(cfg.resplit),
         "dataset_limit": cfg.dataset.get("limit"),
         "machine": machine(),

@@ -28,6 +28,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from llmembed.classify.train import seeds_of
 from scripts.experiments.common import (
     Scores,
     choose,
@@ -71,7 +72,7 @@ def one_split(cfg, seed: int):
 
 def run_dataset(cfg, layers_result: dict) -> dict:
     fcfg = cfg.results.fusion
-    seeds = [int(s) for s in cfg.seeds]
+    seeds = seeds_of(cfg)
     curves = layers_result["curves"]
     smol_mean = from_layers(curves, "smollm2:mean")
     smol_poolings = [k.split(":")[1] for k in curves if k.startswith("smollm2:")]

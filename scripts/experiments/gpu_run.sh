@@ -14,7 +14,8 @@
 # job still running then is stopped as by Ctrl-C and what it had not written is left out), EXTRA
 # and EXTRA_EXTRACT (Hydra overrides, split on spaces, for a dry run: "dataset.limit=60").
 set -u
-R=${1:?usage: gpu_run.sh OUT_DIR}; PY=${PYTHON:-python3}; X=scripts.experiments
+[ $# -eq 1 ] || { echo "usage: bash scripts/experiments/gpu_run.sh OUT_DIR" >&2; exit 2; }
+R=$1; PY=${PYTHON:-python3}; X=scripts.experiments
 T0=$SECONDS; DEADLINE=${DEADLINE:-0}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg PYTHONUNBUFFERED=1
 mkdir -p "$R" && : > "$R"/jobs.txt

@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from llmembed.classify.train import seeds_of
 from scripts.experiments.common import (
     Scores,
     choose,
@@ -58,7 +59,7 @@ def sweep(cfg, backbone: str, n_layers: int, pooling: str, run_dir: Path) -> lis
 def run_dataset(cfg, argv) -> dict:
     pre_extract(cfg, argv, list(cfg.results.backbones))
     run_dir = Path(cfg.results.run_dir) / "layers" / cfg.dataset.name
-    seeds = [int(s) for s in cfg.seeds]
+    seeds = seeds_of(cfg)
     curves, chosen = {}, {}
     for backbone, spec in cfg.results.backbones.items():
         every = []

@@ -19,6 +19,9 @@ from scripts.experiments.common import PROTOCOL, commands_of
 
 def merge(sources: list[Path], into: Path) -> list[str]:
     """Everything is read and checked before anything is written."""
+    for src in sources:
+        if not any(src.glob("*.json")):
+            raise SystemExit(f"{src} holds no result files (*.json): nothing to merge from it")
     said, merged_files = [], {}
     names = sorted({p.name for src in sources for p in src.glob("*.json")})
     for name in names:

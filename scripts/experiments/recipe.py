@@ -39,6 +39,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from llmembed.classify.heads import LogRegHead
+from llmembed.classify.train import seeds_of
 from scripts.experiments.common import (
     SPLIT_CODES,
     Scores,
@@ -242,7 +243,7 @@ def logreg_scores(name: str, X: np.ndarray, splits: dict, cfg) -> Scores:
 
 def run_dataset(cfg) -> dict:
     r = cfg.results.recipe
-    seeds = [int(s) for s in cfg.seeds]
+    seeds = seeds_of(cfg)
     splits = split_datasets(cfg)
     states, info = custom_states(cfg, next(iter(splits.values())))
     layers = [int(x) for x in r.layers]

@@ -574,6 +574,8 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path("docs/results"))
     ap.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
     a = ap.parse_args()
+    if not a.results.is_dir():
+        ap.error(f"--results {a.results} is not a folder; give the experiments' results folder")
     write(a.results.resolve(), a.out.resolve())
     summary = a.results / "summary.csv"
     print(f"wrote {a.out}" + (f" and {summary}" if summary.is_file() else ""))
