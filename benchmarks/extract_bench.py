@@ -407,7 +407,7 @@ def run_child(method: str, model: str, texts_file: Path, repeats: int, device: s
 
 
 def read_entry(path: str):
-    from llmembed.cache.store import Entry
+    from llmembed.cache.entry import Entry
 
     return Entry(Path(path))
 

@@ -17,8 +17,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import llmembed.extract.embedder as embedder
+from llmembed.cache.format import EntrySpec
 from llmembed.cache.keys import text_hashes
-from llmembed.cache.store import Cache, EntrySpec, EntryWriter
+from llmembed.cache.root import Cache
+from llmembed.cache.writer import EntryWriter
 from llmembed.extract.backbones import inspect_backbone, load_model, load_tokenizer
 from llmembed.extract.datasets import load_dataset
 from llmembed.extract.pooling import LayerPooler

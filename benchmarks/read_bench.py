@@ -19,15 +19,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from llmembed.cache.format import EntrySpec, PlannedShard, PoolingInfo, hashes_to_hex
 from llmembed.cache.keys import text_hashes
-from llmembed.cache.store import (
-    Cache,
-    EntrySpec,
-    EntryWriter,
-    PlannedShard,
-    PoolingInfo,
-    hashes_to_hex,
-)
+from llmembed.cache.root import Cache
+from llmembed.cache.writer import EntryWriter
 
 
 def main() -> None:

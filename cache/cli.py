@@ -31,7 +31,7 @@ from llmembed.cache.maintenance import (
     rm,
     verify_entry,
 )
-from llmembed.cache.store import Cache
+from llmembed.cache.root import Cache
 from llmembed.errors import UserError, reported
 
 DEFAULT_ROOT = "~/.cache/llmembed"

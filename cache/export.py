@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from llmembed.cache.entry import Entry
+from llmembed.cache.format import SPLITS
 from llmembed.cache.keys import text_hashes
-from llmembed.cache.store import SPLITS, Cache, Entry
+from llmembed.cache.root import Cache
 from llmembed.errors import UserError
 
 FORMATS = ("parquet", "hf")

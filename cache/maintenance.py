@@ -17,17 +17,11 @@ import h5py
 import numpy as np
 from filelock import Timeout
 
+from llmembed.cache.entry import Entry
+from llmembed.cache.format import HASH_BYTES, CacheError, ManifestError, shard_name
 from llmembed.cache.keys import EscapeError, file_sha256, inside, write_json_atomic
-from llmembed.cache.store import (
-    HASH_BYTES,
-    Cache,
-    CacheError,
-    Entry,
-    ManifestError,
-    key_lock,
-    lock_is_held,
-    shard_name,
-)
+from llmembed.cache.lock import key_lock, lock_is_held
+from llmembed.cache.root import Cache
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from llmembed.cache.store import Cache, EntrySpec
+from llmembed.cache.format import EntrySpec
+from llmembed.cache.root import Cache
 from llmembed.classify.saved import SavedModelError, load_trained
 from llmembed.extract.backbones import BackboneError, BackboneInfo, inspect_backbone, resolve_source
 from llmembed.extract.embed import embed_texts

@@ -17,8 +17,8 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from llmembed.cache.format import SPLITS
 from llmembed.cache.keys import fingerprint, write_json_atomic
-from llmembed.cache.store import SPLITS
 from llmembed.classify.metrics import evaluate, summarize
 from llmembed.classify.saved import save_trained
 from llmembed.errors import UserError

@@ -51,8 +51,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from llmembed.cache.format import SPLITS
 from llmembed.cache.keys import fingerprint
-from llmembed.cache.store import SPLITS
 from llmembed.extract.tables import (
     DatasetError,
     Table,

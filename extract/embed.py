@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from llmembed.cache.store import STORE_DTYPES
+from llmembed.cache.format import STORE_DTYPES
 from llmembed.extract.backbones import load_model, load_tokenizer
 from llmembed.extract.embedder import Extractor
 from llmembed.extract.plan import ExtractPlan, resolve_token_budget

@@ -24,18 +24,18 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from llmembed.cache.keys import text_hashes
-from llmembed.cache.store import (
-    Cache,
-    Entry,
+from llmembed.cache.entry import Entry
+from llmembed.cache.format import (
     EntrySpec,
-    EntryWriter,
     Manifest,
     PlannedShard,
     PoolingInfo,
     hashes_to_hex,
     hex_to_hashes,
 )
+from llmembed.cache.keys import text_hashes
+from llmembed.cache.root import Cache
+from llmembed.cache.writer import EntryWriter
 from llmembed.errors import UserError
 from llmembed.extract.plan import ExtractPlan, plan_from_config
 from llmembed.extract.ranks import Ranks

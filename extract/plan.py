@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from llmembed.cache.format import STORE_DTYPES, EntrySpec
 from llmembed.cache.keys import memo_path
-from llmembed.cache.store import STORE_DTYPES, EntrySpec
 from llmembed.errors import UserError
 from llmembed.extract.backbones import BackboneInfo, inspect_backbone
 

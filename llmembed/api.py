@@ -231,7 +231,7 @@ def default_root() -> Path:
 class CachedEntry:
     """One cache entry (a computation and a selection of layers and poolings), read by text."""
 
-    entry: Any  # llmembed.cache.store.Entry
+    entry: Any  # llmembed.cache.entry.Entry
 
     @property
     def path(self) -> Path:
@@ -299,7 +299,7 @@ class Cache:
 
     def entries(self) -> list[CachedEntry]:
         """Every complete entry, of any backbone."""
-        from llmembed.cache.store import Cache as Store
+        from llmembed.cache.root import Cache as Store
 
         return [CachedEntry(e) for e in Store(self.root).entries() if e.complete]
 
@@ -307,7 +307,7 @@ class Cache:
         """The complete entries of this computation (backbone and keyed settings, as `encode`
         takes them), largest first; empty when nothing was extracted yet. With `dtype="auto"` (the
         default) entries of either compute dtype count, as for the command lines."""
-        from llmembed.cache.store import Cache as Store
+        from llmembed.cache.root import Cache as Store
 
         plan = make_api_plan(backbone, None, None, {**settings, "cache_root": self.root})
         store = Store(self.root)

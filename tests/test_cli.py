@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llmembed.cache.cli import main as cache_main
-from llmembed.cache.store import Cache
+from llmembed.cache.root import Cache
 from llmembed.extract.pipeline import extract
 from tests.conftest import make_tiny_bert, read_rows, sentences, write_csv
 
@@ -100,7 +100,7 @@ def test_verify_finds_damage_and_repair_recomputes_only_that_shard(make_cfg, cap
 def test_gc_removes_incomplete_old_and_unused_entries_and_rm_one(make_cfg, tmp_path, capsys):
     import json
 
-    from llmembed.cache.store import EntrySpec
+    from llmembed.cache.format import EntrySpec
 
     done = extract(make_cfg())
     root = str(make_cfg().cache.root)
@@ -210,7 +210,7 @@ def test_names_cannot_place_sweep_folders_outside_the_sweep(tmp_path, tiny_llama
 
 def _incomplete(root, key="ef" * 16):
     """A key folder of this format with one incomplete selection (as a killed first run leaves)."""
-    from llmembed.cache.store import EntrySpec
+    from llmembed.cache.format import EntrySpec
 
     spec = EntrySpec({"x": key}, "llama", "float32", "float16", 8, "right", "{text}")
     return Cache(root).prepare(spec, [0], ["mean"])
@@ -277,7 +277,7 @@ def test_gc_decides_again_under_the_lock(make_cfg, monkeypatch):
 
 
 def test_gc_leaves_the_temporary_file_of_a_running_job(make_cfg):
-    from llmembed.cache.store import Cache as C
+    from llmembed.cache.root import Cache as C
 
     done = extract(make_cfg())
     root = make_cfg().cache.root

@@ -11,7 +11,8 @@ from transformers import AutoModel
 
 import llmembed.extract.embed as embed
 import llmembed.extract.plan as plan
-from llmembed.cache.store import Cache, CacheError
+from llmembed.cache.format import CacheError
+from llmembed.cache.root import Cache
 from llmembed.extract.pipeline import extract
 from llmembed.extract.plan import ConfigError, resolve_dtype
 from tests.conftest import make_tiny_llama, sentences, write_csv
@@ -312,7 +313,7 @@ def test_a_killed_run_resumes_with_only_the_missing_shards(make_cfg, monkeypatch
     )
     assert len(reference.entry.shards()) >= 3
 
-    from llmembed.cache.store import EntryWriter
+    from llmembed.cache.writer import EntryWriter
 
     real = EntryWriter.write_shard
 

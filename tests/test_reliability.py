@@ -16,8 +16,9 @@ import h5py
 import numpy as np
 import pytest
 
+from llmembed.cache.format import CacheError
 from llmembed.cache.maintenance import verify_entry
-from llmembed.cache.store import Cache, CacheError
+from llmembed.cache.root import Cache
 from llmembed.extract.cli import stop_on_signals
 from llmembed.extract.pipeline import extract
 from tests.conftest import file_overrides, sentences, write_csv
@@ -283,7 +284,7 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path, tiny_llama, data_csv)
         [
             sys.executable,
             "-c",
-            "import sys; from llmembed.cache.store import Cache\n"
+            "import sys; from llmembed.cache.root import Cache\n"
             "with Cache(sys.argv[1]).lock(sys.argv[2]):\n    print('LOCKED', flush=True); input()",
             str(tmp_path / "c"),
             first.entry.key,
@@ -379,7 +380,7 @@ def test_a_shard_is_written_while_the_next_is_computed(tmp_path, tiny_llama, dat
     computing thread would wait out its timeout). At most one write is in flight."""
     import threading
 
-    from llmembed.cache.store import EntryWriter
+    from llmembed.cache.writer import EntryWriter
     from llmembed.extract.embedder import Extractor
 
     real_write, real_embed = EntryWriter.write_shard, Extractor.embed

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmembed.cache.store import Cache
+from llmembed.cache.root import Cache
 from llmembed.extract.pipeline import extract
 from tests.conftest import file_overrides, sentences, write_csv
 

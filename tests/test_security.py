@@ -16,6 +16,8 @@ import transformers
 from omegaconf import OmegaConf
 
 from llmembed.cache.cli import main as cache_main
+from llmembed.cache.entry import Entry
+from llmembed.cache.format import CacheError, selection_name
 from llmembed.cache.keys import (
     EscapeError,
     create_exclusive,
@@ -24,7 +26,6 @@ from llmembed.cache.keys import (
     inside,
     write_json_atomic,
 )
-from llmembed.cache.store import CacheError, Entry, selection_name
 from llmembed.errors import UserError
 from llmembed.extract.pipeline import extract
 from llmembed.extract.plan import plan_from_config

@@ -1,0 +1,215 @@
+"""`Cache`: a cache root; finds, locks, creates and lists entries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import stat
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from filelock import Timeout
+
+from llmembed.cache.entry import Entry
+from llmembed.cache.format import (
+    CacheRootError,
+    EntrySpec,
+    ManifestError,
+    selection_name,
+)
+from llmembed.cache.keys import (
+    FORMAT_VERSION,
+    EscapeError,
+    create_exclusive,
+    inside,
+    memo_path,
+    write_json_atomic,
+)
+from llmembed.cache.lock import key_lock
+
+log = logging.getLogger(__name__)
+
+
+class Cache:
+    """A cache root: find, lock, create and list entries."""
+
+    def __init__(self, root: str | Path, *, group_writable: bool = False):
+        self.root = Path(root).expanduser()
+        self.group_writable = group_writable
+
+    @contextmanager
+    def creating(self) -> Iterator[None]:
+        """While writing: with `group_writable`, everything created is group-writable and folders
+        pass their group on (setgid), so that every member of a shared node's group can finish or
+        repair what another started."""
+        if not self.group_writable:
+            yield
+            return
+        old = os.umask(0o002)
+        try:
+            yield
+        finally:
+            os.umask(old)
+
+    def _make_dir(self, path: Path) -> None:
+        if path != self.root:
+            self.inside(path / "x")  # neither it nor a folder on the way leads out of the root
+        path.mkdir(parents=True, exist_ok=True)
+        if path != self.root and path.is_symlink():
+            raise EscapeError(f"{path} is a symbolic link; llmembed never follows one: remove it")
+        if self.group_writable:
+            path.chmod(path.stat().st_mode | stat.S_IRWXG | stat.S_ISGID)
+
+    def key_dir(self, key: str) -> Path:
+        if not key or not all(c in "0123456789abcdef" for c in key):
+            raise ValueError(f"cache key must be lowercase hex, got {key!r}")
+        return self.root / key
+
+    def inside(self, path: Path) -> Path:
+        """`path`, checked not to lead out of the root (see `keys.inside`)."""
+        return inside(self.root, path)
+
+    def links(self) -> list[Path]:
+        """Key and selection folders that are symbolic links: never entries, never followed, never
+        removed by llmembed (`ls` and `gc` report them)."""
+        if not self.root.is_dir():
+            return []
+        out = [k for k in sorted(self.root.iterdir()) if k.is_symlink()]
+        for kdir in sorted(self.root.iterdir()):
+            if kdir.is_dir() and not kdir.is_symlink():
+                out += [s for s in sorted(kdir.iterdir()) if s.is_symlink()]
+        return out
+
+    def hash_memo(self) -> Path:
+        """Remembered file hashes and model shapes (see `JsonMemo`), one file per user."""
+        return memo_path(self.root)
+
+    def selections(self, key: str, layers: Sequence[int], poolings: Sequence[str]) -> list[Entry]:
+        """Complete entries under `key` that store all the requested layers and poolings."""
+        kdir = self.key_dir(key)
+        if not kdir.is_dir() or kdir.is_symlink():
+            return []
+        out = []
+        for sel in sorted(kdir.iterdir()):
+            entry = Entry(sel)
+            if not sel.is_dir() or sel.is_symlink() or not entry.complete:
+                continue
+            try:
+                if entry.covers(layers, poolings):
+                    out.append(entry)
+            except ManifestError as err:  # one damaged entry does not stop the others
+                log.warning("skipped: %s", err)
+        return out
+
+    def find(
+        self, key: str, layers: Sequence[int], poolings: Sequence[str], hashes: np.ndarray
+    ) -> Entry | None:
+        """A complete entry under `key` that stores the layers and poolings and every text."""
+        for entry in self.selections(key, layers, poolings):
+            if entry.holds(hashes).all():
+                return entry
+        return None
+
+    def prepare(self, spec: EntrySpec, layers: Sequence[int], poolings: Sequence[str]) -> Entry:
+        """The (possibly new or half-written) entry for a selection."""
+        kdir = self.inside(self.key_dir(spec.key))
+        self._make_dir(kdir)
+        spec_path = self.inside(kdir / "spec.json")
+        if not spec_path.is_file():
+            write_json_atomic(spec_path, spec.as_dict(), root=self.root)
+        entry = Entry(kdir / selection_name(layers, poolings))
+        self._make_dir(self.inside(entry.path))
+        entry.file("manifest.json")  # the selection folder itself stays inside the root
+        return entry
+
+    def check_writable(self) -> None:
+        """Fail before any work when the root cannot take new entries."""
+        try:
+            self._make_dir(self.root)
+            fd, probe = create_exclusive(self.root / ".write-probe")
+            os.close(fd)
+            probe.unlink()
+        except OSError as err:
+            raise CacheRootError(
+                f"cache root {self.root} is not writable ({err.strerror}); set cache.root=... or "
+                "LLMEMBED_CACHE to a folder you can write"
+            ) from None
+
+    @contextmanager
+    def lock(self, key: str, *, poll_log_s: float = 30.0) -> Iterator[None]:
+        """Hold the key's lock; while waiting, say who holds it."""
+        kdir = self.inside(self.key_dir(key))
+        self._make_dir(kdir)
+        self.inside(kdir / ".lock")
+        lock = key_lock(kdir, mode=0o664 if self.group_writable else -1)
+        owner = kdir / ".lock.owner.json"
+        waited = 0.0
+        while True:
+            try:
+                lock.acquire(timeout=poll_log_s if waited else 0.5)
+                break
+            except Timeout:
+                waited += poll_log_s if waited else 0.5
+                try:
+                    who = json.loads(owner.read_text())
+                except (OSError, json.JSONDecodeError):
+                    who = {}
+                log.info(
+                    "waiting for cache key %s, held by pid %s on %s since %s",
+                    key[:12],
+                    who.get("pid", "?"),
+                    who.get("host", "?"),
+                    who.get("since", "?"),
+                )
+        try:
+            write_json_atomic(
+                owner,
+                {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%c")},
+                root=self.root,
+            )
+            yield
+        finally:
+            lock.release()
+
+    def _key_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return [
+            k
+            for k in sorted(self.root.iterdir())
+            if k.is_dir() and not k.is_symlink() and (k / "spec.json").exists()
+        ]
+
+    @staticmethod
+    def _format_of(kdir: Path) -> int | str | None:
+        """The key's cache format; "damaged" where its spec.json cannot be read."""
+        try:
+            raw = json.loads((kdir / "spec.json").read_text())
+        except (OSError, ValueError):
+            return "damaged"
+        return raw.get("format_version") if isinstance(raw, dict) else "damaged"
+
+    def entries(self) -> list[Entry]:
+        """Entries of this llmembed's format (complete or not); symbolic links are not entries."""
+        return [
+            Entry(sel)
+            for kdir in self._key_dirs()
+            if self._format_of(kdir) == FORMAT_VERSION
+            for sel in sorted(kdir.iterdir())
+            if sel.is_dir() and not sel.is_symlink()
+        ]
+
+    def old_format(self) -> list[Path]:
+        """Key folders of another cache format: never read, listed by `ls`, removed by `gc`."""
+        return [
+            k for k in self._key_dirs() if self._format_of(k) not in (FORMAT_VERSION, "damaged")
+        ]
+
+    def damaged_keys(self) -> list[Path]:
+        """Key folders whose spec.json cannot be read: `verify` names them, `--repair` removes them."""
+        return [k for k in self._key_dirs() if self._format_of(k) == "damaged"]
