@@ -833,11 +833,15 @@ def activation_memory(model: str, texts: list[str], device: str, converted: Path
             )
             if not inside:
                 ex.tap_last = None
-            ids, _ = ex.tokenize(order)
-            width = max(len(x) for x in ids)
-            batch = ids[: max(1, budget // width)]
+            tokens = ex.tokenize(order)
+            width = int(tokens.lengths.max())
+            rows = np.arange(min(len(order), max(1, budget // width)))
+            ids, mask = (
+                torch.from_numpy(a) for a in tokens.padded(rows, "right", tok.pad_token_id)
+            )
+            batch = rows
             with LiveTensors() as live:
-                ex._forward(batch)
+                ex.forward(ids.to(device), mask.to(device))
             peak[inside, len(layers)] = live.peak / 2**20
     name, n_all = Path(model).name, info.num_layers + 1
     lines = [

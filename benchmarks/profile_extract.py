@@ -12,7 +12,6 @@ import tempfile
 import time
 from collections import defaultdict
 
-import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -63,7 +62,7 @@ def main() -> None:
         poolings=["mean", "last", "first"],
         max_length=512,
         token_budget=args.token_budget,
-        out_dtype=np.float16,
+        out_dtype=torch.float16,
     )
     ex.embed(texts[:32])  # warm-up: kernel selection for the first shapes
 
@@ -89,7 +88,11 @@ def main() -> None:
             spec = EntrySpec({}, "profile", "float32", "float16", 512, "right", "{text}")
             entry = Cache(root).prepare(spec, ex.layers, ex.poolings)
             EntryWriter(entry, key=spec.key).write_shard(
-                0, hashes=text_hashes(texts), emb=emb, layers={q: ex.layers for q in emb}
+                0,
+                hashes=text_hashes(texts),
+                emb=emb,
+                layers={q: ex.layers for q in emb},
+                num_layers=info.num_layers,
             )
         wall = time.perf_counter() - start
 

@@ -7,12 +7,12 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from llmembed.cache.files import FileCheckError, ShardFile, open_shard, read_index, sha256_hex
 from llmembed.cache.format import (
     HASH_BYTES,
     CacheError,
@@ -20,7 +20,6 @@ from llmembed.cache.format import (
     Manifest,
     ManifestError,
     ShardInfo,
-    from_bytes,
 )
 from llmembed.cache.keys import (
     FORMAT_VERSION,
@@ -40,7 +39,6 @@ class _Index:
     sorted_hashes: np.ndarray  # (n,) S32
     shard_pos: np.ndarray  # (n,) position into `shards`
     row: np.ndarray  # (n,) row inside that shard
-    all_hashes: np.ndarray = field(repr=False)  # (n,) S32 in stored order
 
 
 class Entry:
@@ -49,6 +47,7 @@ class Entry:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._index: _Index | None = None
+        self._manifest: tuple[tuple, Manifest] | None = None
 
     @property
     def key(self) -> str:
@@ -89,9 +88,14 @@ class Entry:
 
     @property
     def manifest(self) -> Manifest:
+        """The parsed manifest, read again only when the file changed (its inode, size or mtime)."""
         path = self.file("manifest.json")
         try:
             inside(self.root, path, follow=True)
+            st = path.stat()
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if self._manifest is not None and self._manifest[0] == stamp:
+                return self._manifest[1]
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise CacheError(
@@ -120,14 +124,16 @@ class Entry:
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ManifestError(
                 f"{path} is not a valid manifest ({type(err).__name__}: {err}); run "
-                "`llmembed-cache verify --repair` (it removes the manifest, so the entry becomes "
-                "incomplete and the next extraction recomputes it)"
+                "`llmembed-cache verify --repair` (it lists a shard listed twice once; any other "
+                "damage removes the manifest, so the entry becomes incomplete and the next "
+                "extraction recomputes it)"
             ) from None
         if m.key != self.key:
             raise ManifestError(
                 f"{path} belongs to entry {m.key}, not to {self.key} (copied in from another "
                 "entry); run `llmembed-cache verify --repair` and rerun the extraction"
             )
+        self._manifest = (stamp, m)
         return m
 
     @property
@@ -163,55 +169,115 @@ class Entry:
         return list(self.manifest.shards)
 
     # --- reading -------------------------------------------------------------------------------
-    def _open(self, shard: ShardInfo) -> h5py.File:
+    def _open(self, shard: ShardInfo) -> ShardFile:
+        """A shard, its seal checked against the manifest's record, and what the manifest says of it
+        (rows, hidden size, number of layers, stored layers) checked against the shard's own
+        sealed attributes: a shard copied in from another entry or renamed within this one, an
+        attribute edited with h5py or an edited manifest fail here, before any value is served."""
         path = self.file(shard.file)
         try:
             inside(self.root, path, follow=True)
-            f = h5py.File(path, "r")
+            f = open_shard(path)
         except FileNotFoundError:
             raise CacheError(
                 f"{path} is missing; run `llmembed-cache verify --repair` and rerun the extraction"
             ) from None
         except EscapeError as err:
             raise CacheError(f"{err}; then run `llmembed-cache verify --repair`") from None
-        except OSError as err:
-            raise CacheError(
-                f"{path} cannot be read as HDF5 ({err}); run `llmembed-cache verify --repair` "
-                "and rerun the extraction to recompute it"
-            ) from None
-        # Two attributes, checked at every open: a shard copied in from another entry, or renamed
-        # within this one, fails here instead of serving another text's numbers.
-        key, index = f.attrs.get("key"), f.attrs.get("index")
-        if key != self.key or index != shard.index:
+        except (OSError, FileCheckError) as err:
+            raise self._damaged(path, err) from None
+        try:
+            wrong = self.mismatch(shard, f)
+            if {"key", "index"} & set(wrong):
+                raise CacheError(
+                    f"{path} belongs to entry {f.attrs.get('key')} shard {f.attrs.get('index')}, "
+                    f"not to {self.key} shard {shard.index}; run `llmembed-cache verify --repair` "
+                    "and rerun the extraction"
+                )
+            if wrong:
+                raise CacheError(
+                    f"{path} records {wrong}, which the manifest {self.manifest_path} contradicts: "
+                    "one of them was changed; run `llmembed-cache verify --repair` and rerun the "
+                    "extraction"
+                )
+            f.check_seal(shard.seal)
+        except FileCheckError as err:
             f.close()
-            raise CacheError(
-                f"{path} belongs to entry {key} shard {index}, not to {self.key} shard "
-                f"{shard.index}; run `llmembed-cache verify --repair` and rerun the extraction"
-            )
+            raise self._damaged(path, err) from None
+        except BaseException:
+            f.close()
+            raise
         return f
 
+    def mismatch(self, shard: ShardInfo, f: ShardFile) -> dict:
+        """What an open shard records (key, index, rows, hidden size, number of layers, layers per
+        pooling) where the manifest says otherwise: {name: the shard's value}."""
+        m = self.manifest
+        expected = {
+            "key": self.key,
+            "index": shard.index,
+            "rows": shard.rows,
+            "num_layers": m.num_layers,
+            "hidden_size": m.hidden_size,
+        }
+        wrong = {k: f.attrs.get(k) for k, v in expected.items() if f.attrs.get(k) != v}
+        stored = f.poolings
+        for pooling, info in m.poolings.items():
+            if stored.get(pooling) != list(info.layers):
+                wrong[f"layers of {pooling}"] = stored.get(pooling)
+        return wrong
+
+    def _damaged(self, path: Path, err: BaseException) -> CacheError:
+        return CacheError(
+            f"{path} is damaged ({err}); run `llmembed-cache verify --repair` and rerun the "
+            "extraction to recompute it"
+        )
+
     def index(self) -> _Index:
-        """The hash index of the stored rows (read once per manifest version)."""
-        shards = self.manifest.shards
-        if self._index is not None and self._index.shards == shards:
+        """The hash index of the stored rows: one file per commit, each checked against the sha256
+        the manifest records (read once per manifest version)."""
+        m = self.manifest
+        if self._index is not None and self._index.shards == m.shards:
             return self._index
         self.spec  # noqa: B018  (checks that spec.json still hashes to the key)
+        position = {s.index: p for p, s in enumerate(m.shards)}
         parts = []
-        for shard in shards:
-            with self._open(shard) as f:
-                raw = self._load(shard, lambda f=f: f["text_sha256"][:])
-            self._check_rows(shard, len(raw))
-            parts.append(from_bytes(raw))
-        hashes = np.concatenate(parts) if parts else np.empty(0, dtype=f"S{HASH_BYTES}")
-        shard_pos = np.repeat(np.arange(len(shards)), [s.rows for s in shards])
-        row = np.concatenate([np.arange(s.rows) for s in shards]) if shards else np.empty(0, int)
-        order = np.argsort(hashes, kind="stable")
-        self._index = _Index(shards, hashes[order], shard_pos[order], row[order], hashes)
+        for info in m.indexes:
+            path = self.file(info.file)
+            try:
+                data = inside(self.root, path, follow=True).read_bytes()
+                if sha256_hex(data) != info.sha256:
+                    raise FileCheckError("its sha256 does not match the manifest")
+                hashes, shard, row = read_index(data)
+            except FileNotFoundError:
+                raise CacheError(
+                    f"{path} is missing; run `llmembed-cache verify --repair` and rerun the "
+                    "extraction"
+                ) from None
+            except (OSError, ValueError, KeyError) as err:
+                raise self._damaged(path, err) from None
+            if len(hashes) != info.rows or not all(int(i) in position for i in np.unique(shard)):
+                raise self._damaged(path, "its rows are not the manifest's shards")
+            parts.append((hashes, np.array([position[int(i)] for i in shard], dtype=np.int64), row))
+        if parts:
+            hashes = np.concatenate([p[0] for p in parts])
+            shard_pos = np.concatenate([p[1] for p in parts])
+            row = np.concatenate([p[2] for p in parts])
+        else:
+            hashes, shard_pos, row = (
+                np.empty(0, f"S{HASH_BYTES}"),
+                np.empty(0, int),
+                np.empty(0, int),
+            )
+        order = np.argsort(hashes, kind="stable") if len(parts) > 1 else np.arange(len(hashes))
+        self._index = _Index(m.shards, hashes[order], shard_pos[order], row[order])
         return self._index
 
     def hashes(self) -> np.ndarray:
-        """(rows,) S32 text hashes of every stored row, in stored order."""
-        return self.index().all_hashes
+        """(rows,) S32 text hashes of every stored row, in stored order (shard by shard)."""
+        idx = self.index()
+        order = np.lexsort((idx.row, idx.shard_pos))
+        return idx.sorted_hashes[order]
 
     @staticmethod
     def _find(idx: _Index, hashes: np.ndarray) -> np.ndarray:
@@ -228,8 +294,10 @@ class Entry:
     def read(
         self, pooling: str, layers: Sequence[int], hashes: np.ndarray | None = None
     ) -> np.ndarray:
-        """Embeddings `(rows, len(layers), hidden)` as float32, reading only the requested layers;
-        rows in the order of `hashes` (text hashes, see `text_hashes`), else in stored order."""
+        """Embeddings `(rows, len(layers), hidden)` as float32, reading only the requested layers'
+        chunks (each checked against its sha256); rows in the order of `hashes` (text hashes, see
+        `text_hashes`), else in stored order. The shards' own hash columns are checked against the
+        index, so a row is never served under another text's hash."""
         m = self.manifest
         if pooling not in m.poolings:
             raise KeyError(
@@ -241,9 +309,7 @@ class Entry:
             raise KeyError(f"layers {missing} are not stored for {pooling!r}; stored: {stored}")
         idx = self.index()
         if hashes is None:
-            # Every stored row, in stored order.
-            where_shard = np.repeat(np.arange(len(idx.shards)), [s.rows for s in idx.shards])
-            where_row = np.concatenate([np.arange(s.rows) for s in idx.shards] or [[]]).astype(int)
+            at = np.lexsort((idx.row, idx.shard_pos))  # every stored row, in stored order
         else:
             hashes = np.asarray(hashes, dtype=f"S{HASH_BYTES}")
             at = self._find(idx, hashes)
@@ -252,59 +318,22 @@ class Entry:
                     f"{int((at < 0).sum())} of {len(hashes)} requested texts are not stored in "
                     f"{self.path}; rerun the extraction to add them"
                 )
-            where_shard, where_row = idx.shard_pos[at], idx.row[at]
-        # h5py wants increasing indices; read in that order, then put back the order asked for.
-        col = [stored.index(layer) for layer in layers]
-        order = sorted(set(col))
-        back = [order.index(i) for i in col]
-        # Read the needed shards' layers whole (one contiguous chunk per shard and layer), then pick
-        # the rows in memory: one gather in the stored dtype, one conversion to float32.
-        blocks, offset = [], np.zeros(len(idx.shards), dtype=np.int64)
-        needed = np.bincount(where_shard, minlength=len(idx.shards)) > 0
-        total = 0
-        for s, shard in enumerate(idx.shards):
-            if not needed[s]:
-                continue
+        where_shard, where_row = idx.shard_pos[at], idx.row[at]
+        out = np.empty((len(at), len(layers), m.hidden_size), dtype=np.float32)
+        cols = [stored.index(layer) for layer in layers]
+        for s in np.unique(where_shard):
+            shard = idx.shards[s]
+            mine = np.flatnonzero(where_shard == s)
+            rows = where_row[mine]
             with self._open(shard) as f:
-                ds = self._load(shard, lambda f=f: f["emb"][pooling])
-                self.check_layers(shard, pooling, ds, stored)
-                expected = (shard.rows, len(stored), m.hidden_size)
-                if ds.shape != expected:
-                    raise CacheError(
-                        f"{self.path / shard.file}: emb/{pooling} has shape {ds.shape}, the manifest "
-                        f"says {expected}; run `llmembed-cache verify --repair` and rerun the extraction"
-                    )
-                blocks.append(self._load(shard, lambda ds=ds: ds[:, order, :]))  # (rows, k, hidden)
-            offset[s], total = total, total + shard.rows
-        if not blocks:
-            return np.empty((0, len(layers), m.hidden_size), dtype=np.float32)
-        stacked = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-        picked = np.take(stacked, offset[where_shard] + where_row, axis=0)  # (n, k, hidden)
-        if back != list(range(len(order))):
-            picked = picked[:, back, :]
-        return picked.astype(np.float32)
-
-    def _load(self, shard: ShardInfo, read):
-        try:
-            return read()
-        except (OSError, KeyError) as err:  # a chunk checksum, a truncated or missing dataset
-            raise CacheError(
-                f"{self.path / shard.file} is damaged ({err}); run `llmembed-cache verify --repair` "
-                "and rerun the extraction to recompute it"
-            ) from None
-
-    def check_layers(self, shard: ShardInfo, pooling: str, ds, stored: Sequence[int]) -> None:
-        """The shard's own record of which hidden states `emb/<pooling>` holds must be the
-        manifest's: a manifest whose layer list was edited (reversed, shifted) must not serve one
-        layer's vectors for another."""
-        own = ds.attrs.get("layers")
-        if own is None or [int(x) for x in own] != [int(x) for x in stored]:
-            raise CacheError(
-                f"{self.path / shard.file}: emb/{pooling} holds layers "
-                f"{None if own is None else [int(x) for x in own]}, the manifest "
-                f"{self.manifest_path} says {list(stored)}; run `llmembed-cache verify --repair` "
-                "and rerun the extraction"
-            )
+                try:
+                    if not (f.text_hashes()[rows] == idx.sorted_hashes[at[mine]]).all():
+                        raise FileCheckError("its rows are not where the hash index says")
+                    for k, j in enumerate(cols):
+                        out[mine, k] = f.layer(pooling, j)[rows]
+                except FileCheckError as err:
+                    raise self._damaged(self.file(shard.file), err) from None
+        return out
 
     def _check_rows(self, shard: ShardInfo, n: int) -> None:
         if n != shard.rows:

@@ -96,18 +96,32 @@ class EntrySpec:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
 
 
+def _check(ok: bool, what: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{what} is not valid: {value!r}")
+
+
+def _is_hex(value, length: int = 64) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == length
+        and all(c in "0123456789abcdef" for c in value)
+    )
+
+
 @dataclass(frozen=True)
 class ShardInfo:
+    """A finished shard as the manifest (and its sidecar) records it."""
+
     index: int
     rows: int
     bytes: int
-    sha256: str
+    sha256: str  # of the whole file (`verify`)
+    seal: str  # of the shard's attributes, its chunk hashes among them (every read checks it)
 
     def __post_init__(self):
-        if not all(_is_count(v) for v in (self.index, self.rows, self.bytes)) or not isinstance(
-            self.sha256, str
-        ):
-            raise ValueError(f"not a shard record: {self}")
+        _check(all(_is_count(v) for v in (self.index, self.rows, self.bytes)), "shard record", self)
+        _check(_is_hex(self.sha256) and _is_hex(self.seal), "shard record", self)
 
     @property
     def file(self) -> str:
@@ -115,14 +129,36 @@ class ShardInfo:
 
 
 @dataclass(frozen=True)
+class IndexInfo:
+    """The hash index of one commit's shards: every row's text hash, sorted, with its shard and row,
+    so that finding texts reads one small binary file per commit, not every shard."""
+
+    file: str
+    rows: int
+    sha256: str
+
+    def __post_init__(self):
+        ok = isinstance(self.file, str) and self.file.startswith("index-") and "/" not in self.file
+        _check(ok and _is_count(self.rows) and _is_hex(self.sha256), "index record", self)
+
+
+@dataclass(frozen=True)
 class PoolingInfo:
     layers: tuple[int, ...]  # hidden-state indices stored for this pooling
     dtype: str  # stored dtype of emb/<pooling> (float16 by default)
 
+    def __post_init__(self):
+        ok = all(_is_count(x) for x in self.layers) and len(set(self.layers)) == len(self.layers)
+        _check(ok and self.layers and self.dtype in STORE_DTYPES, "pooling record", self)
+
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a complete entry holds; `manifest.json`, rewritten (atomically, last) at every append."""
+    """What a complete entry holds; `manifest.json`, rewritten (atomically, last) at every append.
+
+    Every field a reader uses is checked against what the shards themselves record (their sealed
+    attributes: rows, hidden size, number of layers, stored layers), so an edited manifest fails
+    reads instead of changing what a layer index means."""
 
     key: str
     hidden_size: int
@@ -130,12 +166,38 @@ class Manifest:
     layers: tuple[int, ...]
     poolings: dict[str, PoolingInfo]
     shards: tuple[ShardInfo, ...]
+    indexes: tuple[IndexInfo, ...]
     backbone: dict  # name, path, model_type: for people
     created: str
     updated: str
     versions: dict
     extractions: tuple[dict, ...] = ()  # one record per append: rows, tokens, seconds, energy, ...
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        _check(_is_hex(self.key, len(self.key)) and self.key, "key", self.key)
+        _check(
+            _is_count(self.hidden_size) and self.hidden_size > 0, "hidden_size", self.hidden_size
+        )
+        _check(_is_count(self.num_layers), "num_layers", self.num_layers)
+        _check(
+            all(_is_count(x) and x <= self.num_layers for x in self.layers), "layers", self.layers
+        )
+        _check(isinstance(self.poolings, dict) and self.poolings, "poolings", self.poolings)
+        indices = [s.index for s in self.shards]
+        _check(len(set(indices)) == len(indices), "shard list (a shard listed twice)", indices)
+        files = [i.file for i in self.indexes]
+        _check(len(set(files)) == len(files), "index list (an index listed twice)", files)
+        _check(
+            sum(i.rows for i in self.indexes) == self.rows,
+            "index rows",
+            [i.rows for i in self.indexes],
+        )
+        for name in ("backbone", "versions"):
+            _check(isinstance(getattr(self, name), dict), name, getattr(self, name))
+        for name in ("created", "updated"):
+            _check(isinstance(getattr(self, name), str), name, getattr(self, name))
+        _check(all(isinstance(e, dict) for e in self.extractions), "extractions", "...")
 
     @property
     def rows(self) -> int:
@@ -148,6 +210,8 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict) -> Manifest:
+        """Raises ValueError, TypeError, KeyError or AttributeError on anything malformed."""
+        _check(isinstance(d.get("poolings"), dict), "poolings", d.get("poolings"))
         return cls(
             key=d["key"],
             hidden_size=d["hidden_size"],
@@ -157,6 +221,7 @@ class Manifest:
                 p: PoolingInfo(tuple(v["layers"]), v["dtype"]) for p, v in d["poolings"].items()
             },
             shards=tuple(ShardInfo(**s) for s in d["shards"]),
+            indexes=tuple(IndexInfo(**i) for i in d["indexes"]),
             backbone=d["backbone"],
             created=d["created"],
             updated=d["updated"],
@@ -166,13 +231,25 @@ class Manifest:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PlannedShard:
-    """A shard of an append in progress: its index and the hashes of the texts it will hold."""
+    """A shard of an append in progress: its index, the hashes of its texts in row order, and how
+    those rows are batched for the forward pass (row counts, in order). The batches are part of the
+    plan, so a resumed run computes every row in the same batch as an uninterrupted one."""
 
     index: int
-    hashes: tuple[str, ...]  # hex
+    hashes: np.ndarray  # (rows,) S32
+    batches: tuple[int, ...]  # rows per forward batch; they sum to `rows`
 
     def __post_init__(self):
-        if not _is_count(self.index) or not all(isinstance(h, str) for h in self.hashes):
-            raise ValueError(f"not a planned shard: {self.index!r}")
+        ok = _is_count(self.index) and all(_is_count(b) and b > 0 for b in self.batches)
+        _check(ok and sum(self.batches) == len(self.hashes), "planned shard", self.index)
+
+    @property
+    def rows(self) -> int:
+        return len(self.hashes)
+
+    def spans(self) -> list[slice]:
+        """The rows of each batch."""
+        ends = np.cumsum(self.batches)
+        return [slice(int(e - b), int(e)) for b, e in zip(self.batches, ends, strict=True)]

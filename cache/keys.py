@@ -22,8 +22,9 @@ from llmembed.errors import UserError
 
 # Bump when the stored numbers or the on-disk layout change: old entries then simply miss (and
 # `llmembed-cache ls` reports them, `gc` removes them). 2: entries keyed by the computation only, rows
-# addressed by text hash, shards appended over time.
-FORMAT_VERSION = 2
+# addressed by text hash, shards appended over time. 3: a sha256 per chunk and a seal per shard
+# checked by every read (no Fletcher-32), binary plans and per-commit hash indexes.
+FORMAT_VERSION = 3
 
 
 def _feed(h: hashlib._Hash, value: object) -> None:
@@ -194,15 +195,27 @@ def create_exclusive(target: Path) -> tuple[int, Path]:
 
 
 def write_json_atomic(path: Path, data: object, *, root: Path | None = None) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one. The temporary
-    file is created exclusively (see `create_exclusive`); with `root`, `path` must stay inside it."""
+    """Write JSON so that readers see the old file or the new one, never half of one (see
+    `write_bytes_atomic`)."""
+    write_bytes_atomic(path, json_bytes(data), root=root)
+
+
+def json_bytes(data: object) -> bytes:
+    return json.dumps(data, indent=2, sort_keys=True).encode()
+
+
+def write_bytes_atomic(path: Path, data, *, root: Path | None = None) -> None:
+    """Write bytes so that readers see the old file or the new one, never half of one. The temporary
+    file is created exclusively (see `create_exclusive`) and fsynced before the rename; with `root`,
+    `path` must stay inside it. The folder is not fsynced here: whoever makes a set of files count
+    (the manifest's writer) fsyncs it once."""
     path = Path(path)
     if root is not None:
         inside(root, path)
     fd, tmp = create_exclusive(path)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # replaces a link planted at `path` itself, never its target
@@ -210,3 +223,12 @@ def write_json_atomic(path: Path, data: object, *, root: Path | None = None) -> 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names created, renamed or removed in a folder durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

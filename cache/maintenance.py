@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -13,13 +14,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import h5py
 import numpy as np
 from filelock import Timeout
 
 from llmembed.cache.entry import Entry
-from llmembed.cache.format import HASH_BYTES, CacheError, ManifestError, shard_name
-from llmembed.cache.keys import EscapeError, file_sha256, inside, write_json_atomic
+from llmembed.cache.files import FileCheckError, build_index, open_shard, sha256_hex
+from llmembed.cache.format import CacheError, IndexInfo, Manifest, ManifestError, shard_name
+from llmembed.cache.keys import (
+    EscapeError,
+    file_sha256,
+    fsync_dir,
+    inside,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from llmembed.cache.lock import key_lock, lock_is_held
 from llmembed.cache.root import Cache
 
@@ -69,7 +77,7 @@ def describe(entry: Entry) -> EntryRow:
                 entry.path, "?", settings, None, "?", "?", entry.size_bytes() / 2**20, "",
                 datasets, f"damaged: {err}",
             )  # fmt: skip
-        pending = (entry.path / "pending.json").is_file()
+        pending = (entry.path / "pending.h5").is_file()
         return EntryRow(
             entry.path,
             m.backbone["name"],
@@ -145,9 +153,10 @@ class Damage:
 
     entry: Path
     shard: int | None
-    # shard: missing | size | checksum | unreadable | shape | layers | hashes | foreign | link
-    # entry: manifest (disagrees with every shard: reset) | unreadable-manifest (removed: the entry
-    # becomes incomplete) | spec (spec.json no longer hashes to the key: the key is removed)
+    # shard: missing | size | checksum | unreadable | shape | layers | hashes | foreign | link |
+    # redundant (every text also in an earlier shard: dropped) | duplicate (some: kept)
+    # entry: index (rebuilt from the shards) | manifest (disagrees with every shard: reset) |
+    # unreadable-manifest (removed: the entry becomes incomplete) | spec (the key is removed)
     kind: str
     detail: str
 
@@ -164,10 +173,11 @@ class Damage:
 
 
 def verify_entry(entry: Entry) -> list[Damage]:
-    """Problems of a complete entry, each naming a file; empty when every shard matches: the spec
-    hashes to the key, the manifest parses and is this entry's, and every shard has its recorded
-    size and sha256, this entry's key and its own index, the manifest's shapes and layers, and
-    text hashes that no other shard holds."""
+    """Problems of a complete entry, each naming a file; empty when everything matches: the spec
+    hashes to the key, the manifest parses and is this entry's, every shard has its recorded size,
+    sha256 and seal, this entry's key, its own index, the manifest's rows, shapes and layers, and
+    every chunk its recorded sha256; no text is stored twice; each hash index is the one recorded
+    and lists exactly the shards' rows."""
     try:
         entry.spec  # noqa: B018  (spec.json must still hash to the key)
     except CacheError as err:
@@ -176,62 +186,16 @@ def verify_entry(entry: Entry) -> list[Damage]:
         m = entry.manifest
     except ManifestError as err:
         return [Damage(entry.path, None, "unreadable-manifest", str(err))]
-    out = []
-    seen: set[bytes] = set()
+    out: list[Damage] = []
+    stored: list[np.ndarray] = []  # each healthy shard's text hashes
     for shard in m.shards:
-        path = entry.path / shard.file
-
-        def bad(kind: str, detail: str, shard=shard) -> None:
-            out.append(Damage(entry.path, shard.index, kind, detail))
-
-        if path.is_symlink():
-            bad("link", f"a symbolic link (to {os.readlink(path)}), not a shard written here")
-            continue
-        if not path.is_file():
-            bad("missing", "missing")
-            continue
-        if path.stat().st_size != shard.bytes:
-            bad("size", f"{path.stat().st_size} bytes, the manifest says {shard.bytes}")
-            continue
-        if file_sha256(path) != shard.sha256:
-            bad("checksum", "checksum mismatch (the file changed after it was written)")
-            continue
-        try:
-            with h5py.File(path, "r") as f:
-                if (f.attrs.get("key"), f.attrs.get("index")) != (entry.key, shard.index):
-                    bad(
-                        "foreign",
-                        f"belongs to entry {f.attrs.get('key')} shard {f.attrs.get('index')}",
-                    )
-                    continue
-                if f["text_sha256"].shape != (shard.rows, HASH_BYTES):
-                    bad(
-                        "shape",
-                        f"text_sha256 has shape {f['text_sha256'].shape}, expected ({shard.rows}, 32)",
-                    )
-                    continue
-                hashes = {r.tobytes() for r in np.asarray(f["text_sha256"][:])}
-                if len(hashes) != shard.rows or hashes & seen:
-                    bad("hashes", "holds text hashes twice, or ones another shard holds")
-                seen |= hashes
-                for pooling, info in m.poolings.items():
-                    want = (shard.rows, len(info.layers), m.hidden_size)
-                    ds = f["emb"][pooling]
-                    if ds.shape != want:
-                        bad("shape", f"emb/{pooling} has shape {ds.shape}, expected {want}")
-                        continue
-                    own = [int(x) for x in ds.attrs.get("layers", [])]
-                    if own != list(info.layers):
-                        bad(
-                            "layers",
-                            f"emb/{pooling} holds layers {own}, the manifest says {list(info.layers)}",
-                        )
-        except (OSError, KeyError) as err:
-            bad("unreadable", f"unreadable ({err})")
+        damage = _verify_shard(entry, shard, stored)
+        if damage is not None:
+            out.append(Damage(entry.path, shard.index, *damage))
     # Every shard disagreeing in shape or layers with the manifest: the manifest is what is wrong.
     shaped = {d.shard for d in out if d.kind in ("shape", "layers")}
     if m.shards and shaped == {s.index for s in m.shards}:
-        out = [
+        return [
             Damage(
                 entry.path,
                 None,
@@ -240,7 +204,59 @@ def verify_entry(entry: Entry) -> list[Damage]:
                 "`llmembed-cache verify --repair` resets the entry",
             )
         ]
+    if not out:
+        try:
+            idx = entry.index()
+        except CacheError as err:
+            return [Damage(entry.path, None, "index", str(err))]
+        every = np.sort(np.concatenate(stored)) if stored else idx.sorted_hashes[:0]
+        if not np.array_equal(np.sort(idx.sorted_hashes), every):
+            return [
+                Damage(entry.path, None, "index", "the hash index does not list the shards' rows")
+            ]
     return out
+
+
+def _verify_shard(entry: Entry, shard, stored: list[np.ndarray]) -> tuple[str, str] | None:
+    """(kind, detail) of one listed shard's damage, or None; a healthy shard's text hashes are
+    appended to `stored`."""
+    path = entry.path / shard.file
+    if path.is_symlink():
+        return "link", f"a symbolic link (to {os.readlink(path)}), not a shard written here"
+    if not path.is_file():
+        return "missing", "missing"
+    if path.stat().st_size != shard.bytes:
+        return "size", f"{path.stat().st_size} bytes, the manifest says {shard.bytes}"
+    if file_sha256(path) != shard.sha256:
+        return "checksum", "checksum mismatch (the file changed after it was written)"
+    try:
+        with open_shard(path) as f:
+            wrong = entry.mismatch(shard, f)
+            if {"key", "index"} & set(wrong):
+                return (
+                    "foreign",
+                    f"belongs to entry {f.attrs.get('key')} shard {f.attrs.get('index')}",
+                )
+            if wrong:
+                kind = "layers" if all(k.startswith("layers of") for k in wrong) else "shape"
+                return kind, f"records {wrong}, which the manifest contradicts"
+            f.check_seal(shard.seal)
+            hashes = f.text_hashes()
+            for pooling, layers in f.poolings.items():
+                for j in range(len(layers)):
+                    f.layer(pooling, j)  # checks the chunk's sha256
+    except (OSError, FileCheckError) as err:
+        return "unreadable", f"unreadable ({err})"
+    ours = set(hashes.tolist())
+    if len(ours) != shard.rows:
+        return "hashes", "holds a text hash twice"
+    earlier = {h for part in stored for h in part.tolist()}
+    if ours <= earlier:
+        return "redundant", "every one of its texts is stored in an earlier shard too"
+    if ours & earlier:
+        return "duplicate", f"{len(ours & earlier)} of its texts are stored in an earlier shard too"
+    stored.append(hashes)
+    return None
 
 
 @contextmanager
@@ -262,7 +278,9 @@ def _holding(kdir: Path, *, wait: bool) -> Iterator[bool]:
 def repair(entry: Entry, damage: list[Damage]) -> None:
     """Under the key's lock: drop damaged shards from the manifest (the entry stays complete for
     the other texts; the next extraction recomputes just those), or, where the manifest itself is
-    wrong, reset the entry."""
+    wrong, reset the entry; the hash index is rebuilt from the shards that stay. A shard whose
+    bytes match their recorded sha256 is never deleted unless every one of its texts is stored in
+    another shard."""
     if not damage:
         return
     root = entry.root
@@ -271,20 +289,57 @@ def repair(entry: Entry, damage: list[Damage]) -> None:
         if "spec" in kinds:  # every selection of the key was filed under a spec that is not its own
             _remove_tree(root, entry.path.parent)
             return
-        if "unreadable-manifest" in kinds:  # the entry becomes incomplete, resumable
-            entry.file("manifest.json").unlink(missing_ok=True)
+        if "unreadable-manifest" in kinds:
+            if (fixed := _deduplicated(entry)) is not None:  # a shard listed twice: list it once
+                write_json_atomic(entry.file("manifest.json"), fixed.to_json(), root=root)
+            else:  # the entry becomes incomplete, resumable
+                entry.file("manifest.json").unlink(missing_ok=True)
             return
-        if kinds:
+        if kinds - {"index"}:
             _remove_tree(root, entry.path)
             return
-        bad = {d.shard for d in damage}
         m = entry.manifest
-        kept = dataclasses.replace(m, shards=tuple(s for s in m.shards if s.index not in bad))
+        # A duplicate shard's other texts are stored nowhere else: it stays.
+        bad = {d.shard for d in damage if d.shard is not None and d.kind != "duplicate"}
+        kept = [s for s in m.shards if s.index not in bad]
+        hashes = []
+        for shard in kept:
+            with entry._open(shard) as f:
+                hashes.append((shard.index, f.text_hashes()))
+        index_name = f"index-{max([s.index for s in kept], default=0):05d}r.h5"
+        data = build_index(hashes)
+        write_bytes_atomic(entry.file(index_name), data, root=root)
+        fixed = dataclasses.replace(
+            m,
+            shards=tuple(kept),
+            indexes=(IndexInfo(index_name, sum(s.rows for s in kept), sha256_hex(data)),),
+        )
+        fsync_dir(entry.path)
         # first: readers stop using them
-        write_json_atomic(entry.file("manifest.json"), kept.to_json(), root=root)
+        write_json_atomic(entry.file("manifest.json"), fixed.to_json(), root=root)
+        for info in m.indexes:
+            if info.file != index_name:
+                entry.file(info.file).unlink(missing_ok=True)
         for index in bad:
             for suffix in (".h5", ".json"):
                 entry.file(shard_name(index) + suffix).unlink(missing_ok=True)
+
+
+def _deduplicated(entry: Entry):
+    """The manifest with each shard listed once, where listing one twice is all that is wrong."""
+    try:
+        raw = json.loads(entry.file("manifest.json").read_text())
+        seen, shards = set(), []
+        for s in raw["shards"]:
+            if s["index"] not in seen:
+                seen.add(s["index"])
+                shards.append(s)
+        if len(shards) == len(raw["shards"]):
+            return None
+        fixed = Manifest.from_json({**raw, "shards": shards})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return fixed if fixed.key == entry.key else None
 
 
 def repair_key(cache: Cache, kdir: Path) -> None:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "last", "first", "pooler")
 # Bump when the facts `inspect_backbone` remembers change meaning, so old memos are not trusted.
-_FACTS_VERSION = 2
+_FACTS_VERSION = 3
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # Files that define a local model's numbers: weights, config, tokenizer, custom code.
 _MODEL_FILES = (".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken", ".py", ".gguf")
@@ -143,6 +143,9 @@ class BackboneInfo:
     # A causal model whose tokenizer puts the same special token (BOS) before every text: its
     # `first` state has seen only that token, so it is one vector for all texts; not offered.
     constant_first: bool = False
+    # Each token sees only those before it (a decoder): its `first` state is the first token's alone,
+    # so `poolings: all` leaves it out (it may still be asked for by name, unless constant).
+    causal: bool = False
 
 
 def is_causal(config) -> bool:
@@ -198,7 +201,8 @@ def inspect_backbone(cfg, memo: Path | None) -> BackboneInfo:
         with torch.device("meta"):
             skeleton = AutoModel.from_config(config, trust_remote_code=trust)
         has_pooler = getattr(skeleton, "pooler", None) is not None
-        constant_first = is_causal(config) and adds_fixed_first_token(
+        causal = is_causal(config)
+        constant_first = causal and adds_fixed_first_token(
             _tokenizer(cfg, source, ident.get("commit"))
         )
         known = {
@@ -212,6 +216,7 @@ def inspect_backbone(cfg, memo: Path | None) -> BackboneInfo:
                 if (p != "pooler" or has_pooler) and (p != "first" or not constant_first)
             ],
             "constant_first": constant_first,
+            "causal": causal,
         }
         facts.put(key, known)
     return BackboneInfo(

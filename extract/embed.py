@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from llmembed.cache.format import STORE_DTYPES
 from llmembed.extract.backbones import load_model, load_tokenizer
 from llmembed.extract.embedder import Extractor
 from llmembed.extract.plan import ExtractPlan, resolve_token_budget
@@ -58,7 +57,7 @@ def load_embedder(plan: ExtractPlan, device: str) -> tuple[Extractor, float]:
         token_budget=resolve_token_budget(plan.token_budget, device, plan.info),
         device=str(model.get_input_embeddings().weight.device),
         # The store's precision: what training read from the cache is what predict computes.
-        out_dtype=STORE_DTYPES[plan.spec.store_dtype],
+        out_dtype=getattr(torch, plan.spec.store_dtype),
     )
     return extractor, seconds
 

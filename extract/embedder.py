@@ -1,4 +1,5 @@
-"""The forward-pass loop: tokenize, sort by length, batch by a token budget, pool every layer."""
+"""A loaded model as an embedder: tokenize, check that padding gives its own numbers, and pool every
+stored layer of a padded batch on the device (the loop over batches is `llmembed.extract.stream`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from llmembed.extract.batching import MAX_PADDING, Tokens
 from llmembed.extract.pooling import LayerPooler, first_token_index, pool_layers
 from llmembed.extract.stats import EmbedStats
 
@@ -122,11 +124,11 @@ class Extractor:
     truncation_side: str = "right"
     padding_side: str = "right"
     token_budget: int = 16384  # padded tokens per forward batch; halved on out-of-memory
+    max_padding: float = MAX_PADDING  # share of a batch's padded tokens that may be padding
     device: str = "cpu"
-    # The returned arrays' dtype: the store dtype (a float16 shard takes half the memory). A pooling
-    # with values beyond its range is returned in float32 from the batch that shows it on.
-    out_dtype: type = np.float32
-    widened: set[str] = field(init=False, default_factory=set)
+    # What `embed` returns: the store dtype (a float16 shard takes half the memory). A pooling with
+    # values beyond its range is returned in float32 (see `llmembed.extract.stream`).
+    out_dtype: torch.dtype = torch.float32
     _kwargs: dict = field(init=False, default_factory=dict)
     # How the last hidden state is taken while pooling inside the layers: "raw" (the last layer's
     # output) or "final" (the model's last_hidden_state, final norm applied, which is what
@@ -157,8 +159,18 @@ class Extractor:
         self._stack = layer_stack(self.model)
         self._check_padding()
 
-    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
-        """Token ids per text (truncated to max_length) and how many texts were truncated."""
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    def layer_counts(self) -> dict[str, int]:
+        """How many layers each pooling returns (the pooler: one, of the last layer)."""
+        return {p: 1 if p == "pooler" else len(self.layers) for p in self.poolings}
+
+    def tokenize(self, texts: list[str]) -> Tokens:
+        """Token ids per text, truncated to max_length, with the prompt applied."""
+        if not texts:
+            return Tokens.from_lists([], np.zeros(0, dtype=bool))
         enc = self.tokenizer(
             [self.prompt.replace("{text}", t) for t in texts],
             truncation=True,
@@ -172,93 +184,26 @@ class Extractor:
         for piece, row in zip(enc["input_ids"], owner, strict=True):
             if ids[row] is None:
                 ids[row] = piece
-        return ids, int((np.bincount(owner, minlength=len(texts)) > 1).sum())
+        return Tokens.from_lists(ids, np.bincount(owner, minlength=len(texts)) > 1)
 
     def embed(
         self, texts: list[str], on_batch: Callable[[int, int], None] | None = None
     ) -> tuple[dict[str, np.ndarray], EmbedStats]:
-        """{pooling: (len(texts), layers, hidden) of `out_dtype`, or float32 for a pooling in
-        `widened`} in the order of `texts`."""
+        """{pooling: (len(texts), layers, hidden) of `out_dtype`, or float32 for a pooling with
+        values beyond its range} in the order of `texts`, batched as an extraction batches."""
+        from llmembed.extract.stream import embed_all
+
         start = time.perf_counter()
-        ids, truncated = self.tokenize(texts)
-        stats = EmbedStats(texts=len(texts), truncated=truncated)
-        lengths = np.array([len(x) for x in ids])
-        order = np.argsort(
-            -lengths, kind="stable"
-        )  # longest first: an out-of-memory shows up early
-        out: dict[str, np.ndarray] = {}
-        i = 0
-        while i < len(order):
-            width = int(lengths[order[i]])
-            batch = order[i : i + max(1, self.token_budget // width)]
-            try:
-                pooled = self._forward([ids[k] for k in batch])
-            except torch.OutOfMemoryError:
-                if len(batch) == 1:
-                    raise RuntimeError(
-                        f"out of memory on a single text of {width} tokens; lower "
-                        "extract.max_length or use a device with more memory"
-                    ) from None
-                self.token_budget = max(1, self.token_budget // 2)
-                stats.oom_retries += 1
-                log.warning(
-                    "out of memory on a batch of %d x %d tokens; token budget halved to %d",
-                    len(batch),
-                    width,
-                    self.token_budget,
-                )
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            for name, values in pooled.items():
-                self._widen_if_needed(name, values)
-                dtype = np.float32 if name in self.widened else self.out_dtype
-                if name not in out:
-                    out[name] = np.empty((len(texts), *values.shape[1:]), dtype=dtype)
-                elif out[name].dtype != dtype:
-                    out[name] = out[name].astype(dtype)  # rows so far fit out_dtype: lossless
-                out[name][batch] = values
-            real = int(lengths[batch].sum())
-            stats.tokens += real
-            stats.padded_tokens += len(batch) * width
-            stats.forward_calls += 1
-            i += len(batch)
-            if on_batch is not None:
-                on_batch(len(batch), real)
+        out, stats = embed_all(self, self.tokenize(texts), self.out_dtype, on_batch)
         stats.seconds = time.perf_counter() - start
-        stats.widened = set(self.widened)
         return out, stats
 
-    def _widen_if_needed(self, name: str, values: np.ndarray) -> None:
-        """Values beyond `out_dtype`'s range ("massive activations", often 1e5 and more in the
-        BOS state of LLMs, past float16's 65,504) would become inf: keep this pooling in float32
-        for the rest of the run, so that every later shard stores it the same way."""
-        if name in self.widened or np.dtype(self.out_dtype).itemsize >= 4:
-            return
-        limit = np.finfo(self.out_dtype).max
-        if (np.abs(values) > limit).any():
-            self.widened.add(name)
-            log.warning(
-                "%s embeddings reach %.3g, beyond %s's range: storing them in float32",
-                name,
-                float(np.nanmax(np.abs(values))),
-                np.dtype(self.out_dtype).name,
-            )
-
-    def _batch(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (B, T) padded on `padding_side` to the longest, and the mask (B, T)."""
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            span = (
-                slice(width - len(seq), width)
-                if self.padding_side == "left"
-                else slice(0, len(seq))
-            )
-            input_ids[row, span] = torch.tensor(seq)
-            mask[row, span] = 1
-        return input_ids.to(self.device), mask.to(self.device)
+    def _tensors(self, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input ids, mask) of all `tokens` as one padded batch on the device."""
+        ids, mask = tokens.padded(
+            np.arange(len(tokens)), self.padding_side, self.tokenizer.pad_token_id
+        )
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
     def _run(self, input_ids: torch.Tensor, mask: torch.Tensor, **extra):
         """The model's forward on a padded batch, positions by the family's rule."""
@@ -273,8 +218,8 @@ class Extractor:
         return self._run(input_ids, mask, output_hidden_states=True).hidden_states
 
     @torch.inference_mode()
-    def _forward(self, seqs: list[list[int]]) -> dict[str, np.ndarray]:
-        input_ids, mask = self._batch(seqs)
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{pooling: (B, layers, H) float32} of a padded batch, on the device."""
         if self.tap_last is None:
             hidden = self._hidden(input_ids, mask)
             pooled = pool_layers([hidden[layer] for layer in self.layers], mask, self.poolings)
@@ -284,9 +229,9 @@ class Extractor:
         if "pooler" in self.poolings:
             # The model's pooler reads position 0, which is padding under left padding: hand it the
             # first real token of the last layer instead.
-            first = last[torch.arange(len(seqs), device=last.device), first_token_index(mask)]
+            first = last[torch.arange(len(mask), device=last.device), first_token_index(mask)]
             pooled["pooler"] = self.model.pooler(first[:, None, :]).float()[:, None, :]  # (B, 1, H)
-        return {name: t.cpu().numpy() for name, t in pooled.items()}
+        return pooled
 
     def _pool_inside(
         self, input_ids: torch.Tensor, mask: torch.Tensor
@@ -319,8 +264,9 @@ class Extractor:
     def _check_padding(self) -> None:
         """Refuse a model whose padded batch differs from its own forward pass on each text alone
         (with its default positions): this guards the families that no rule above knows."""
-        seqs, _ = self.tokenize(list(PROBE_TEXTS))
-        input_ids, mask = self._batch(seqs)
+        tokens = self.tokenize(list(PROBE_TEXTS))
+        input_ids, mask = self._tensors(tokens)
+        seqs = [tokens.ids[tokens.starts[i] : tokens.starts[i + 1]].tolist() for i in range(2)]
         seen: dict[int, torch.Tensor] = {}
         if self._stack is not None:
             with tapped(self._stack, lambda index, h: seen.setdefault(index, h)):

@@ -11,10 +11,10 @@ own shard files, and the main process writes the manifest once all are done.
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,18 +26,18 @@ from tqdm.auto import tqdm
 
 from llmembed.cache.entry import Entry
 from llmembed.cache.format import (
+    CacheRootError,
     EntrySpec,
     Manifest,
     PlannedShard,
     PoolingInfo,
-    hashes_to_hex,
-    hex_to_hashes,
 )
 from llmembed.cache.keys import text_hashes
 from llmembed.cache.root import Cache
 from llmembed.cache.writer import EntryWriter
 from llmembed.errors import UserError
-from llmembed.extract.plan import ExtractPlan, plan_from_config
+from llmembed.extract.batching import Tokens, cut_shards, plan_batches
+from llmembed.extract.plan import ExtractPlan, plan_from_config, resolve_token_budget, shard_bytes
 from llmembed.extract.ranks import Ranks
 from llmembed.extract.stats import EmbedStats
 from llmembed.meter import Meter, combine
@@ -112,35 +112,6 @@ def _target(cache: Cache, plan: ExtractPlan, hashes: np.ndarray) -> tuple[Extrac
     return plan.for_spec(spec).storing(m.layers, sorted(m.poolings)), entry
 
 
-def _plan_append(
-    writer: EntryWriter, plan: ExtractPlan, hashes: np.ndarray
-) -> tuple[list[PlannedShard], list[PlannedShard]]:
-    """(the append's shards, those still to compute). Shards of a killed append are kept: finished
-    ones as they are, unfinished ones with the same texts (so a resumed run batches exactly as an
-    uninterrupted one), as long as this request still asks for those texts."""
-    entry = writer.entry
-    base = entry.manifest if entry.complete else None
-    held = entry.holds(hashes) if base else np.zeros(len(hashes), dtype=bool)
-    pending, done = writer.pending(), writer.done()
-    have = {h for s in pending if s.index in done for h in s.hashes}
-    wanted = [h for h in dict.fromkeys(hashes_to_hex(hashes[~held])) if h not in have]
-    left = set(wanted)
-    shards = []
-    for s in pending:
-        if s.index in done or (s.hashes and left.issuperset(s.hashes)):
-            shards.append(s)
-            left.difference_update(s.hashes)
-    rest = [h for h in wanted if h in left]
-    used = [s.index for s in (base.shards if base else ())] + [s.index for s in pending]
-    index = max(used, default=-1) + 1
-    per_shard = max(1, int(plan.shard_mb * 2**20) // plan.bytes_per_row())
-    for start in range(0, len(rest), per_shard):
-        shards.append(PlannedShard(index, tuple(rest[start : start + per_shard])))
-        index += 1
-    writer.set_pending(shards)
-    return shards, [s for s in shards if s.index not in done]
-
-
 @dataclass(frozen=True)
 class Request:
     """What a caller asks for: the texts, who asks (a data set's name), how to stop."""
@@ -151,9 +122,20 @@ class Request:
     check_stop: Callable[[], None] | None = None
 
     @cached_property
-    def by_hash(self) -> dict[str, str]:
-        """Hex text hash -> text (duplicates collapse: each distinct text is computed once)."""
-        return dict(zip(hashes_to_hex(self.hashes), self.texts, strict=True))
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(self.hashes, kind="stable")
+        return self.hashes[order], order
+
+    def texts_of(self, hashes: np.ndarray) -> list[str]:
+        """The texts with these hashes (each must be requested)."""
+        sorted_hashes, order = self._sorted
+        at = np.searchsorted(sorted_hashes, hashes)
+        return [self.texts[i] for i in order[at]]
+
+    def distinct(self) -> np.ndarray:
+        """Positions of the first copy of each distinct text, in request order."""
+        _, first = np.unique(self.hashes, return_index=True)
+        return np.sort(first)
 
     def stop_here(self) -> None:
         if self.check_stop is not None:
@@ -163,14 +145,16 @@ class Request:
 @dataclass(frozen=True)
 class Append:
     """The main process's decision on a miss, the same on every process: which entry (and so which
-    spec, layers and poolings) takes the new shards, which shards are still to compute."""
+    spec, layers and poolings) takes the new shards; the shards of a killed append that are kept
+    (replayed with their recorded batches); which texts are still to plan."""
 
     path: Path
     spec: dict
     layers: tuple[int, ...]
     poolings: tuple[str, ...]
-    todo: tuple[PlannedShard, ...]
-    total: int  # shards of the append, finished ones included
+    kept: tuple[PlannedShard, ...]
+    rest: np.ndarray  # positions into the request's texts, distinct texts the plan does not hold
+    next_index: int  # the first shard index for newly planned shards
 
     def plan(self, plan: ExtractPlan) -> ExtractPlan:
         return plan.for_spec(EntrySpec.from_dict(self.spec)).storing(self.layers, self.poolings)
@@ -205,7 +189,7 @@ def extract_texts(
                 elif not allow_extract:
                     raise MissingEntryError(_missing_message(cache, plan, request, fill_command))
                 else:
-                    decision = _decide(cache, plan.confirmed(), request.hashes, held)
+                    decision = _decide(cache, plan.confirmed(), request, held)
             except Exception as err:  # the other processes must hear of it, not wait forever
                 decision = err
         decision = ranks.broadcast(decision)
@@ -241,96 +225,187 @@ def _missing_message(cache: Cache, plan: ExtractPlan, request: Request, command)
     )
 
 
-def _decide(cache: Cache, plan: ExtractPlan, hashes: np.ndarray, held: ExitStack) -> Path | Append:
+def _decide(cache: Cache, plan: ExtractPlan, request: Request, held: ExitStack) -> Path | Append:
     """On the main process, after a miss: take the target key's lock (held until the job ends) and
-    fix the append; or the entry another job made meanwhile."""
+    fix the append; or the entry another job made meanwhile. Refuses, before any model is loaded,
+    an append the disk cannot hold."""
     cache.check_writable()  # readers need no write access; writers learn it now
-    target, entry = _target(cache, plan, hashes)
+    target, entry = _target(cache, plan, request.hashes)
     held.enter_context(cache.lock(target.key))
-    if (found := find_entry(plan, hashes)) is not None:  # made meanwhile by another job
+    if (found := find_entry(plan, request.hashes)) is not None:  # made meanwhile by another job
         return found.path
     writer = EntryWriter(entry, key=target.key)
     writer.discard_leftovers()
-    shards, todo = _plan_append(writer, target, hashes)
-    if len(todo) < len(shards):
+    base = entry.manifest if entry.complete else None
+    wanted = request.distinct()
+    if base is not None:
+        wanted = wanted[~entry.holds(request.hashes[wanted])]
+    pending, done = writer.pending(), writer.done()
+    want = request.hashes[wanted]
+    # A killed append's shards stay when finished, or when every text of theirs is still asked
+    # for: then they are replayed with their recorded batches, as the killed run would have.
+    kept = [s for s in pending if s.index in done or np.isin(s.hashes, want).all()]
+    covered = np.concatenate([s.hashes for s in kept]) if kept else want[:0]
+    rest = wanted[~np.isin(want, covered)]
+    if len(kept) < len(pending):
+        log.info("%s: %d shards of a killed append no longer asked for: dropped", entry.path,
+                 len(pending) - len(kept))  # fmt: skip
+    if kept:
         log.info(
-            "resuming %s: %d of %d new shards already complete",
+            "resuming %s: %d of %d planned shards already complete",
             entry.path,
-            len(shards) - len(todo),
-            len(shards),
+            sum(s.index in done for s in kept),
+            len(kept),
         )
+    todo_rows = len(rest) + sum(s.rows for s in kept if s.index not in done)
+    _check_space(entry, target, todo_rows)
+    used = [s.index for s in (base.shards if base else ())] + [s.index for s in pending]
     return Append(
-        entry.path, target.spec.as_dict(), target.layers, target.poolings, tuple(todo), len(shards)
+        entry.path,
+        target.spec.as_dict(),
+        target.layers,
+        target.poolings,
+        tuple(kept),
+        rest,
+        max(used, default=-1) + 1,
     )
 
 
+# Room left on the disk beyond the entry's own size: the hash indexes, manifest and temporary files.
+SPACE_MARGIN = 1.02
+
+
+def _check_space(entry: Entry, plan: ExtractPlan, rows: int) -> None:
+    """Say how many bytes the append will add, and refuse it when the disk cannot hold them."""
+    need = rows * plan.bytes_per_row()
+    free = shutil.disk_usage(entry.path).free
+    log.info(
+        "%d texts to compute: the entry grows by %s (%s per text: %d layers x %d poolings x %d "
+        "values); %s free on its disk",
+        rows,
+        _size(need),
+        _size(plan.bytes_per_row()),
+        len(plan.layers),
+        len(plan.poolings),
+        plan.info.hidden_size,
+        _size(free),
+    )
+    if need * SPACE_MARGIN > free:
+        raise CacheRootError(
+            f"the cache entry for {plan.backbone.name} needs {_size(need)} more for {rows} texts, "
+            f"but the disk holding {entry.root} has {_size(free)} free; free space, point "
+            "cache.root (LLMEMBED_CACHE) at a larger disk, or store fewer layers or poolings "
+            "(extract.layers=[...], extract.poolings=[...])"
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+# Texts planned at once: one plan sorts and batches up to this many, then they are committed.
+WINDOW = 1_000_000
+
+
 def _fill(plan: ExtractPlan, append: Append, request: Request, ranks: Ranks) -> EmbedStats:
-    """Every process computes its share of the new shards; the main process then commits."""
+    """Every process computes its share of the new shards, window by window; the main process plans
+    each window and commits it."""
+    from llmembed.extract.embed import load_embedder  # torch: imported only when computing
+
     writer = EntryWriter(Entry(append.path), key=plan.key)
-    mine = append.todo[ranks.index :: ranks.count]
     device = ranks.device if plan.device == "auto" else plan.device
     gpus = [int(device.split(":")[1]) if ":" in device else 0] if device.startswith("cuda") else []
-    stats = EmbedStats()
-    with Meter(gpus, cpu_energy=ranks.is_local_main) as meter:
-        if mine:
-            stats = _compute(plan, writer, mine, request, device)
-    parts = ranks.gather((stats, meter.figures()))
-    work = EmbedStats()
-    for part, _ in parts:
-        work.add(part)
-    ranks.barrier()  # every shard is on disk
-    if ranks.is_main:
-        entry = writer.entry
-        base = entry.manifest if entry.complete else None
-        figures = combine([f for _, f in parts])
-        writer.commit(
-            base=base,
-            fields=_manifest_fields(plan, base, work.widened),
-            extraction=_extraction_record(work, device, request.name, figures),
-        )
-    ranks.barrier()  # the manifest is on disk before any process returns
+    windows = [append.rest[i : i + WINDOW] for i in range(0, len(append.rest), WINDOW)]
+    extractor, index, work = None, append.next_index, EmbedStats()
+    for w, part in enumerate(windows or [append.rest]):
+        stats = EmbedStats()
+        with Meter(gpus, cpu_energy=ranks.is_local_main) as meter:
+            if extractor is None:
+                extractor, stats.load_seconds = load_embedder(plan, device)
+            todo, tokens = None, None
+            if ranks.is_main:
+                kept = list(append.kept) if w == 0 else []
+                todo, tokens, index = _plan_window(
+                    plan, extractor, writer, request, kept, part, index
+                )
+            todo, extractor.token_budget = ranks.broadcast((todo, extractor.token_budget))
+            mine = todo[ranks.index :: ranks.count]
+            stats.add(_compute(plan, writer, extractor, mine, request, tokens))
+        parts = ranks.gather((stats, meter.figures()))
+        window = EmbedStats()
+        for part_stats, _ in parts:
+            window.add(part_stats)
+        work.add(window)
+        ranks.barrier()  # every shard of the window is on disk
+        if ranks.is_main:
+            entry = writer.entry
+            base = entry.manifest if entry.complete else None
+            writer.commit(
+                base=base,
+                fields=_manifest_fields(plan, base, work.widened),
+                extraction=_extraction_record(
+                    window, device, request.name, combine([f for _, f in parts])
+                ),
+            )
+        ranks.barrier()  # the manifest is on disk before any process goes on
     return work
 
 
-class WriteAhead:
-    """A shard's write (HDF5 image, fsync, sha256, sidecar) runs on a thread while the model computes
-    the next shard. One write at most is in flight, so memory holds two shards at most, whatever the
-    number of texts; a failed write raises at the next `submit` or `wait`."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="llmembed-write")
-        self._pending: Future | None = None
-
-    def submit(self, fn: Callable, *args, **kwargs) -> None:
-        self.wait()
-        self._pending = self._pool.submit(fn, *args, **kwargs)
-
-    def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def finish(self) -> None:
-        """Let a write in flight end (its error is not this caller's to raise) and stop the thread.
-        Called while stopping: a second Ctrl-C or SIGTERM during the wait is absorbed, so the stop
-        still ends with its resume message, and the shard being written is kept whole."""
-        pending, self._pending = self._pending, None
-        while pending is not None and not pending.done():
-            try:
-                wait([pending])
-            except KeyboardInterrupt:
-                continue
-        self._pool.shutdown()
+def _plan_window(plan, extractor, writer, request, kept, part, index):
+    """The window's shards (the kept ones first), written as the pending plan before any forward
+    pass; those still to compute; the window's tokens (positions as in `part`); the next index."""
+    tokens = extractor.tokenize([request.texts[i] for i in part])
+    extractor.token_budget = resolve_token_budget(
+        plan.token_budget,
+        extractor.device,
+        plan.info,
+        row_bytes=plan.bytes_per_row(float32=True),
+        mean_tokens=float(tokens.lengths.mean()) if len(tokens) else 1.0,
+    )
+    batches = plan_batches(tokens.lengths, extractor.token_budget)
+    per_shard = max(1, int(shard_bytes(plan.shard_mb, extractor.device)) // plan.bytes_per_row())
+    shards = list(kept)
+    rows_of: dict[int, np.ndarray] = {}
+    for numbers in cut_shards([len(b) for b in batches], per_shard):
+        rows = np.concatenate([batches[b] for b in numbers])
+        shards.append(
+            PlannedShard(index, request.hashes[part[rows]], tuple(len(batches[b]) for b in numbers))
+        )
+        rows_of[index] = rows
+        index += 1
+    writer.set_pending(shards)
+    done = writer.done()
+    todo = [s for s in shards if s.index not in done]
+    return todo, (tokens, rows_of), index
 
 
-def _compute(plan, writer: EntryWriter, shards, request: Request, device: str) -> EmbedStats:
-    """Run the model over this process's new shards and write each as it finishes."""
-    from llmembed.extract.embed import load_embedder  # torch: imported only when computing
+def _compute(plan, writer, extractor, shards, request: Request, tokens) -> EmbedStats:
+    """Run the model over this process's shards of a window and write each as it finishes."""
+    from llmembed.extract.stream import Stream  # torch: imported only when computing
 
-    stats = EmbedStats()
-    extractor, stats.load_seconds = load_embedder(plan, device)
+    window, rows_of = tokens if tokens is not None else (None, {})
+
+    def tokens_of(i: int) -> Tokens:
+        shard = shards[i]
+        if shard.index in rows_of:
+            return window.take(rows_of[shard.index])
+        return extractor.tokenize(request.texts_of(shard.hashes))
+
+    def write(shard: PlannedShard, arrays: dict[str, np.ndarray]) -> None:
+        writer.write_shard(
+            shard.index,
+            hashes=shard.hashes,
+            emb=arrays,
+            layers=plan.stored,
+            num_layers=plan.info.num_layers,
+        )
+
     with tqdm(
-        total=sum(len(s.hashes) for s in shards),
+        total=sum(s.rows for s in shards),
         unit="text",
         desc=f"{request.name} x {plan.backbone.name}",
         disable=not plan.progress,
@@ -345,23 +420,18 @@ def _compute(plan, writer: EntryWriter, shards, request: Request, device: str) -
             bar.update(n)
             request.stop_here()
 
-        ahead = WriteAhead()
+        stream = Stream(
+            extractor,
+            extractor.out_dtype,
+            write,
+            on_batch=on_batch,
+            widened={p for p, info in _stored_dtypes(writer).items() if info == "float32"},
+        )
         try:
-            for shard in shards:
-                request.stop_here()
-                texts = [request.by_hash[h] for h in shard.hashes]
-                emb, shard_stats = extractor.embed(texts, on_batch)
-                stats.add(shard_stats)
-                ahead.submit(
-                    writer.write_shard,
-                    shard.index,
-                    hashes=hex_to_hashes(shard.hashes),
-                    emb=emb,
-                    layers=plan.stored,
-                )
-            ahead.wait()
+            request.stop_here()
+            stats = stream.run(shards, tokens_of)
         except KeyboardInterrupt as err:
-            ahead.finish()  # the shard being written is kept: it is complete, or not there at all
+            stream.close()  # the shard being written is kept: it is complete, or not there at all
             raise Interrupted(
                 f"interrupted ({getattr(err, 'signal_name', 'SIGINT')}): {len(writer.done())} of "
                 f"{len(writer.pending())} new shards are complete in {writer.entry.path}; rerun "
@@ -369,7 +439,9 @@ def _compute(plan, writer: EntryWriter, shards, request: Request, device: str) -
                 getattr(err, "signal_number", signal.SIGINT),
             ) from None
         finally:
-            ahead.finish()
+            stream.close()
+    if stream.replanned:
+        stats.replanned = dict(stream.replanned)
     if stats.truncated:
         log.info(
             "%d texts were longer than %d tokens and truncated",
@@ -377,6 +449,12 @@ def _compute(plan, writer: EntryWriter, shards, request: Request, device: str) -
             plan.spec.max_length,
         )
     return stats
+
+
+def _stored_dtypes(writer: EntryWriter) -> dict[str, str]:
+    """Per pooling the dtype the entry stores so far (float32 where values went beyond float16)."""
+    entry = writer.entry
+    return {p: info.dtype for p, info in entry.manifest.poolings.items()} if entry.complete else {}
 
 
 def _manifest_fields(plan: ExtractPlan, base: Manifest | None, widened: set[str]) -> dict:
@@ -413,6 +491,7 @@ def _extraction_record(stats: EmbedStats, device: str, name: str, resources: dic
         "truncated": stats.truncated,
         "forward_calls": stats.forward_calls,
         "oom_retries": stats.oom_retries,
+        **({"replanned_batches": stats.replanned} if stats.replanned else {}),
         "seconds": round(stats.seconds, 3),
         "load_seconds": round(stats.load_seconds, 3),
         "tokens_per_s": round(stats.tokens / stats.seconds, 1) if stats.seconds else None,

@@ -75,8 +75,8 @@ class ExtractPlan:
     device: (
         str  # as configured: auto (each process's own GPU under accelerate, else cpu), cpu, cuda:1
     )
-    token_budget: int | str  # padded tokens per batch, or "auto" (sized at load time)
-    shard_mb: float
+    token_budget: int | str  # padded tokens per batch, or "auto" (sized when the append is planned)
+    shard_mb: float | str  # MB per shard file, or "auto" (see `shard_bytes`)
     progress: bool
     cache_root: Path
     group_writable: bool = False
@@ -99,8 +99,9 @@ class ExtractPlan:
         """How many layers of the model to build."""
         return max([*self.layers, *([self.info.num_layers] if "pooler" in self.poolings else [])])
 
-    def bytes_per_row(self) -> int:
-        itemsize = STORE_DTYPES[self.spec.store_dtype]().itemsize
+    def bytes_per_row(self, *, float32: bool = False) -> int:
+        """Bytes of one text's stored values (`float32`: as pooled, before the store dtype)."""
+        itemsize = 4 if float32 else STORE_DTYPES[self.spec.store_dtype]().itemsize
         return sum(len(v) for v in self.stored.values()) * self.info.hidden_size * itemsize
 
     def for_spec(self, spec: EntrySpec) -> ExtractPlan:
@@ -152,12 +153,15 @@ def gpu_hints() -> bool:
 
 
 def presumed_device(name: str) -> str:
-    """`resolve_device` without importing torch where no GPU can be present: what names the cache
-    entry a run looks up first (a hit needs nothing else from torch). A miss imports torch anyway
-    and confirms it (`ExtractPlan.confirmed`) before anything is computed."""
-    if name == "auto" and not gpu_hints():
-        return "cpu"
-    return resolve_device(name)
+    """`resolve_device` without importing torch: what names the cache entry a run looks up first,
+    so that a hit needs nothing from torch or CUDA (initializing CUDA alone took seconds on a GPU
+    host). `auto` is cuda where a GPU's driver or device shows, else cpu; a named device is taken
+    as named (`check_device` confirms a cuda or mps device where one is configured). A miss
+    imports torch anyway and confirms `auto` (`ExtractPlan.confirmed`) before anything is
+    computed."""
+    if name == "auto":
+        return "cuda" if gpu_hints() else "cpu"
+    return name
 
 
 def check_device(name) -> str:
@@ -200,8 +204,14 @@ def check_settings(ex) -> None:
             f"extract.max_length must be a positive number of tokens, got {ex.max_length!r}"
         )
     shard_mb = ex.shard_mb
-    if not isinstance(shard_mb, (int, float)) or isinstance(shard_mb, bool) or not shard_mb > 0:
-        raise ConfigError(f"extract.shard_mb must be a positive number of MB, got {shard_mb!r}")
+    if shard_mb != "auto" and (
+        not isinstance(shard_mb, (int, float))
+        or isinstance(shard_mb, bool)
+        or not 0 < shard_mb < float("inf")
+    ):
+        raise ConfigError(
+            f"extract.shard_mb must be auto or a positive number of MB, got {shard_mb!r}"
+        )
     budget = ex.token_budget
     if budget != "auto" and (not _is_int(budget) or budget < 1):
         raise ConfigError(
@@ -263,27 +273,55 @@ def resolve_dtype(name: str, device: str) -> str:
     return name
 
 
-def resolve_token_budget(value, device: str, info: BackboneInfo | None = None) -> int:
-    """Padded tokens per batch. On CPU small batches are fastest (measured: 1024 tokens ran 3.7x
-    faster than 16384 for SmolLM2). On a GPU `auto` sizes batches to half of the free memory, so that
-    jobs sharing a card fit beside each other; out-of-memory still halves it."""
+# A GPU's `auto` token budget may use this share of the memory free once the model is loaded:
+# a quarter, so that a second job started on the same card at the same time fits beside it.
+GPU_MEMORY_SHARE = 0.25
+# Beyond this many tokens a batch is no faster, even for small models (and larger batches only
+# hold more memory); at least this many keep a GPU's matmuls large.
+GPU_BUDGET = (4096, 65536)
+CPU_BUDGET = 1024  # measured fastest on CPUs: 3.7x faster than 16384 for SmolLM2
+
+
+def resolve_token_budget(
+    value,
+    device: str,
+    info: BackboneInfo | None = None,
+    *,
+    row_bytes: int = 0,
+    mean_tokens: float = 1.0,
+) -> int:
+    """Padded tokens per batch. On a CPU small batches are fastest. On a GPU `auto` sizes batches
+    to a share of the free memory: per token the working activations (about 17 hidden widths in
+    bfloat16; layers are pooled as they run, so no hidden state is kept) and, per text, its pooled
+    values (`row_bytes`, float32, with the cast copy, for each of the batches in flight) spread over
+    its `mean_tokens`; out-of-memory still halves it."""
     if value != "auto":
         if not _is_int(value) or value < 1:
             raise ConfigError(
                 f"extract.token_budget must be auto or a positive integer, got {value!r}"
             )
         return int(value)
-    if not device.startswith("cuda"):
-        return 1024
+    if not str(device).startswith("cuda"):
+        return CPU_BUDGET
     import torch
 
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     hidden = info.hidden_size if info else 4096
-    # Layers are pooled as they run (hooks), so no hidden state is kept: one live hidden state plus
-    # about 16 hidden-widths of working activations per token, bfloat16. A model that falls back
-    # to keeping them is covered by the out-of-memory halving.
-    per_token = 17 * hidden * 2
-    return int(min(max(0.5 * free / per_token, 256), 131072))
+    in_flight = 4  # the batch being computed and three on their way to the host
+    per_token = 17 * hidden * 2 + in_flight * 1.5 * row_bytes / max(mean_tokens, 1.0)
+    low, high = GPU_BUDGET
+    return int(min(max(GPU_MEMORY_SHARE * free / per_token, low), high))
+
+
+# Shard files of `shard_mb: auto`: on a GPU larger files (fewer, each written faster per byte),
+# on a CPU the size that keeps a job's memory small.
+AUTO_SHARD_MB = {"cuda": 512, "cpu": 64}
+
+
+def shard_bytes(shard_mb, device: str) -> float:
+    if shard_mb == "auto":
+        shard_mb = AUTO_SHARD_MB["cuda" if str(device).startswith("cuda") else "cpu"]
+    return float(shard_mb) * 2**20
 
 
 def resolve_layers(requested, num_layers: int, name: str) -> list[int]:
@@ -310,7 +348,7 @@ def resolve_layers(requested, num_layers: int, name: str) -> list[int]:
 
 def resolve_poolings(requested, info: BackboneInfo, name: str) -> list[str]:
     if requested == "all":
-        return list(info.poolings)
+        return [p for p in info.poolings if not (p == "first" and info.causal)]
     requested = [requested] if isinstance(requested, str) else list(requested)
     if not requested:
         raise ConfigError(
@@ -349,7 +387,7 @@ def make_plan(extract_cfg, backbone_cfg, cache_cfg, *, need=None) -> ExtractPlan
         )
     if ex.store_dtype not in STORE_DTYPES:
         raise ConfigError(f"extract.store_dtype must be one of {sorted(STORE_DTYPES)}")
-    resolve_token_budget(ex.token_budget, "cpu")  # checks a number; "auto" is sized at load time
+    resolve_token_budget(ex.token_budget, "cpu")  # checks a number; "auto" is sized when planning
     max_length = int(ex.max_length)
     if info.max_positions and max_length > info.max_positions:
         log.info(
@@ -394,7 +432,7 @@ def make_plan(extract_cfg, backbone_cfg, cache_cfg, *, need=None) -> ExtractPlan
         need_poolings=tuple(need_poolings),
         device=str(ex.device),
         token_budget=ex.token_budget,
-        shard_mb=float(ex.shard_mb),
+        shard_mb=ex.shard_mb if ex.shard_mb == "auto" else float(ex.shard_mb),
         progress=bool(ex.progress),
         cache_root=root,
         group_writable=bool(cache_cfg.get("group_writable", False)),

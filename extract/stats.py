@@ -17,8 +17,12 @@ class EmbedStats:
     oom_retries: int = 0
     forward_calls: int = 0
     widened: set[str] = field(default_factory=set)  # poolings returned in float32: beyond out_dtype
+    replanned: dict[int, tuple[int, ...]] = field(
+        default_factory=dict
+    )  # shard -> batches after OOM
 
     def add(self, other: EmbedStats) -> None:
         for name in self.__dataclass_fields__:
             mine, theirs = getattr(self, name), getattr(other, name)
-            setattr(self, name, mine | theirs if isinstance(mine, set) else mine + theirs)
+            merged = mine | theirs if isinstance(mine, set | dict) else mine + theirs
+            setattr(self, name, merged)

@@ -188,11 +188,27 @@ def classify_cfg(tmp_path, tiny_llama, tiny_bert, data_csv):
 def forward_calls(monkeypatch):
     """Every batch that reaches a model, wherever it comes from."""
     calls = []
-    real = Extractor._forward
+    real = Extractor.forward
 
-    def counting(self, seqs):
-        calls.append(len(seqs))
-        return real(self, seqs)
+    def counting(self, input_ids, mask):
+        calls.append(len(input_ids))
+        return real(self, input_ids, mask)
 
-    monkeypatch.setattr(Extractor, "_forward", counting)
+    monkeypatch.setattr(Extractor, "forward", counting)
+    return calls
+
+
+@pytest.fixture
+def count_loads(monkeypatch):
+    """Count model loads: the one expensive step a cache hit must skip."""
+    calls = []
+    import llmembed.extract.embed as embed
+
+    real = embed.load_model
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["depth"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embed, "load_model", counting)
     return calls

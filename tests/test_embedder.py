@@ -35,7 +35,8 @@ def test_embedding_does_not_depend_on_batch_neighbours(which, side, dtype, reque
     texts = [t for t, _ in sentences(12)]
     texts[3] = "good"  # one very short text among long ones
     alone = extractor(path, dtype, padding_side=side, token_budget=1)  # one text per batch
-    batched = extractor(path, dtype, padding_side=side, token_budget=10_000)  # one padded batch
+    # one padded batch, however much of it is padding
+    batched = extractor(path, dtype, padding_side=side, token_budget=10_000, max_padding=1.0)
     a, sa = alone.embed(texts)
     b, sb = batched.embed(texts)
     assert sa.forward_calls == len(texts) and sb.forward_calls == 1
@@ -71,21 +72,21 @@ def test_truncation_is_counted_and_keeps_the_first_tokens(tiny_llama):
     ex = extractor(tiny_llama)
     ex.max_length = 5
     long_text = " ".join(["good"] * 20)
-    ids, truncated = ex.tokenize([long_text, "bad", long_text])
-    assert truncated == 2
-    assert [len(x) for x in ids] == [5, 2, 5]  # BOS + 4 words; BOS + "bad"
+    tokens = ex.tokenize([long_text, "bad", long_text])
+    assert tokens.truncated.tolist() == [True, False, True]
+    assert tokens.lengths.tolist() == [5, 2, 5]  # BOS + 4 words; BOS + "bad"
 
 
 def test_prompt_template_wraps_each_text(tiny_llama):
     ex = extractor(tiny_llama, prompt="the movie {text} is")
-    ids, _ = ex.tokenize(["good"])
-    assert ex.tokenizer.convert_ids_to_tokens(ids[0]) == ["<s>", "the", "movie", "good", "is"]
+    ids = ex.tokenize(["good"]).ids.tolist()
+    assert ex.tokenizer.convert_ids_to_tokens(ids) == ["<s>", "the", "movie", "good", "is"]
 
 
 def test_out_of_memory_halves_the_budget_and_gives_the_same_result(tiny_llama, caplog):
     texts = [t for t, _ in sentences(10)]
-    reference, _ = extractor(tiny_llama, token_budget=10_000).embed(texts)
-    ex = extractor(tiny_llama, token_budget=10_000)
+    reference, _ = extractor(tiny_llama, token_budget=10_000, max_padding=1.0).embed(texts)
+    ex = extractor(tiny_llama, token_budget=10_000, max_padding=1.0)
     real_forward = ex.model.forward
 
     def forward(*args, **kwargs):
@@ -105,7 +106,7 @@ def test_float16_output_is_the_float32_output_rounded(tiny_llama):
     """Shards are built in the store dtype (half the memory): same numbers as rounding at write."""
     texts = [t for t, _ in sentences(8)]
     wide, _ = extractor(tiny_llama).embed(texts)
-    half, _ = extractor(tiny_llama, out_dtype=np.float16).embed(texts)
+    half, _ = extractor(tiny_llama, out_dtype=torch.float16).embed(texts)
     for name in wide:
         assert half[name].dtype == np.float16
         np.testing.assert_array_equal(half[name], wide[name].astype(np.float16))
@@ -191,7 +192,7 @@ def test_values_beyond_float16_come_back_in_float32_for_that_pooling_only(tiny_l
     texts = [t for t, _ in sentences(8)]
     kw = {"layers": [0, 1, 2, 3], "poolings": ["mean", "last", "first"], "max_length": 64}
     wide, _ = Extractor(model, tok, token_budget=40, **kw).embed(texts)
-    ex = Extractor(model, tok, token_budget=40, out_dtype=np.float16, **kw)
+    ex = Extractor(model, tok, token_budget=40, out_dtype=torch.float16, **kw)
     half, stats = ex.embed(texts)
     assert stats.forward_calls > 1 and stats.widened == {"mean", "first"}
     assert np.abs(half["first"]).max() > 1e6  # not clipped

@@ -9,27 +9,12 @@ import pytest
 import torch
 from transformers import AutoModel
 
-import llmembed.extract.embed as embed
 import llmembed.extract.plan as plan
 from llmembed.cache.format import CacheError
 from llmembed.cache.root import Cache
 from llmembed.extract.pipeline import extract
 from llmembed.extract.plan import ConfigError, resolve_dtype
 from tests.conftest import make_tiny_llama, sentences, write_csv
-
-
-@pytest.fixture
-def count_loads(monkeypatch):
-    """Count model loads: the one expensive step a cache hit must skip."""
-    calls = []
-    real = embed.load_model
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs["depth"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(embed, "load_model", counting)
-    return calls
 
 
 def test_entry_holds_every_layer_and_pooling_and_no_data_set_columns(make_cfg, tiny_llama):
@@ -137,19 +122,25 @@ def test_the_cpu_flags_agree_with_torch_on_this_machine():
     assert ("amx_tile" in flags) == torch.cpu._is_amx_tile_supported()
 
 
-def test_a_cache_hit_imports_neither_torch_nor_transformers_nor_scikit_learn(tmp_path, data_csv):
+@pytest.mark.parametrize("gpu_host", [False, True], ids=["cpu host", "gpu host"])
+def test_a_cache_hit_imports_neither_torch_nor_transformers_nor_scikit_learn(
+    tmp_path, data_csv, gpu_host
+):
     """What a hit needs (the data set's texts, the backbone's remembered facts, the entry's index)
-    is read without the heavy imports: a hit is a sub-second process, not a 4-second one."""
+    is read without the heavy imports: a hit is a sub-second process, not a 4-second one. On a
+    host where a GPU's driver shows, `auto` is decided without torch or CUDA too."""
     import subprocess
     import sys
 
     from tests.conftest import file_overrides, make_tiny_llama
 
     model = make_tiny_llama(tmp_path / "m")
-    args = file_overrides(tmp_path / "c", data_csv, model, "extract.device=cpu")
+    device = ["extract.device=auto", "extract.dtype=auto"] if gpu_host else ["extract.device=cpu"]
+    args = file_overrides(tmp_path / "c", data_csv, model, *device)
     code = (
         "import sys\n"
-        "sys.argv = ['llmembed-extract', *sys.argv[1:]]\n"
+        + ("import llmembed.extract.plan as p\np.gpu_hints = lambda: True\n" if gpu_host else "")
+        + "sys.argv = ['llmembed-extract', *sys.argv[1:]]\n"
         "from llmembed.extract.cli import main\n"
         "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
         "print(sorted(m for m in ('torch', 'transformers', 'sklearn', 'accelerate') "
@@ -327,12 +318,12 @@ def test_a_killed_run_resumes_with_only_the_missing_shards(make_cfg, monkeypatch
         extract(make_cfg("extract.shard_mb=0.01"))
     monkeypatch.setattr(EntryWriter, "write_shard", real)
     entry = Cache(make_cfg().cache.root).entries()[0]
-    pending = json.loads((entry.path / "pending.json").read_text())["shards"]
+    pending = EntryWriter(entry, key=entry.key).pending()
     assert not entry.complete
     resumed = extract(make_cfg("extract.shard_mb=0.01"))
-    done_before = sum(len(s["hashes"]) for s in pending[:2])
+    done_before = sum(s.rows for s in pending[:2])
     assert resumed.stats.texts == 60 - done_before
-    assert not (entry.path / "pending.json").exists()
+    assert not (entry.path / "pending.h5").exists()
     for pooling in ("mean", "last"):
         np.testing.assert_array_equal(
             resumed.read(pooling, [0, 1, 2, 3]), reference.read(pooling, [0, 1, 2, 3])

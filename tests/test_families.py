@@ -183,7 +183,10 @@ def test_padded_batch_equals_the_models_own_forward_on_each_text(family, side):
         pytest.skip(f"{name} refuses {side} padding (tested in test_embedder)")
     poolings = ["mean", "last", "first"] + (["pooler"] if hasattr(model, "pooler") else [])
     layers = list(range(model.config.get_text_config().num_hidden_layers + 1))
-    ex = Extractor(model, tok, layers=layers, poolings=poolings, max_length=64, padding_side=side)
+    ex = Extractor(
+        model, tok, layers=layers, poolings=poolings, max_length=64, padding_side=side,
+        max_padding=1.0,  # one batch, however much of it is padding
+    )  # fmt: skip
     out, stats = ex.embed(TEXTS)
     assert stats.forward_calls == 1 and stats.padded_tokens > stats.tokens  # one padded batch
     for i, text in enumerate(TEXTS):

@@ -29,8 +29,11 @@ def no_model(monkeypatch):
         ("extract.max_length=0", r"extract.max_length must be a positive number of tokens, got 0"),
         ("extract.max_length=-5", r"extract.max_length must be a positive .* got -5"),
         ("extract.max_length=1.5", r"extract.max_length must be a positive .* got 1.5"),
-        ("extract.shard_mb=0", r"extract.shard_mb must be a positive number of MB, got 0"),
-        ("extract.shard_mb=-1", r"extract.shard_mb must be a positive number of MB, got -1"),
+        ("extract.shard_mb=0", r"extract.shard_mb must be auto or a positive number of MB, got 0"),
+        (
+            "extract.shard_mb=-1",
+            r"extract.shard_mb must be auto or a positive number of MB, got -1",
+        ),
         ("extract.poolings=[]", r"extract.poolings is empty"),
         ("extract.token_budget=1.5", r"token_budget must be auto or a positive integer, got 1.5"),
         (

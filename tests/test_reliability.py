@@ -15,10 +15,12 @@ import time
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from llmembed.cache.format import CacheError
 from llmembed.cache.maintenance import verify_entry
 from llmembed.cache.root import Cache
+from llmembed.cache.writer import EntryWriter
 from llmembed.extract.cli import stop_on_signals
 from llmembed.extract.pipeline import extract
 from tests.conftest import file_overrides, sentences, write_csv
@@ -31,11 +33,11 @@ import hashlib, logging, sys, time
 logging.basicConfig(level=logging.INFO)
 import numpy as np
 from llmembed.extract.embedder import Extractor
-real = Extractor._forward
-def slow(self, seqs):
+real = Extractor.forward
+def slow(self, input_ids, mask):
     time.sleep(0.005)
-    return real(self, seqs)
-Extractor._forward = slow
+    return real(self, input_ids, mask)
+Extractor.forward = slow
 if sys.argv[1] == "cli":
     sys.argv = ["llmembed-extract", *sys.argv[2:]]
     print("READY", flush=True)
@@ -104,9 +106,8 @@ def assert_cache_sound(root):
     for entry in Cache(root).entries():
         if entry.complete:
             assert verify_entry(entry) == [], entry.path
-        pending = entry.path / "pending.json"
-        if pending.is_file():
-            assert "shards" in json.loads(pending.read_text())
+        if (entry.path / "pending.h5").is_file():  # a readable plan of this entry
+            assert EntryWriter(entry, key=entry.key).pending()
         for side in entry.path.glob("shard-*.json"):  # every sidecar vouches for a whole file
             info = json.loads(side.read_text())
             assert (entry.path / f"shard-{info['index']:05d}.h5").stat().st_size == info["bytes"]
@@ -212,7 +213,7 @@ def test_kill_9_during_an_append_keeps_the_entry_readable_and_resumes_bit_identi
     p.wait()
     assert_cache_sound(root)
     (entry,) = Cache(root).entries()
-    assert entry.complete and (entry.path / "pending.json").is_file()  # killed mid-append
+    assert entry.complete and (entry.path / "pending.h5").is_file()  # killed mid-append
     served = extract(_cfg(root, first, tiny_llama), allow_extract=False)  # no data lost
     for q in POOLINGS:
         np.testing.assert_array_equal(arrays(served)[q], before[q])
@@ -253,7 +254,7 @@ def test_a_reader_during_an_append_reads_on(tmp_path, tiny_llama, big_csv):
     p = start("api", job_args(root, big_csv, tiny_llama))
     reads = during = 0
     while p.poll() is None:
-        pending = list(root.glob("*/*/pending.json"))
+        pending = list(root.glob("*/*/pending.h5"))
         got = extract(_cfg(root, first, tiny_llama), allow_extract=False)  # never waits
         for q in POOLINGS:
             np.testing.assert_array_equal(arrays(got)[q], before[q])
@@ -374,25 +375,24 @@ def test_disk_full_during_a_write_loses_nothing_and_resumes(
     record(disk_full="ENOSPC injected at the HDF5 write", finished_shards_kept=1)
 
 
-def test_a_shard_is_written_while_the_next_is_computed(tmp_path, tiny_llama, data_csv, monkeypatch):
-    """Storage off the critical path: the first shard's write waits until the model has started on
-    the second shard, which can only happen when writes run beside the computation (a write on the
-    computing thread would wait out its timeout). At most one write is in flight."""
+def test_a_slow_writer_does_not_stop_the_forward_passes(
+    tmp_path, tiny_llama, data_csv, monkeypatch
+):
+    """Storage off the critical path: while the first shard is written (slowly), the model goes on
+    with the next batches, which can only happen when writes run beside the computation (a write on
+    the computing thread would wait out its timeout). At most one write is in flight."""
     import threading
 
-    from llmembed.cache.writer import EntryWriter
     from llmembed.extract.embedder import Extractor
 
-    real_write, real_embed = EntryWriter.write_shard, Extractor.embed
-    second_started, seen = threading.Event(), {"embeds": 0, "writers": set(), "overlapped": None}
+    real_write, real_forward = EntryWriter.write_shard, Extractor.forward
+    calls, seen = [0], {"writers": set(), "overlapped": None}
     in_flight, most = [0], [0]
     lock = threading.Lock()
 
-    def embed(self, *args, **kwargs):
-        seen["embeds"] += 1
-        if seen["embeds"] == 2:
-            second_started.set()
-        return real_embed(self, *args, **kwargs)
+    def forward(self, *args, **kwargs):
+        calls[0] += 1
+        return real_forward(self, *args, **kwargs)
 
     def write(self, index, **kwargs):
         with lock:
@@ -400,30 +400,38 @@ def test_a_shard_is_written_while_the_next_is_computed(tmp_path, tiny_llama, dat
             most[0] = max(most[0], in_flight[0])
         seen["writers"].add(threading.current_thread().name)
         if index == 0:
-            seen["overlapped"] = second_started.wait(timeout=20)
+            before, deadline = calls[0], time.monotonic() + 20
+            while calls[0] < before + 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen["overlapped"] = calls[0] >= before + 2
         try:
             return real_write(self, index, **kwargs)
         finally:
             with lock:
                 in_flight[0] -= 1
 
-    monkeypatch.setattr(Extractor, "embed", embed)
+    monkeypatch.setattr(Extractor, "forward", forward)
     monkeypatch.setattr(EntryWriter, "write_shard", write)
     res = extract(_cfg(tmp_path / "c", data_csv, tiny_llama))
-    assert seen["embeds"] >= 3 and seen["overlapped"] is True
+    assert len(res.entry.shards()) >= 3 and seen["overlapped"] is True
     assert most[0] == 1 and all(name.startswith("llmembed-write") for name in seen["writers"])
     assert res.entry.complete and verify_entry(res.entry) == []
 
 
-def test_a_second_interrupt_while_a_shard_is_written_still_keeps_it_whole():
+def test_a_second_interrupt_while_a_shard_is_written_still_keeps_it_whole(tiny_llama):
     """Stopping waits for the shard being written; Ctrl-C pressed again meanwhile does not break
     out of that wait (the stop then ends with its resume message, not a traceback)."""
     import threading
 
-    from llmembed.extract.pipeline import WriteAhead
+    from llmembed.extract.stream import Stream
+    from tests.test_embedder import extractor
 
-    written, ahead = [], WriteAhead()
-    ahead.submit(lambda: (time.sleep(1.0), written.append("shard")))
+    written = []
+    stream = Stream(extractor(tiny_llama), torch.float16, lambda shard, arrays: None)
+    stream._ring = [stream._buffer(1)]
+    stream._ring[0].writing = stream._pool.submit(
+        lambda: (time.sleep(1.0), written.append("shard"))
+    )
     main = threading.get_ident()
 
     def press_ctrl_c_twice():
@@ -432,7 +440,7 @@ def test_a_second_interrupt_while_a_shard_is_written_still_keeps_it_whole():
             signal.pthread_kill(main, signal.SIGINT)
 
     threading.Thread(target=press_ctrl_c_twice).start()
-    ahead.finish()
+    stream.close()
     assert written == ["shard"]
 
 

@@ -38,11 +38,11 @@ SLOW_CLI = """
 import os, sys, time
 from pathlib import Path
 from llmembed.extract.embedder import Extractor
-real = Extractor._forward
-def slow(self, seqs):
+real = Extractor.forward
+def slow(self, input_ids, mask):
     time.sleep(0.005)
-    return real(self, seqs)
-Extractor._forward = slow
+    return real(self, input_ids, mask)
+Extractor.forward = slow
 Path(sys.argv[1], f"rank{os.environ.get('RANK', '0')}.pid").write_text(str(os.getpid()))
 sys.argv = ["llmembed-extract", *sys.argv[2:]]
 from llmembed.extract.cli import main

@@ -259,7 +259,8 @@ TAMPERING = [
 
 @pytest.mark.parametrize("case", TAMPERING)
 def test_tampered_metadata_is_detected_named_and_repaired(make_cfg, tmp_path, case, capsys):
-    cfg = make_cfg("extract.shard_mb=0.01", "extract.layers=[1,2,3]")
+    few = ("extract.shard_mb=0.01", "extract.token_budget=64", "extract.layers=[1,2,3]")
+    cfg = make_cfg(*few)
     res = extract(cfg)
     entry, root = res.entry, str(cfg.cache.root)
     good = {layer: res.read("mean", [layer]) for layer in (1, 2, 3)}
@@ -275,9 +276,7 @@ def test_tampered_metadata_is_detected_named_and_repaired(make_cfg, tmp_path, ca
             p["layers"] = new
         entry.manifest_path.write_text(json.dumps(m))
     elif case == "swapped_shard":  # another entry's shard of the same index and shape
-        other = extract(
-            make_cfg("extract.shard_mb=0.01", "extract.layers=[1,2,3]", "extract.max_length=9")
-        )
+        other = extract(make_cfg(*few, "extract.max_length=9"))
         shutil.copy(other.entry.path / shards[1].file, victim)
         _reseal(entry, shards[1].index)
         blame = victim
@@ -288,7 +287,8 @@ def test_tampered_metadata_is_detected_named_and_repaired(make_cfg, tmp_path, ca
         blame = victim
     elif case == "shard_layers_attribute":
         with h5py.File(victim, "r+") as f:
-            f["emb"]["mean"].attrs["layers"] = np.array([3, 2, 1])
+            own = json.loads(f["emb"]["mean"].attrs["llmembed"])
+            f["emb"]["mean"].attrs["llmembed"] = json.dumps({**own, "layers": [3, 2, 1]})
         _reseal(entry, shards[1].index)
         blame = victim
     elif case == "edited_spec":
