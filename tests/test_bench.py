@@ -50,3 +50,46 @@ def test_benchmark_reports_every_method_and_figure(tmp_path, tiny_bert):
     assert len(cos) == 4 and all(0.99 < c <= 1.0 + 1e-9 for c in cos)
     probe = next(r for r in text.splitlines() if r.startswith("| bfloat16 |"))
     assert all(0 <= float(x) <= 100 for x in probe.strip("| ").split(" | ")[1:])
+
+
+GPU_BENCH = BENCH.parent / "gpu_bench.py"
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_every_method_at_toy_size_on_a_cpu(tmp_path, tiny_llama, tiny_bert):
+    """`DEV=cpu` runs the GPU benchmark's whole code path on toy shapes: the hand-written loop, with
+    and without its save, llmembed (all layers and one), sentence-transformers on the encoder."""
+    import json
+    import os
+    import shutil
+
+    from tests.conftest import sentences
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    texts = [t for t, _ in sentences(48)]
+    for name in ("mr", "bbc"):
+        (inputs / f"{name}.json").write_text(json.dumps(texts))
+    for role, model in (("decoder", tiny_llama), ("encoder", tiny_bert)):
+        shutil.copytree(model, inputs / f"{role}-tokenizer")
+    results = tmp_path / "RESULTS.md"
+    proc = subprocess.run(
+        [sys.executable, str(GPU_BENCH), "run", str(inputs), "--results", str(results)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DEV": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = results.read_text()
+    rows = [r.strip("| ").split(" | ") for r in text.splitlines() if r.startswith("| ")]
+    methods = {(r[0], r[1], r[2]) for r in rows[1:]}
+    for role in ("decoder", "encoder"):
+        for data in ("mr", "bbc"):
+            for method in ("loop", "loop, np.save and sync", "llmembed, all layers",
+                           "llmembed, last layer"):  # fmt: skip
+                assert (role, data, method) in methods
+        assert (role, "mr", "sentence-transformers bf16") in methods or role == "decoder"
+    assert re.search(
+        r"decoder mr: llmembed \(all layers\) [\d.]+x the loop, [\d.]+x the loop", text
+    )
+    assert re.search(r"bfloat16 matmul peak measured in this run: [\d.]+ TFLOP/s", text)
