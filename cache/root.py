@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
+import signal
 import stat
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +29,7 @@ from llmembed.cache.keys import (
     memo_path,
     write_json_atomic,
 )
-from llmembed.cache.lock import key_lock
+from llmembed.cache.lock import LockWaitInterrupted, key_lock
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +141,13 @@ class Cache:
 
     @contextmanager
     def lock(self, key: str, *, poll_log_s: float = 30.0) -> Iterator[None]:
-        """Hold the key's lock; while waiting, say who holds it."""
+        """Hold the key's lock, to write under the key; while waiting, say who holds it. Ctrl-C or
+        SIGTERM, as the running command takes note of them (`lock.waits_stop_on`), end the wait at
+        once with `LockWaitInterrupted`, before anything of this job is computed."""
         kdir = self.inside(self.key_dir(key))
         self._make_dir(kdir)
         self.inside(kdir / ".lock")
         lock = key_lock(kdir, mode=0o664 if self.group_writable else -1)
-        owner = kdir / ".lock.owner.json"
         waited = 0.0
         while True:
             try:
@@ -155,23 +155,15 @@ class Cache:
                 break
             except Timeout:
                 waited += poll_log_s if waited else 0.5
-                try:
-                    who = json.loads(owner.read_text())
-                except (OSError, json.JSONDecodeError):
-                    who = {}
-                log.info(
-                    "waiting for cache key %s, held by pid %s on %s since %s",
-                    key[:12],
-                    who.get("pid", "?"),
-                    who.get("host", "?"),
-                    who.get("since", "?"),
-                )
+                log.info("waiting for cache key %s, %s", key[:12], lock.holder())
+            except KeyboardInterrupt as err:
+                raise LockWaitInterrupted(
+                    f"interrupted ({getattr(err, 'signal_name', 'SIGINT')}) while waiting for "
+                    f"cache key {key[:12]} ({lock.holder()}): nothing was computed; rerun the same "
+                    "command to resume",
+                    getattr(err, "signal_number", signal.SIGINT),
+                ) from None
         try:
-            write_json_atomic(
-                owner,
-                {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%c")},
-                root=self.root,
-            )
             yield
         finally:
             lock.release()

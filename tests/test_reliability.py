@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import stat
@@ -21,6 +22,7 @@ from llmembed.cache.maintenance import verify_entry
 from llmembed.cache.root import Cache
 from llmembed.extract.cli import stop_on_signals
 from llmembed.extract.pipeline import extract
+from llmembed.extract.plan import plan_from_config
 from tests.conftest import file_overrides, sentences, write_csv
 
 POOLINGS = ("mean", "last")  # a decoder with BOS stores no "first"
@@ -455,6 +457,69 @@ def test_sigterm_and_sigint_stop_cleanly_with_a_resume_message(
     assert_cache_sound(root)
     assert extract(_cfg(root, big_csv, tiny_llama)).entry.complete
     record(signal=sig.name, exit_code=code, resumed=True)
+
+
+def _output_until(stream, p, text: str, timeout: float) -> str:
+    """What process `p` wrote on `stream` until a line holding `text` (fails after `timeout` s)."""
+    seen, deadline = "", time.time() + timeout
+    while text not in seen:
+        left = deadline - time.time()
+        assert left > 0 and p.poll() is None, seen[-2000:]
+        if select.select([stream], [], [], left)[0]:
+            seen += stream.readline()
+    return seen
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_job_waiting_for_a_held_lock_stops_at_once_and_names_the_live_holder(
+    tmp_path, tiny_llama, data_csv, sig, code
+):
+    """Issue 21.12: a job queued behind another (or behind `gc`/`rm`) ends its wait at once on
+    SIGTERM or Ctrl-C, before loading the model, with the resume message; while it waits it names
+    the process that holds the lock now, not one that held it before."""
+    root = tmp_path / "c"
+    kdir = root / plan_from_config(_cfg(root, data_csv, tiny_llama)).key
+    kdir.mkdir(parents=True)
+    stale = {"pid": 999999, "host": "elsewhere", "since": "long ago"}  # a holder that left
+    (kdir / ".lock").write_text(json.dumps(stale))
+    (kdir / ".lock.owner.json").write_text(json.dumps(stale))
+    holder = subprocess.Popen(  # holds the lock without saying who it is
+        [sys.executable, "-c", HOLD, str(kdir / ".lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    procs = [holder]
+    try:
+        assert holder.stdout.readline().strip() == "LOCKED"
+        procs.append(p := start("cli", job_args(root, data_csv, tiny_llama), cwd=tmp_path))
+        # Hydra logs to stdout
+        waiting = _output_until(p.stdout, p, "waiting for cache key", timeout=120)
+        assert f"held by pid {holder.pid} " in waiting and "999999" not in waiting, waiting
+        t = time.perf_counter()
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+        assert time.perf_counter() - t < 10  # at once, not once the lock is free
+        assert p.returncode == code, err[-2000:]
+        assert f"interrupted ({sig.name}) while waiting for cache key" in err
+        assert "rerun the same command to resume" in err and "Traceback" not in err
+        assert "loaded" not in waiting + out + err  # the model was never loaded
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    resumed = extract(_cfg(root, data_csv, tiny_llama, "extract.token_budget=4096"))
+    assert resumed.entry.complete and resumed.stats.texts == 60  # and the job resumes
+    record(hang=f"{sig.name} while waiting for a lock", stopped=True)
+
+
+HOLD = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("LOCKED", flush=True)
+sys.stdin.readline()
+"""
 
 
 def test_a_signal_during_garbage_collection_still_stops_the_run():
