@@ -34,6 +34,34 @@ from llmembed.cache.lock import LockWaitInterrupted, key_lock
 log = logging.getLogger(__name__)
 
 
+def writable(path: Path) -> bool:
+    """Whether this process may create and remove names in the folder `path`."""
+    return os.access(path, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids)
+
+
+def _listing(folder: Path) -> list[Path]:
+    """The names in a folder, sorted; none where it is missing or another user keeps it private."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError:
+        return []
+
+
+def not_writable(path: Path, doing: str) -> CacheRootError:
+    """The one-line refusal for a folder of a shared root this user may not write."""
+    try:
+        st = path.stat()
+        whose = f"it belongs to uid {st.st_uid} (group {st.st_gid}, {stat.filemode(st.st_mode)})"
+    except OSError as err:
+        whose = f"it cannot be read ({err.strerror})"
+    return CacheRootError(
+        f"cannot {doing} {path}: {whose} and you (uid {os.geteuid()}) may not write it; a "
+        "user may read a shared entry, but append to it, gc or rm it only with write access "
+        "(its group's members, when it was made with cache.group_writable=true): ask its owner, "
+        "or set cache.root to a folder of your own"
+    )
+
+
 class Cache:
     """A cache root: find, lock, create and list entries."""
 
@@ -58,10 +86,14 @@ class Cache:
     def _make_dir(self, path: Path) -> None:
         if path != self.root:
             self.inside(path / "x")  # neither it nor a folder on the way leads out of the root
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except PermissionError:
+            raise not_writable(path.parent, f"create {path.name} in") from None
         if path != self.root and path.is_symlink():
             raise EscapeError(f"{path} is a symbolic link; llmembed never follows one: remove it")
-        if self.group_writable:
+        # Only the owner may change a folder's mode; another member's folders are already shared.
+        if self.group_writable and path.stat().st_uid == os.geteuid():
             path.chmod(path.stat().st_mode | stat.S_IRWXG | stat.S_ISGID)
 
     def key_dir(self, key: str) -> Path:
@@ -76,12 +108,12 @@ class Cache:
     def links(self) -> list[Path]:
         """Key and selection folders that are symbolic links: never entries, never followed, never
         removed by llmembed (`ls` and `gc` report them)."""
-        if not self.root.is_dir():
-            return []
-        out = [k for k in sorted(self.root.iterdir()) if k.is_symlink()]
-        for kdir in sorted(self.root.iterdir()):
-            if kdir.is_dir() and not kdir.is_symlink():
-                out += [s for s in sorted(kdir.iterdir()) if s.is_symlink()]
+        out = []
+        for kdir in _listing(self.root):
+            if kdir.is_symlink():
+                out.append(kdir)
+            elif kdir.is_dir():
+                out += [s for s in _listing(kdir) if s.is_symlink()]
         return out
 
     def hash_memo(self) -> Path:
@@ -94,7 +126,7 @@ class Cache:
         if not kdir.is_dir() or kdir.is_symlink():
             return []
         out = []
-        for sel in sorted(kdir.iterdir()):
+        for sel in _listing(kdir):
             entry = Entry(sel)
             if not sel.is_dir() or sel.is_symlink() or not entry.complete:
                 continue
@@ -147,6 +179,8 @@ class Cache:
         kdir = self.inside(self.key_dir(key))
         self._make_dir(kdir)
         self.inside(kdir / ".lock")
+        if not writable(kdir):  # before the model loads: a shared entry another user made
+            raise not_writable(kdir, "append to the cache entries of")
         lock = key_lock(kdir, mode=0o664 if self.group_writable else -1)
         waited = 0.0
         while True:
@@ -169,12 +203,10 @@ class Cache:
             lock.release()
 
     def _key_dirs(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
         return [
             k
-            for k in sorted(self.root.iterdir())
-            if k.is_dir() and not k.is_symlink() and (k / "spec.json").exists()
+            for k in _listing(self.root)
+            if k.is_dir() and not k.is_symlink() and os.path.exists(k / "spec.json")
         ]
 
     @staticmethod
@@ -192,7 +224,7 @@ class Cache:
             Entry(sel)
             for kdir in self._key_dirs()
             if self._format_of(kdir) == FORMAT_VERSION
-            for sel in sorted(kdir.iterdir())
+            for sel in _listing(kdir)
             if sel.is_dir() and not sel.is_symlink()
         ]
 
