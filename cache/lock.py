@@ -166,7 +166,7 @@ def _said(fd: int) -> dict:
     """What the holder wrote about itself; {} when nothing readable."""
     try:
         raw = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # anyone may have written it
         return {}
     return raw if isinstance(raw, dict) else {}
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from llmembed.cache.format import CacheError
+from llmembed.cache.lock import key_lock
 from llmembed.cache.maintenance import verify_entry
 from llmembed.cache.root import Cache
 from llmembed.extract.cli import stop_on_signals
@@ -617,5 +618,32 @@ def test_a_real_full_disk_on_a_small_tmpfs(tmp_path, tiny_llama, big_csv):
         assert resumed.entry.complete and verify_entry(resumed.entry) == []
         assert resumed.stats.texts < 160  # the shards written before the disk filled were kept
         record(disk_full="real ENOSPC on a 320 KiB tmpfs", finished_shards_kept=len(kept))
+    finally:
+        subprocess.run(["umount", str(root)], check=False)
+
+
+def test_a_full_disk_when_taking_the_lock_is_no_traceback(tmp_path):
+    """Issue 21 (tracebacks): the lock's holder says who it is only where the disk has room; a
+    full disk no longer fails the job there (it is reported where data is written), and a
+    waiter still names the holder, from the kernel's lock table."""
+    root = tmp_path / "small"
+    root.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(root)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        key = "ab" * 16
+        (root / key).mkdir()
+        fd = os.open(root / "filler", os.O_WRONLY | os.O_CREAT)
+        with pytest.raises(OSError) as full:
+            while True:
+                os.write(fd, b"x" * 4096)
+        os.close(fd)
+        assert full.value.errno == errno.ENOSPC
+        with Cache(root).lock(key):
+            assert key_lock(root / key).holder().startswith(f"held by pid {os.getpid()} ")
+        record(disk_full="while taking the key's lock", finished_shards_kept=0)
     finally:
         subprocess.run(["umount", str(root)], check=False)
