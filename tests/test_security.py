@@ -284,7 +284,6 @@ def test_a_converted_copy_changed_after_conversion_is_converted_again(
     again = extract(_gguf_cfg(make_cfg, tiny_gguf, root, "extract.max_length=100"))
     np.testing.assert_array_equal(again.read("mean", [1, 3]), expected)
     assert "model.safetensors changed since it was converted" in caplog.text
-    record(tampering="converted copy changed after conversion", detected=True)
 
 
 def test_a_converted_copy_planted_by_another_user_is_never_loaded(
@@ -313,7 +312,6 @@ def test_a_converted_copy_planted_by_another_user_is_never_loaded(
     np.testing.assert_array_equal(res.read("mean", [1, 3]), expected)
     if os.geteuid() == 0:
         assert "belongs to uid 12345, not to you" in caplog.text
-    record(tampering="converted copy planted by another user", detected=True)
 
 
 # --- metadata that does not match its data: detected, never served -------------------------------
@@ -465,7 +463,6 @@ def test_a_damaged_usage_record_is_named_and_the_rest_of_the_root_listed(
     assert a.entry.complete and b.entry.complete
     assert cache_main(["--root", root, "gc", "--older-than", "0"]) == 0  # the manifest's date
     assert not a.entry.path.exists() and not b.entry.path.exists()
-    record(tampering=f"usage.json {type(usage).__name__} fields", detected=True)
 
 
 @pytest.mark.xfail(
