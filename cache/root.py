@@ -128,13 +128,14 @@ class Cache:
         out = []
         for sel in _listing(kdir):
             entry = Entry(sel)
-            if not sel.is_dir() or sel.is_symlink() or not entry.complete:
-                continue
             try:
-                if entry.covers(layers, poolings):
+                real = sel.is_dir() and not sel.is_symlink()
+                if real and entry.complete and entry.covers(layers, poolings):
                     out.append(entry)
             except ManifestError as err:  # one damaged entry does not stop the others
                 log.warning("skipped: %s", err)
+            except OSError as err:  # a folder another user keeps private (umask 077)
+                log.info("skipped %s: it cannot be read (%s)", sel, err.strerror)
         return out
 
     def find(
@@ -150,6 +151,8 @@ class Cache:
         """The (possibly new or half-written) entry for a selection."""
         kdir = self.inside(self.key_dir(spec.key))
         self._make_dir(kdir)
+        if not writable(kdir):  # another user's key, private (umask 077) or not shared
+            raise not_writable(kdir, "append to the cache entries of")
         spec_path = self.inside(kdir / "spec.json")
         if not spec_path.is_file():
             write_json_atomic(spec_path, spec.as_dict(), root=self.root)

@@ -52,8 +52,8 @@ class User:
     groups: tuple[int, ...]
     home: Path
 
-    def run(self, tool: str, *args: str) -> subprocess.CompletedProcess:
-        """`tool args...` as this user types it (umask 022), from their home folder.
+    def run(self, tool: str, *args: str, umask: int = 0o022) -> subprocess.CompletedProcess:
+        """`tool args...` as this user types it, from their home folder.
 
         Where the interpreter lives below a folder other users cannot enter (a private pyenv under
         /root), the command runs in a private mount namespace in which that folder is replaced by
@@ -88,7 +88,7 @@ class User:
         env.pop("LLMEMBED_CACHE", None)
         try:
             return subprocess.run(
-                argv, env=env, cwd=self.home, capture_output=True, text=True, umask=0o022,
+                argv, env=env, cwd=self.home, capture_output=True, text=True, umask=umask,
                 timeout=600,
             )  # fmt: skip
         finally:
@@ -216,8 +216,26 @@ def test_a_user_without_write_access_reads_and_is_refused_the_rest_in_one_line(n
     assert f"kept {entry.path}" in gc.stderr and entry.manifest.rows == 30
     listing = b.run("llmembed-cache", "--root", str(root), "ls")
     assert listing.returncode == 0 and entry.key in listing.stdout, listing.stderr[-2000:]
+    # An owner whose umask keeps everything private (077, common on clusters): others cannot even
+    # see the entry; their job for that key is refused in one line too.
+    private = a.run(
+        "llmembed-extract",
+        *extract_args(root, files["first30"], model, "extract.max_length=100"),
+        umask=0o077,
+    )
+    assert private.returncode == 0, private.stderr[-3000:]
+    hidden = entry_with(root, 100)
+    blocked = b.run(
+        "llmembed-extract", *extract_args(root, files["first30"], model, "extract.max_length=100")
+    )
+    one_line_error(blocked, "llmembed-extract", f"cache entries of {hidden.path.parent}")
+    for command in (["ls"], ["gc", "--older-than", "0"]):
+        seen = b.run("llmembed-cache", "--root", str(root), *command)
+        assert seen.returncode == 0 and "Traceback" not in seen.stderr, seen.stderr[-3000:]
+    assert hidden.complete
     owner = a.run("llmembed-cache", "--root", str(root), "gc", "--older-than", "0")
     assert owner.returncode == 0 and not entry.path.exists(), owner.stderr[-2000:]
+    assert not hidden.path.exists()
 
 
 def test_a_converted_copy_another_user_planted_never_changes_the_numbers(node, tmp_path):
