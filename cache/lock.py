@@ -20,11 +20,11 @@ from filelock import Timeout
 
 from llmembed.cache.keys import EscapeError
 
-# The running command's stop check (`extract.cli.stop_on_signals` registers one): its handlers only
-# take note of a signal, so a wait that never calls the check would outlive SIGTERM.
 # Never through a link; O_NONBLOCK: a FIFO planted at the name must not block the open.
 _NOFOLLOW = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
+# The running command's stop check (`extract.cli.stop_on_signals` registers one): its handlers only
+# take note of a signal, so a wait that never calls the check would outlive SIGTERM.
 _stop_check: ContextVar[Callable[[], None] | None] = ContextVar("llmembed_stop", default=None)
 
 

@@ -50,26 +50,23 @@ def kept_copy(
     if info.source.kind != "gguf" or root is None:
         yield None
         return
+    root = Path(root).expanduser()
     try:
-        folder = _private_folder(Path(root).expanduser(), group_writable)
+        folder = _private_folder(root, group_writable)
     except OSError as err:  # a link, another user's folder, a read-only root
         log.warning(
             "no converted copy of %s is kept in %s (%s); de-quantizing it in memory",
             info.source.gguf_file,
-            Path(root) / "converted",
+            root / "converted",
             err,
         )
         yield None
         return
+    # The copy's name in the private folder; this path names it in messages.
+    shown = (
+        root / "converted" / str(os.geteuid()) / f"gguf-{info.identity['gguf_sha256']}-v{VERSION}"
+    )
     try:
-        root = Path(root).expanduser()
-        # The copy's name in the private folder; this path names it in messages.
-        shown = (
-            root
-            / "converted"
-            / str(os.geteuid())
-            / f"gguf-{info.identity['gguf_sha256']}-v{VERSION}"
-        )
         copy = _checked(folder, shown, memo_path(root))
         if copy is None and make:
             try:
@@ -85,7 +82,7 @@ def _at(fd: int) -> Path:
     """A path to the folder open as `fd` that stays on that very folder if it is renamed or
     replaced meanwhile (Linux's /proc/self/fd)."""
     path = Path(f"/proc/self/fd/{fd}")
-    if not os.path.samestat(os.stat(path), os.fstat(fd)):  # pragma: no cover (not Linux)
+    if not os.path.samestat(os.stat(path), os.fstat(fd)):  # no /proc: not Linux
         raise NotPrivateError(f"cannot pin the folder open as descriptor {fd} on this system")
     return path
 
