@@ -733,7 +733,7 @@ def measure(args, work: Path) -> str:
         *notes,
     ]
     if "memory" not in args.skip:
-        lines += activation_memory(decoder, texts, dev, work / "converted")
+        lines += activation_memory(decoder, texts, dev, work)
     if "scaling" not in args.skip:
         lines += scaling(args, decoder, work)
     if args.probe_texts:
@@ -796,7 +796,7 @@ def scaling(args, decoder: str, work: Path) -> list[str]:
     return lines
 
 
-def activation_memory(model: str, texts: list[str], device: str, converted: Path) -> list[str]:
+def activation_memory(model: str, texts: list[str], device: str, cache_root: Path) -> list[str]:
     """Peak activation memory of the first batch (the longest texts, default token budget),
     storing the last layer only against every layer, pooled inside the layers (the default) and
     the old way (every hidden state kept until the batch is pooled). Also the load time of a GGUF
@@ -814,9 +814,9 @@ def activation_memory(model: str, texts: list[str], device: str, converted: Path
     for _ in range(2):
         t = time.perf_counter()
         net = load_model(
-            bb, info, depth=info.num_layers, dtype=dtype, device=device, converted=converted
+            bb, info, depth=info.num_layers, dtype=dtype, device=device, cache_root=cache_root
         )
-        tok = load_tokenizer(bb, info, converted=converted)
+        tok = load_tokenizer(bb, info, cache_root=cache_root)
         loads.append(time.perf_counter() - t)
     budget = resolve_token_budget("auto", device, info)
     order = sorted(texts, key=len, reverse=True)

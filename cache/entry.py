@@ -27,6 +27,7 @@ from llmembed.cache.keys import (
     inside,
     write_json_atomic,
 )
+from llmembed.cache.usage import STAMP, Usage, read_usage
 
 log = logging.getLogger(__name__)
 
@@ -137,25 +138,19 @@ class Entry:
         return m
 
     @property
-    def usage(self) -> dict:
-        """{"datasets": {name: last use}, "last_used": ...}; best effort, for people and gc."""
-        try:
-            path = inside(self.root, self.file("usage.json"), follow=True)
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return raw if isinstance(raw, dict) else {}
+    def usage(self) -> Usage:
+        """Which data sets used the entry, and when; best effort, for people and gc."""
+        return read_usage(self.root, self.file("usage.json"))
 
     def touch(self, dataset: str | None) -> None:
         """Note a use (by a data set, when named). Lost updates between processes cost nothing but
-        a date; a read-only cache just does not remember."""
-        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        usage = self.usage
-        usage["last_used"] = now
-        if dataset:
-            usage.setdefault("datasets", {})[dataset] = now
+        a date; a damaged record starts afresh; a read-only cache just does not remember."""
+        now = time.strftime(STAMP)
+        datasets = {**self.usage.datasets, **({dataset: now} if dataset else {})}
         with suppress(OSError):
-            write_json_atomic(self.file("usage.json"), usage, root=self.root)
+            write_json_atomic(
+                self.file("usage.json"), {"datasets": datasets, "last_used": now}, root=self.root
+            )
 
     def covers(self, layers: Sequence[int], poolings: Sequence[str]) -> bool:
         m = self.manifest

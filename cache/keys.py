@@ -8,6 +8,7 @@ random fingerprint: a cache that silently misses forever is worse than one that 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -178,6 +179,25 @@ def inside(root: Path, path: Path, *, follow: bool = False) -> Path:
             "remove the link"
         )
     return path
+
+
+def open_folder(parent: int, name: str, *, shown: Path, mode: int | None = None) -> int:
+    """A descriptor of the folder `name` inside the folder open as `parent`, made first (with
+    `mode`, less the umask) when missing and `mode` is given. Never through a symbolic link: it is
+    opened relative to its parent's descriptor with O_NOFOLLOW, so a link planted at `name`, or
+    swapped in for the folder meanwhile, is refused (EscapeError naming `shown`), never followed."""
+    if mode is not None:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, mode, dir_fd=parent)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        return os.open(name, flags, dir_fd=parent)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise EscapeError(
+                f"{shown} is a symbolic link or not a folder; llmembed never follows one: remove it"
+            ) from None
+        raise
 
 
 def create_exclusive(target: Path) -> tuple[int, Path]:

@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,14 @@ from filelock import Timeout
 
 from llmembed.cache.entry import Entry
 from llmembed.cache.files import FileCheckError, build_index, open_shard, sha256_hex
-from llmembed.cache.format import CacheError, IndexInfo, Manifest, ManifestError, shard_name
+from llmembed.cache.format import (
+    CacheError,
+    CacheRootError,
+    IndexInfo,
+    Manifest,
+    ManifestError,
+    shard_name,
+)
 from llmembed.cache.keys import (
     EscapeError,
     file_sha256,
@@ -29,7 +35,8 @@ from llmembed.cache.keys import (
     write_json_atomic,
 )
 from llmembed.cache.lock import key_lock, lock_is_held
-from llmembed.cache.root import Cache
+from llmembed.cache.root import Cache, not_writable, writable
+from llmembed.cache.usage import parse_stamp, read_usage
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +67,18 @@ def _folder_mb(path: Path) -> float:
 
 
 def describe(entry: Entry) -> EntryRow:
-    usage = entry.usage
+    """The `ls` row of an entry; one that cannot be read (another user's private folder) or whose
+    usage record is damaged is named as such, and the other entries are listed as usual."""
+    try:
+        return _describe(entry)
+    except OSError as err:
+        return EntryRow(
+            entry.path, "?", "?", None, "?", "?", 0.0, "", "", f"unreadable: {err.strerror}"
+        )
+
+
+def _describe(entry: Entry) -> EntryRow:
+    usage = read_usage(entry.root, entry.file("usage.json"))
     try:
         s = entry.spec
         settings = f"{s.compute_dtype}/{s.store_dtype} len {s.max_length} {s.truncation_side}"
@@ -68,7 +86,8 @@ def describe(entry: Entry) -> EntryRow:
             settings += f" prompt {s.prompt!r}"
     except (OSError, ValueError, KeyError, CacheError):
         settings = "?"
-    datasets = ",".join(sorted(usage.get("datasets", {})))
+    datasets = ",".join(sorted(usage.datasets))
+    note = f"; usage.json damaged: {usage.damage}" if usage.damage else ""
     if entry.complete:
         try:
             m = entry.manifest
@@ -86,14 +105,14 @@ def describe(entry: Entry) -> EntryRow:
             _layer_span(m.layers),
             ",".join(sorted(m.poolings)),
             entry.size_bytes() / 2**20,
-            usage.get("last_used", m.updated)[:16].replace("T", " "),
+            str(usage.last_used or m.updated)[:16].replace("T", " "),
             datasets,
-            "complete, append pending (resumable)" if pending else "complete",
+            ("complete, append pending (resumable)" if pending else "complete") + note,
         )
     done = len(list(entry.path.glob("shard-*.json")))
     return EntryRow(
         entry.path, "?", settings, None, "?", "?", entry.size_bytes() / 2**20, "", datasets,
-        f"incomplete ({done} shards, resumable)",
+        f"incomplete ({done} shards, resumable){note}",
     )  # fmt: skip
 
 
@@ -359,10 +378,17 @@ def _remove_tree(root: Path, path: Path) -> None:
 
 # --- gc and rm -----------------------------------------------------------------------------------
 def _last_use(entry: Entry) -> float | None:
-    stamp = entry.usage.get("last_used") or (entry.manifest.updated if entry.complete else None)
-    if not stamp:
-        return None
-    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    """When the entry was last used: its usage record, else (none, or damaged) its manifest's
+    date."""
+    usage = read_usage(entry.root, entry.file("usage.json"))
+    if usage.damage:
+        log.info(
+            "%s: damaged (%s); its last use is taken from the manifest",
+            entry.file("usage.json"),
+            usage.damage,
+        )
+    stamp = usage.last_used or (entry.manifest.updated if entry.complete else None)
+    return parse_stamp(stamp)
 
 
 def _removable(entry: Entry, cutoff: float | None) -> bool:
@@ -374,7 +400,7 @@ def _removable(entry: Entry, cutoff: float | None) -> bool:
         return False
     try:
         used = _last_use(entry)
-    except (CacheError, ValueError):
+    except CacheError:
         return False
     return used is not None and used < cutoff
 
@@ -395,6 +421,8 @@ def gc(cache: Cache, *, dry_run: bool = False, older_than_days: float | None = N
         return _holding(kdir, wait=False)
 
     for kdir in cache.old_format():
+        if _kept_for_rights(kdir):
+            continue
         with free(kdir) as held:
             if held and kdir in cache.old_format():
                 removed.append(kdir)
@@ -402,8 +430,14 @@ def gc(cache: Cache, *, dry_run: bool = False, older_than_days: float | None = N
                     _remove_tree(cache.root, kdir)
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
     for entry in cache.entries():
-        temps = list(entry.path.glob(".*.tmp")) if entry.complete else []
-        if not temps and not _removable(entry, cutoff):
+        try:
+            temps = list(entry.path.glob(".*.tmp")) if entry.complete else []
+            if not temps and not _removable(entry, cutoff):
+                continue
+        except OSError as err:  # another user's private folder
+            log.info("kept %s: it cannot be read (%s)", entry.path, err.strerror)
+            continue
+        if _kept_for_rights(entry.path):
             continue
         with free(entry.path.parent) as held:
             if not held:
@@ -423,6 +457,25 @@ def gc(cache: Cache, *, dry_run: bool = False, older_than_days: float | None = N
     return removed
 
 
+def _refusal(path: Path) -> CacheRootError | None:
+    """Why this user may not remove the folder `path` with all it holds (None: they may). That
+    takes write access to its parent and to every folder inside it; checked before anything is
+    removed, so that an entry is never left half removed for lack of rights."""
+    folders, unlisted = [path.parent], []
+    for folder, _, _ in os.walk(path, onerror=lambda err: unlisted.append(Path(err.filename))):
+        folders.append(Path(folder))
+    blocked = unlisted + [f for f in folders if not writable(f)]  # cannot be listed, or written
+    return not_writable(blocked[0], "remove anything in") if blocked else None
+
+
+def _kept_for_rights(path: Path) -> bool:
+    """True (and says so) when this user may not remove `path`: `gc` keeps it and goes on."""
+    refused = _refusal(path)
+    if refused is not None:
+        log.info("kept %s: %s", path, refused)
+    return refused is not None
+
+
 def rm(cache: Cache, name: str) -> list[Path]:
     """Remove the entries named `name` (as `ls` shows it: `<key>/<sel>`, or a key or a prefix of
     one for all its selections), each with its key's lock held: a running writer finishes first."""
@@ -440,6 +493,9 @@ def rm(cache: Cache, name: str) -> list[Path]:
             f"{name!r} names {'no' if not targets else 'more than one'} cache key under "
             f"{cache.root}; give an entry as `llmembed-cache ls` shows it"
         )
+    for path in targets:
+        if (refused := _refusal(path)) is not None:
+            raise refused
     with _holding(targets[0].parent, wait=True):
         for path in targets:
             _remove_tree(cache.root, path)

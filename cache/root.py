@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
+import signal
 import stat
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,8 +30,37 @@ from llmembed.cache.keys import (
     write_json_atomic,
 )
 from llmembed.cache.lock import key_lock
+from llmembed.errors import Interrupted
 
 log = logging.getLogger(__name__)
+
+
+def writable(path: Path) -> bool:
+    """Whether this process may create and remove names in the folder `path`."""
+    return os.access(path, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids)
+
+
+def _listing(folder: Path) -> list[Path]:
+    """The names in a folder, sorted; none where it is missing or another user keeps it private."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError:
+        return []
+
+
+def not_writable(path: Path, doing: str) -> CacheRootError:
+    """The one-line refusal for a folder of a shared root this user may not write."""
+    try:
+        st = path.stat()
+        whose = f"it belongs to uid {st.st_uid} (group {st.st_gid}, {stat.filemode(st.st_mode)})"
+    except OSError as err:
+        whose = f"it cannot be read ({err.strerror})"
+    return CacheRootError(
+        f"cannot {doing} {path}: {whose} and you (uid {os.geteuid()}) may not write it; a "
+        "user may read a shared entry, but append to it, gc or rm it only with write access "
+        "(its group's members, when it was made with cache.group_writable=true): ask its owner, "
+        "or set cache.root to a folder of your own"
+    )
 
 
 class Cache:
@@ -59,10 +87,14 @@ class Cache:
     def _make_dir(self, path: Path) -> None:
         if path != self.root:
             self.inside(path / "x")  # neither it nor a folder on the way leads out of the root
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except PermissionError:
+            raise not_writable(path.parent, f"create {path.name} in") from None
         if path != self.root and path.is_symlink():
             raise EscapeError(f"{path} is a symbolic link; llmembed never follows one: remove it")
-        if self.group_writable:
+        # Only the owner may change a folder's mode; another member's folders are already shared.
+        if self.group_writable and path.stat().st_uid == os.geteuid():
             path.chmod(path.stat().st_mode | stat.S_IRWXG | stat.S_ISGID)
 
     def key_dir(self, key: str) -> Path:
@@ -77,12 +109,12 @@ class Cache:
     def links(self) -> list[Path]:
         """Key and selection folders that are symbolic links: never entries, never followed, never
         removed by llmembed (`ls` and `gc` report them)."""
-        if not self.root.is_dir():
-            return []
-        out = [k for k in sorted(self.root.iterdir()) if k.is_symlink()]
-        for kdir in sorted(self.root.iterdir()):
-            if kdir.is_dir() and not kdir.is_symlink():
-                out += [s for s in sorted(kdir.iterdir()) if s.is_symlink()]
+        out = []
+        for kdir in _listing(self.root):
+            if kdir.is_symlink():
+                out.append(kdir)
+            elif kdir.is_dir():
+                out += [s for s in _listing(kdir) if s.is_symlink()]
         return out
 
     def hash_memo(self) -> Path:
@@ -95,15 +127,16 @@ class Cache:
         if not kdir.is_dir() or kdir.is_symlink():
             return []
         out = []
-        for sel in sorted(kdir.iterdir()):
+        for sel in _listing(kdir):
             entry = Entry(sel)
-            if not sel.is_dir() or sel.is_symlink() or not entry.complete:
-                continue
             try:
-                if entry.covers(layers, poolings):
+                real = sel.is_dir() and not sel.is_symlink()
+                if real and entry.complete and entry.covers(layers, poolings):
                     out.append(entry)
             except ManifestError as err:  # one damaged entry does not stop the others
                 log.warning("skipped: %s", err)
+            except OSError as err:  # a folder another user keeps private (umask 077)
+                log.info("skipped %s: it cannot be read (%s)", sel, err.strerror)
         return out
 
     def find(
@@ -119,6 +152,8 @@ class Cache:
         """The (possibly new or half-written) entry for a selection."""
         kdir = self.inside(self.key_dir(spec.key))
         self._make_dir(kdir)
+        if not writable(kdir):  # another user's key, private (umask 077) or not shared
+            raise not_writable(kdir, "append to the cache entries of")
         spec_path = self.inside(kdir / "spec.json")
         if not spec_path.is_file():
             write_json_atomic(spec_path, spec.as_dict(), root=self.root)
@@ -142,12 +177,15 @@ class Cache:
 
     @contextmanager
     def lock(self, key: str, *, poll_log_s: float = 30.0) -> Iterator[None]:
-        """Hold the key's lock; while waiting, say who holds it."""
+        """Hold the key's lock, to write under the key; while waiting, say who holds it. Ctrl-C or
+        SIGTERM, as the running command takes note of them (`lock.waits_stop_on`), end the wait at
+        once with `Interrupted`, before anything of this job is computed."""
         kdir = self.inside(self.key_dir(key))
         self._make_dir(kdir)
         self.inside(kdir / ".lock")
+        if not writable(kdir):  # before the model loads: a shared entry another user made
+            raise not_writable(kdir, "append to the cache entries of")
         lock = key_lock(kdir, mode=0o664 if self.group_writable else -1)
-        owner = kdir / ".lock.owner.json"
         waited = 0.0
         while True:
             try:
@@ -155,34 +193,24 @@ class Cache:
                 break
             except Timeout:
                 waited += poll_log_s if waited else 0.5
-                try:
-                    who = json.loads(owner.read_text())
-                except (OSError, json.JSONDecodeError):
-                    who = {}
-                log.info(
-                    "waiting for cache key %s, held by pid %s on %s since %s",
-                    key[:12],
-                    who.get("pid", "?"),
-                    who.get("host", "?"),
-                    who.get("since", "?"),
-                )
+                log.info("waiting for cache key %s, %s", key[:12], lock.holder())
+            except KeyboardInterrupt as err:
+                raise Interrupted(
+                    f"interrupted ({getattr(err, 'signal_name', 'SIGINT')}) while waiting for "
+                    f"cache key {key[:12]} ({lock.holder()}): nothing was computed; rerun the same "
+                    "command to resume",
+                    getattr(err, "signal_number", signal.SIGINT),
+                ) from None
         try:
-            write_json_atomic(
-                owner,
-                {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%c")},
-                root=self.root,
-            )
             yield
         finally:
             lock.release()
 
     def _key_dirs(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
         return [
             k
-            for k in sorted(self.root.iterdir())
-            if k.is_dir() and not k.is_symlink() and (k / "spec.json").exists()
+            for k in _listing(self.root)
+            if k.is_dir() and not k.is_symlink() and os.path.exists(k / "spec.json")
         ]
 
     @staticmethod
@@ -200,7 +228,7 @@ class Cache:
             Entry(sel)
             for kdir in self._key_dirs()
             if self._format_of(kdir) == FORMAT_VERSION
-            for sel in sorted(kdir.iterdir())
+            for sel in _listing(kdir)
             if sel.is_dir() and not sel.is_symlink()
         ]
 

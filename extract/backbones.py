@@ -7,19 +7,15 @@ cache entry can never be served for different weights that happen to share a nam
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmembed.cache.keys import JsonMemo, file_sha256, fingerprint
 from llmembed.errors import UserError
+from llmembed.extract.converted import kept_copy
 
 if TYPE_CHECKING:
     import torch
@@ -232,16 +228,19 @@ def _tokenizer(cfg, source: Source, commit: str | None):
     return AutoTokenizer.from_pretrained(src.location, **kw)
 
 
-def load_tokenizer(cfg, info: BackboneInfo, *, converted: Path | None = None):
-    """The backbone's tokenizer, with a pad token. `converted`: as for `load_model`; a GGUF
+def load_tokenizer(
+    cfg, info: BackboneInfo, *, cache_root: Path | None = None, group_writable: bool = False
+):
+    """The backbone's tokenizer, with a pad token. `cache_root`: as for `load_model`; a GGUF
     vocabulary is then read from the converted copy (converting it takes seconds)."""
     from transformers import AutoTokenizer
 
-    copy = converted_copy(info, converted) if not cfg.get("tokenizer") else None
-    if copy is not None:
-        tok = AutoTokenizer.from_pretrained(copy)
-    else:
-        tok = _tokenizer(cfg, info.source, info.identity.get("commit"))
+    root = None if cfg.get("tokenizer") else cache_root
+    with kept_copy(cfg, info, root, group_writable=group_writable, make=False) as copy:
+        if copy is not None:
+            tok = AutoTokenizer.from_pretrained(copy)
+        else:
+            tok = _tokenizer(cfg, info.source, info.identity.get("commit"))
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise BackboneError(f"the tokenizer of {cfg.path} has neither a pad nor an EOS token")
@@ -257,119 +256,28 @@ def load_model(
     depth: int,
     dtype: torch.dtype,
     device: str,
-    converted: Path | None = None,
+    cache_root: Path | None = None,
+    group_writable: bool = False,
 ):
     """The base model (no LM head) with only its first `depth` layers built and loaded.
 
-    `converted`: a folder (the cache root's `converted/`) where a GGUF backbone is kept, once
-    de-quantized, as a safetensors copy named by the GGUF file's hash; later loads read that copy
-    (about 1 s instead of 11-20 s for SmolLM2). None: de-quantize the GGUF file on every load."""
+    `cache_root`: a GGUF backbone is de-quantized once and kept there, private to this user and
+    checked before every load (see `extract.converted`); later loads read that copy (about 1 s
+    instead of 11-20 s for SmolLM2). None: de-quantize the GGUF file on every load."""
     from transformers import AutoModel
 
     # Load the commit the cache key names, not whatever a branch points at by now.
     kw = info.source.load_kwargs(info.identity.get("commit"), cfg.get("trust_remote_code", False))
-    location = info.source.location
-    if info.source.kind == "gguf" and converted is not None:
-        try:
-            location = str(convert_gguf(cfg, info, converted))
-            kw.pop("gguf_file")
-        except OSError as err:  # a read-only or full cache root: de-quantize in memory instead
-            log.info("cannot keep a converted copy of %s (%s)", info.source.gguf_file, err)
     if depth < info.num_layers:
         kw["num_hidden_layers"] = depth
     if cfg.get("device_map"):  # e.g. "auto": accelerate spreads a model too big for one device
         kw["device_map"] = cfg.device_map
-    model = AutoModel.from_pretrained(location, dtype=dtype, **kw)
+    with kept_copy(cfg, info, cache_root, group_writable=group_writable) as copy:
+        if copy is not None:
+            kw.pop("gguf_file")
+        model = AutoModel.from_pretrained(copy or info.source.location, dtype=dtype, **kw)
     if depth < info.num_layers:
         # Transformers replaces the last hidden state by the final-normed one; a cut model's last
         # layer is not the model's last, so keep it raw to match the full model's hidden_states.
         model.config.tie_last_hidden_states = False
     return (model if cfg.get("device_map") else model.to(device)).eval()
-
-
-# Bump when the converted copies' layout changes, so that old copies are not read.
-_CONVERTED_VERSION = 1
-
-
-def converted_copy(info: BackboneInfo, converted: Path | None) -> Path | None:
-    """The finished converted copy of a GGUF backbone under `converted`, if there is one."""
-    if info.source.kind != "gguf" or converted is None:
-        return None
-    folder = Path(converted) / f"gguf-{info.identity['gguf_sha256']}-v{_CONVERTED_VERSION}"
-    return folder if (folder / "converted.json").is_file() else None
-
-
-def convert_gguf(cfg, info: BackboneInfo, converted: Path) -> Path:
-    """De-quantize a GGUF backbone once into `converted`/gguf-<sha256>-v<version>/ (base model in
-    float32 safetensors, which holds every de-quantized value exactly, and its tokenizer) and
-    return that folder; a finished copy is returned as it is.
-
-    Crash-safe: the copy is written into a temporary folder beside it, fsynced, and renamed into
-    place in one step, `converted.json` inside marking it finished. Two processes converting at
-    once each write their own temporary folder; the first rename wins and the second writer drops
-    its own copy and uses the winner's, so a reader never sees a half-written copy."""
-    if (done := converted_copy(info, converted)) is not None:
-        return done
-    converted = Path(converted)
-    converted.mkdir(parents=True, exist_ok=True)
-    final = converted / f"gguf-{info.identity['gguf_sha256']}-v{_CONVERTED_VERSION}"
-    t0 = time.perf_counter()
-    model, tok = _load_gguf(cfg, info)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=converted))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "converted.json").write_text(
-            json.dumps(
-                {
-                    "gguf_file": info.source.gguf_file,
-                    "gguf_sha256": info.identity["gguf_sha256"],
-                    "version": _CONVERTED_VERSION,
-                    "seconds": round(time.perf_counter() - t0, 2),
-                }
-            )
-        )
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        try:
-            os.rename(tmp, final)  # atomic; fails if another writer's copy is already there
-        except OSError:
-            if converted_copy(info, converted) is None:
-                raise
-            log.info("another process converted %s first: using its copy", info.source.gguf_file)
-        else:
-            _fsync_dir(converted)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info(
-        "de-quantized %s once into %s in %.1f s",
-        info.source.gguf_file,
-        final,
-        time.perf_counter() - t0,
-    )
-    return final
-
-
-def _load_gguf(cfg, info: BackboneInfo):
-    """The whole base model de-quantized to float32, and its tokenizer, from the GGUF file."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    kw = info.source.load_kwargs(None, cfg.get("trust_remote_code", False))
-    model = AutoModel.from_pretrained(info.source.location, dtype=torch.float32, **kw)
-    tok = AutoTokenizer.from_pretrained(info.source.location, **kw)
-    # A GGUF-loaded model refuses to save while it carries its quantizer.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return model, tok
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

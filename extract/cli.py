@@ -27,7 +27,10 @@ def stop_on_signals():
     The handler only takes note: Python runs handlers between any two bytecodes, also inside a
     garbage-collection callback, where a raised exception is printed and dropped and the run goes on
     (seen in CI). A second signal raises at once. Only the main thread can own signal handlers, and a
-    signal the process was started to ignore (SIGINT of a background job) stays ignored."""
+    signal the process was started to ignore (SIGINT of a background job) stays ignored. A wait for
+    a cache key's lock calls `check` too, so a job queued behind another stops at once."""
+    from llmembed.cache.lock import waits_stop_on
+
     received: list[int] = []
 
     def check() -> None:
@@ -48,7 +51,8 @@ def stop_on_signals():
         ]
     previous = {s: signal.signal(s, handler) for s in watched}
     try:
-        yield check
+        with waits_stop_on(check):
+            yield check
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -72,7 +76,8 @@ def main() -> None:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="extract")
 def hydra_main(cfg: DictConfig) -> None:
-    from llmembed.extract.pipeline import Interrupted, extract
+    from llmembed.errors import Interrupted
+    from llmembed.extract.pipeline import extract
 
     bars_on_a_terminal_only(cfg)
     try:

@@ -27,16 +27,16 @@ def load_embedder(plan: ExtractPlan, device: str) -> tuple[Extractor, float]:
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     # A GGUF backbone is de-quantized once into the cache root and read from there afterwards.
-    converted = plan.cache_root / "converted"
+    root = {"cache_root": plan.cache_root, "group_writable": plan.group_writable}
     model = load_model(
         plan.backbone,
         plan.info,
         depth=plan.depth,
         dtype=getattr(torch, plan.spec.compute_dtype),
         device=device,
-        converted=converted,
+        **root,
     )
-    tokenizer = load_tokenizer(plan.backbone, plan.info, converted=converted)  # after the model
+    tokenizer = load_tokenizer(plan.backbone, plan.info, **root)  # after the model
     seconds = time.perf_counter() - t0
     log.info(
         "loaded %s (%d of %d layers) and its tokenizer in %.1f s",

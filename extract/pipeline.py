@@ -33,9 +33,9 @@ from llmembed.cache.format import (
     PoolingInfo,
 )
 from llmembed.cache.keys import text_hashes
-from llmembed.cache.root import Cache
+from llmembed.cache.root import Cache, not_writable, writable
 from llmembed.cache.writer import EntryWriter
-from llmembed.errors import UserError
+from llmembed.errors import Interrupted, UserError
 from llmembed.extract.batching import Tokens, cut_shards, plan_batches
 from llmembed.extract.plan import ExtractPlan, plan_from_config, resolve_token_budget, shard_bytes
 from llmembed.extract.ranks import Ranks
@@ -47,14 +47,6 @@ log = logging.getLogger(__name__)
 
 class MissingEntryError(UserError, LookupError):
     """No cache entry holds a request and extraction was not allowed; says how to make one."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped an extraction between or inside shards; finished shards are kept."""
-
-    def __init__(self, message: str, signal_number: int):
-        super().__init__(message)
-        self.signal_number = int(signal_number)
 
 
 @dataclass
@@ -234,6 +226,8 @@ def _decide(cache: Cache, plan: ExtractPlan, request: Request, held: ExitStack) 
     held.enter_context(cache.lock(target.key))
     if (found := find_entry(plan, request.hashes)) is not None:  # made meanwhile by another job
         return found.path
+    if not writable(entry.path):  # a selection another user made in a key folder we may write
+        raise not_writable(entry.path, "append to the cache entry")
     writer = EntryWriter(entry, key=target.key)
     writer.discard_leftovers()
     base = entry.manifest if entry.complete else None

@@ -19,6 +19,16 @@ class UserError(Exception):
 EXIT_USER_ERROR = 2
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a job cleanly (while it waited for a lock, or between and inside
+    shards: finished shards are kept); the message says how to resume. The command lines print it
+    and exit with the shell's convention, 128 + the signal's number."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.signal_number = int(signal_number)
+
+
 @contextmanager
 def reported(prog: str) -> Iterator[None]:
     """Turn a `UserError` into one line on stderr and exit status 2 (no traceback)."""

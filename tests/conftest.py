@@ -83,6 +83,71 @@ def make_tiny_bert(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def make_tiny_gguf(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Llama written as a GGUF file (float32 tensors, a SentencePiece-style
+    vocabulary of the test words), which transformers de-quantizes like a real one."""
+    import gguf
+
+    pieces = ["<unk>", "<s>", "</s>", "\u2581", *sorted({c for w in WORDS for c in w})]
+    for word in ("\u2581" + w for w in WORDS):  # every prefix, so that merges can build each word
+        pieces += [word[:i] for i in range(2, len(word) + 1) if word[:i] not in pieces]
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(pieces),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    names = {"embed_tokens": "token_embd", "norm": "output_norm"}
+    for i in range(cfg.num_hidden_layers):
+        for ours, theirs in [
+            ("self_attn.q_proj", "attn_q"),
+            ("self_attn.k_proj", "attn_k"),
+            ("self_attn.v_proj", "attn_v"),
+            ("self_attn.o_proj", "attn_output"),
+            ("mlp.gate_proj", "ffn_gate"),
+            ("mlp.up_proj", "ffn_up"),
+            ("mlp.down_proj", "ffn_down"),
+            ("input_layernorm", "attn_norm"),
+            ("post_attention_layernorm", "ffn_norm"),
+        ]:
+            names[f"layers.{i}.{ours}"] = f"blk.{i}.{theirs}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores([-float(i) for i in range(len(pieces))])
+    w.add_token_types([2, 3, 3] + [1] * (len(pieces) - 3))  # unknown, control, normal
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for name, value in LlamaModel(cfg).state_dict().items():
+        w.add_tensor(names[name.removesuffix(".weight")] + ".weight", value.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    return make_tiny_gguf(tmp_path_factory.mktemp("tiny-gguf"))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -1,12 +1,15 @@
 """Backbone sources and identities: local folders, GGUF files, hub ids and their commits."""
 
+import json
 import logging
+import os
 import sys
 
 import pytest
 import transformers as tf
 from omegaconf import OmegaConf
 
+from llmembed.cache.keys import file_sha256
 from llmembed.extract.backbones import (
     BackboneError,
     hub_commit,
@@ -131,71 +134,64 @@ def test_backbone_facts_are_memoized_without_reloading_the_tokenizer(
     assert inspect_backbone(cfg, memo) == first
 
 
-def _gguf_info(tmp_path, tiny_llama):
-    """A BackboneInfo that says GGUF, for the converted-copy tests (the GGUF load is faked)."""
-    from llmembed.extract.backbones import BackboneInfo, Source
-
-    return BackboneInfo(
-        source=Source("gguf", str(tmp_path), "m.gguf"),
-        identity={"gguf_sha256": "ab" * 32},
-        model_type="llama",
-        num_layers=3,
-        hidden_size=32,
-        max_positions=512,
-        poolings=("mean", "last"),
-    )
-
-
 def test_a_gguf_backbone_is_converted_once_and_then_read_from_its_copy(
-    tmp_path, tiny_llama, monkeypatch
+    tmp_path, tiny_gguf, monkeypatch
 ):
     import torch
-    from transformers import AutoModel, AutoTokenizer
 
-    from llmembed.extract import backbones
+    from llmembed.extract import backbones, converted
 
     loads = []
+    real = converted._load_gguf
 
-    def fake_gguf(cfg, info):
+    def counted(cfg, info):
         loads.append(info.source.gguf_file)
-        return AutoModel.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+        return real(cfg, info)
 
-    monkeypatch.setattr(backbones, "_load_gguf", fake_gguf)
-    info, cfg = _gguf_info(tmp_path, tiny_llama), OmegaConf.create({"name": "m"})
-    kw = {"depth": 3, "dtype": torch.float32, "device": "cpu", "converted": tmp_path / "converted"}
-    first = backbones.load_model(cfg, info, **kw)
-    second = backbones.load_model(cfg, info, **kw)
-    tok = backbones.load_tokenizer(cfg, info, converted=tmp_path / "converted")
-    assert loads == ["m.gguf"]  # de-quantized once
-    (copy,) = (tmp_path / "converted").iterdir()  # one finished copy, no temporary folder left
-    assert copy.name == f"gguf-{'ab' * 32}-v1" and (copy / "converted.json").is_file()
+    monkeypatch.setattr(converted, "_load_gguf", counted)
+    cfg = OmegaConf.create({"name": "m", "path": str(tiny_gguf)})
+    info = inspect_backbone(cfg, None)
+    kw = {"depth": 3, "dtype": torch.float32, "device": "cpu"}
+    root = tmp_path / "root"
+    first = backbones.load_model(cfg, info, **kw, cache_root=root)
+    second = backbones.load_model(cfg, info, **kw, cache_root=root)
+    tok = backbones.load_tokenizer(cfg, info, cache_root=root)
+    direct = backbones.load_model(cfg, info, **kw)  # de-quantized in memory, no copy
+    assert loads == ["tiny.gguf"]  # de-quantized once
+    # one finished copy in the user's own folder, no temporary folder left
+    (copy,) = (root / "converted" / str(os.geteuid())).iterdir()
+    assert copy.name == f"gguf-{info.identity['gguf_sha256']}-v2"
+    record = json.loads((copy / "converted.json").read_text())
+    assert record["files"]["model.safetensors"] == file_sha256(copy / "model.safetensors")
     ids = tok("the film was fun", return_tensors="pt")
     with torch.inference_mode():
-        a, b = (m(**ids, output_hidden_states=True).hidden_states for m in (first, second))
-        own = AutoModel.from_pretrained(tiny_llama)(**ids, output_hidden_states=True)
-    for x, y, z in zip(a, b, own.hidden_states, strict=True):
+        a, b, c = (
+            m(**ids, output_hidden_states=True).hidden_states for m in (first, second, direct)
+        )
+    for x, y, z in zip(a, b, c, strict=True):
         assert torch.equal(x, y) and torch.equal(x, z)
 
 
-def test_a_second_writer_of_the_same_copy_keeps_the_first_ones(tmp_path, tiny_llama, monkeypatch):
+def test_a_second_writer_of_the_same_copy_keeps_the_first_ones(tmp_path, tiny_gguf, monkeypatch):
     """Two processes converting at once: the one that renames second drops its own copy."""
-    from transformers import AutoModel, AutoTokenizer
+    from llmembed.extract import converted
 
-    from llmembed.extract import backbones
-
-    info, cfg = _gguf_info(tmp_path, tiny_llama), OmegaConf.create({"name": "m"})
-    converted, calls = tmp_path / "converted", []
+    cfg = OmegaConf.create({"name": "m", "path": str(tiny_gguf)})
+    info = inspect_backbone(cfg, None)
+    root, calls, real = tmp_path / "root", [], converted._load_gguf
 
     def racing(cfg, info):
         calls.append(1)
         if len(calls) == 1:  # while this writer works, another one finishes first
-            backbones.convert_gguf(cfg, info, converted)
-        return AutoModel.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+            with converted.kept_copy(cfg, info, root):
+                pass
+        return real(cfg, info)
 
-    monkeypatch.setattr(backbones, "_load_gguf", racing)
-    folder = backbones.convert_gguf(cfg, info, converted)
-    assert len(calls) == 2 and [p.name for p in converted.iterdir()] == [folder.name]
-    assert (folder / "converted.json").is_file() and (folder / "model.safetensors").is_file()
+    monkeypatch.setattr(converted, "_load_gguf", racing)
+    with converted.kept_copy(cfg, info, root) as folder:
+        mine = root / "converted" / str(os.geteuid())
+        assert len(calls) == 2 and [p.name for p in mine.iterdir()] == [folder.name]
+        assert (folder / "converted.json").is_file() and (folder / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -211,10 +207,10 @@ def test_packaged_smollm2_gguf_copy_gives_identical_hidden_states(tmp_path):
     info = inspect_backbone(cfg, None)
     kw = {"depth": info.num_layers, "dtype": torch.bfloat16, "device": "cpu"}
     direct, tok = load_model(cfg, info, **kw), load_tokenizer(cfg, info)
-    load_model(cfg, info, **kw, converted=tmp_path)  # converts
+    load_model(cfg, info, **kw, cache_root=tmp_path)  # converts
     t = time.perf_counter()
-    copy = load_model(cfg, info, **kw, converted=tmp_path)
-    tok2 = load_tokenizer(cfg, info, converted=tmp_path)
+    copy = load_model(cfg, info, **kw, cache_root=tmp_path)
+    tok2 = load_tokenizer(cfg, info, cache_root=tmp_path)
     assert time.perf_counter() - t < 5  # 1.4 s measured on 2 cores; GGUF: 11-20 s
     ids = tok("the movie was not very good", return_tensors="pt")
     assert tok2("the movie was not very good")["input_ids"] == ids["input_ids"][0].tolist()

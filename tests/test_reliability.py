@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import stat
@@ -18,11 +19,13 @@ import pytest
 import torch
 
 from llmembed.cache.format import CacheError
+from llmembed.cache.lock import key_lock
 from llmembed.cache.maintenance import verify_entry
 from llmembed.cache.root import Cache
 from llmembed.cache.writer import EntryWriter
 from llmembed.extract.cli import stop_on_signals
 from llmembed.extract.pipeline import extract
+from llmembed.extract.plan import plan_from_config
 from tests.conftest import file_overrides, sentences, write_csv
 
 POOLINGS = ("mean", "last")  # a decoder with BOS stores no "first"
@@ -465,6 +468,68 @@ def test_sigterm_and_sigint_stop_cleanly_with_a_resume_message(
     record(signal=sig.name, exit_code=code, resumed=True)
 
 
+def _output_until(stream, p, text: str, timeout: float) -> str:
+    """What process `p` wrote on `stream` until a line holding `text` (fails after `timeout` s)."""
+    seen, deadline = "", time.time() + timeout
+    while text not in seen:
+        left = deadline - time.time()
+        assert left > 0 and p.poll() is None, seen[-2000:]
+        if select.select([stream], [], [], left)[0]:
+            seen += stream.readline()
+    return seen
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_job_waiting_for_a_held_lock_stops_at_once_and_names_the_live_holder(
+    tmp_path, tiny_llama, data_csv, sig, code
+):
+    """Issue 21.12: a job queued behind another (or behind `gc`/`rm`) ends its wait at once on
+    SIGTERM or Ctrl-C, before loading the model, with the resume message; while it waits it names
+    the process that holds the lock now, not one that held it before."""
+    root = tmp_path / "c"
+    kdir = root / plan_from_config(_cfg(root, data_csv, tiny_llama)).key
+    kdir.mkdir(parents=True)
+    stale = {"pid": 999999, "host": "elsewhere", "since": "long ago"}  # a holder that left
+    (kdir / ".lock").write_text(json.dumps(stale))
+    (kdir / ".lock.owner.json").write_text(json.dumps(stale))
+    holder = subprocess.Popen(  # holds the lock without saying who it is
+        [sys.executable, "-c", HOLD, str(kdir / ".lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    procs = [holder]
+    try:
+        assert holder.stdout.readline().strip() == "LOCKED"
+        procs.append(p := start("cli", job_args(root, data_csv, tiny_llama), cwd=tmp_path))
+        # Hydra logs to stdout
+        waiting = _output_until(p.stdout, p, "waiting for cache key", timeout=120)
+        assert f"held by pid {holder.pid} " in waiting and "999999" not in waiting, waiting
+        t = time.perf_counter()
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+        assert time.perf_counter() - t < 10  # at once, not once the lock is free
+        assert p.returncode == code, err[-2000:]
+        assert f"interrupted ({sig.name}) while waiting for cache key" in err
+        assert "rerun the same command to resume" in err and "Traceback" not in err
+        assert "loaded" not in waiting + out + err  # the model was never loaded
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    resumed = extract(_cfg(root, data_csv, tiny_llama, "extract.token_budget=4096"))
+    assert resumed.entry.complete and resumed.stats.texts == 60  # and the job resumes
+
+
+HOLD = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("LOCKED", flush=True)
+sys.stdin.readline()
+"""
+
+
 def test_a_signal_during_garbage_collection_still_stops_the_run():
     """Python drops an exception raised inside __del__ or a weakref callback; a handler that raised
     there let a SIGTERMed run finish (seen in CI). The signal is noted and acted on between batches."""
@@ -497,7 +562,7 @@ def test_hostile_names_cannot_write_outside_the_cache_root(tmp_path, tiny_llama,
     )
     assert res.entry.path.is_relative_to(tmp_path / "c") and not outside.exists()
     # Kept as data, never used as a path.
-    assert f"../../{outside.name}" in res.entry.usage["datasets"]
+    assert f"../../{outside.name}" in res.entry.usage.datasets
 
 
 def test_group_writable_cache(tmp_path, tiny_llama, data_csv):
@@ -560,5 +625,31 @@ def test_a_real_full_disk_on_a_small_tmpfs(tmp_path, tiny_llama, big_csv):
         assert resumed.entry.complete and verify_entry(resumed.entry) == []
         assert resumed.stats.texts < 160  # the shards written before the disk filled were kept
         record(disk_full="real ENOSPC on a 320 KiB tmpfs", finished_shards_kept=len(kept))
+    finally:
+        subprocess.run(["umount", str(root)], check=False)
+
+
+def test_a_full_disk_when_taking_the_lock_is_no_traceback(tmp_path):
+    """Issue 21 (tracebacks): the lock's holder says who it is only where the disk has room; a
+    full disk no longer fails the job there (it is reported where data is written), and a
+    waiter still names the holder, from the kernel's lock table."""
+    root = tmp_path / "small"
+    root.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(root)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        key = "ab" * 16
+        (root / key).mkdir()
+        fd = os.open(root / "filler", os.O_WRONLY | os.O_CREAT)
+        with pytest.raises(OSError) as full:
+            while True:
+                os.write(fd, b"x" * 4096)
+        os.close(fd)
+        assert full.value.errno == errno.ENOSPC
+        with Cache(root).lock(key):
+            assert key_lock(root / key).holder().startswith(f"held by pid {os.getpid()} ")
     finally:
         subprocess.run(["umount", str(root)], check=False)

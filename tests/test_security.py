@@ -231,6 +231,89 @@ def test_temporary_files_are_created_exclusively_with_random_names(tmp_path):
     assert json.loads(target.read_text()) == {"a": 1}
 
 
+# --- GGUF backbones' converted copies: the GGUF's own, never written through a link -------------
+def _gguf_cfg(make_cfg, gguf, root, *extra):
+    return make_cfg(f"backbone.path={gguf}", f"cache.root={root}", "extract.layers=[1,3]", *extra)
+
+
+def _reference(make_cfg, tiny_gguf, tmp_path):
+    """What the GGUF's own weights give, from a root nobody else touched."""
+    return extract(_gguf_cfg(make_cfg, tiny_gguf, tmp_path / "clean")).read("mean", [1, 3])
+
+
+def test_a_linked_converted_folder_is_never_written_through(make_cfg, tiny_gguf, tmp_path, caplog):
+    """Issue 21.1: `<root>/converted` planted as a link out of the root: the GGUF is de-quantized
+    in memory, nothing is written where the link points, the numbers are the GGUF's."""
+    expected = _reference(make_cfg, tiny_gguf, tmp_path)
+    root, outside = tmp_path / "shared", tmp_path / "outside"
+    outside.mkdir()
+    root.mkdir()
+    (root / "converted").symlink_to(outside, target_is_directory=True)
+    res = extract(_gguf_cfg(make_cfg, tiny_gguf, root))
+    assert list(outside.iterdir()) == []
+    np.testing.assert_array_equal(res.read("mean", [1, 3]), expected)
+    assert f"{root / 'converted'} is a symbolic link" in caplog.text
+    record(escapes="linked converted folder", tried=1, escaped=0)
+
+
+def _tamper(copy: Path, *, reseal: bool) -> None:
+    """Triple one weight matrix of a converted copy; with `reseal`, make its record vouch for the
+    new file (what a user with write access to the folder can do)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = copy / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["layers.1.mlp.down_proj.weight"] *= 3
+    save_file(tensors, weights, metadata={"format": "pt"})
+    if reseal:
+        rec = json.loads((copy / "converted.json").read_text())
+        rec.setdefault("files", {})["model.safetensors"] = file_sha256(weights)
+        (copy / "converted.json").write_text(json.dumps(rec))
+
+
+def test_a_converted_copy_changed_after_conversion_is_converted_again(
+    make_cfg, tiny_gguf, tmp_path, caplog
+):
+    """Issue 21.2: a copy whose weights no longer match what was recorded at conversion is never
+    loaded: it is converted again from the GGUF file."""
+    root = tmp_path / "shared"
+    expected = extract(_gguf_cfg(make_cfg, tiny_gguf, root)).read("mean", [1, 3])
+    (weights,) = root.glob("converted/**/model.safetensors")
+    _tamper(weights.parent, reseal=False)
+    # Another key of the same backbone (a shorter max_length the texts never reach) loads it again.
+    again = extract(_gguf_cfg(make_cfg, tiny_gguf, root, "extract.max_length=100"))
+    np.testing.assert_array_equal(again.read("mean", [1, 3]), expected)
+    assert "model.safetensors changed since it was converted" in caplog.text
+
+
+def test_a_converted_copy_planted_by_another_user_is_never_loaded(
+    make_cfg, tiny_gguf, tmp_path, caplog
+):
+    """Issue 21.2: another user converts the same GGUF, triples a weight matrix, reseals the record
+    and plants the copy where a job looks for one: the shared `converted/` folder, and (as root
+    can show) a folder of theirs at the victim's own `converted/<uid>`. Neither is loaded."""
+    expected = _reference(make_cfg, tiny_gguf, tmp_path)
+    (record_file,) = (tmp_path / "clean").glob("converted/**/converted.json")
+    planted = tmp_path / "planted"
+    shutil.copytree(record_file.parent, planted)
+    _tamper(planted, reseal=True)
+    root = tmp_path / "shared"
+    sha = json.loads(record_file.read_text())["gguf_sha256"]
+    places = [root / "converted" / f"gguf-{sha}-v1"]  # the shared folder, as copies were kept
+    if os.geteuid() == 0:
+        places.append(root / "converted" / str(os.geteuid()) / record_file.parent.name)
+    for place in places:
+        shutil.copytree(planted, place)
+    if os.geteuid() == 0:
+        for path in [root / "converted" / str(os.geteuid()), *places]:
+            for p in [path, *path.rglob("*")]:
+                os.chown(p, 12345, 12345)
+    res = extract(_gguf_cfg(make_cfg, tiny_gguf, root))
+    np.testing.assert_array_equal(res.read("mean", [1, 3]), expected)
+    if os.geteuid() == 0:
+        assert "belongs to uid 12345, not to you" in caplog.text
+
+
 # --- metadata that does not match its data: detected, never served -------------------------------
 def _reseal(entry, index):
     """Make the manifest vouch again for shard `index` (size and sha256) after it was edited, so
@@ -346,6 +429,47 @@ def test_one_damaged_manifest_leaves_the_rest_of_the_root_usable(make_cfg, tiny_
     assert cache_main(["--root", root, "verify", "--repair"]) == 0
     assert not a.entry.manifest_path.exists() and b.entry.complete
     assert not extract(make_cfg()).hit  # the entry was made incomplete, then recomputed
+
+
+DAMAGED_USAGE = [
+    {"datasets": ["mr"], "last_used": 20260101},
+    {"datasets": "mr", "last_used": "2026-01-01T00:00:00+0000"},
+    {"datasets": {"mr": 5}},
+    {"last_used": ["yesterday"]},
+    [1, 2],
+]
+
+
+@pytest.mark.parametrize(
+    "usage", DAMAGED_USAGE, ids=["list", "str", "int-date", "list-date", "array"]
+)
+def test_a_damaged_usage_record_is_named_and_the_rest_of_the_root_listed(
+    make_cfg, tiny_bert, capsys, usage
+):
+    """Issue 21 (tracebacks): `usage.json` is anyone's to write in a shared root; fields of the
+    wrong type crashed `ls` and `gc --older-than` for the whole root."""
+    a = extract(make_cfg())
+    b = extract(make_cfg(f"backbone.path={tiny_bert}"))
+    (a.entry.path / "usage.json").write_text(json.dumps(usage))
+    root = str(make_cfg().cache.root)
+    capsys.readouterr()
+    assert cache_main(["--root", root, "ls"]) == 0
+    out = capsys.readouterr().out
+    damaged = next(line for line in out.splitlines() if line.startswith(a.entry.key))
+    assert "usage.json damaged" in damaged and b.entry.key in out
+    assert cache_main(["--root", root, "ls", "--json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert cache_main(["--root", root, "gc", "--older-than", "30"]) == 0  # both used just now
+    assert a.entry.complete and b.entry.complete
+    assert cache_main(["--root", root, "gc", "--older-than", "0"]) == 0  # the manifest's date
+    assert not a.entry.path.exists() and not b.entry.path.exists()
+
+
+def test_a_damaged_usage_record_does_not_stop_a_job_that_uses_the_entry(make_cfg):
+    a = extract(make_cfg())
+    (a.entry.path / "usage.json").write_text(json.dumps({"datasets": ["mr"]}))
+    assert extract(make_cfg()).hit
+    assert a.entry.usage.damage is None and set(a.entry.usage.datasets) == {"file"}  # afresh
 
 
 def test_a_truncated_spec_is_named_and_repair_removes_its_key(make_cfg, capsys):
