@@ -540,3 +540,34 @@ def test_experiment_commands_refuse_bad_input_in_one_message(tmp_path, args, mes
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
     assert message in res.stderr, res.stderr
     assert not (tmp_path / "nothing").exists() and not (tmp_path / "into").exists()
+
+
+def test_corrected_resampled_t_test_matches_a_hand_computed_example():
+    """Per-split differences 0.02, 0.03, 0.01, 0.04, 0.00 (mean 0.02, sample variance 2.5e-4) on
+    800 learning and 200 test rows: Nadeau and Bengio's variance (1/5 + 200/800) * 2.5e-4 =
+    1.125e-4, t = 0.02 / 0.0106066 = 1.885618 on 4 degrees of freedom; the plain paired t is
+    0.02 / sqrt(2.5e-4 / 5) = 2.828427. Two-sided p from the closed form of Student's t with 4
+    degrees of freedom, F(t) = 1/2 + 3/8 x (1 - x^2/12), x = t / sqrt(1 + t^2/4)."""
+    from scripts.experiments.stats import interval, p_text, paired
+
+    def p4(t: float) -> float:
+        x = t / (1 + t * t / 4) ** 0.5
+        return 2 * (1 - (0.5 + 3 / 8 * x * (1 - x * x / 12)))
+
+    a, b = [0.82, 0.83, 0.81, 0.84, 0.80], [0.80] * 5
+    r = paired(a, b, n_train=800, n_test=200)
+    assert r.diff == pytest.approx(0.02) and r.n == 5
+    assert r.p == pytest.approx(p4(1.885618), abs=1e-6)  # 0.1324: not significant ...
+    assert r.p_plain == pytest.approx(p4(2.828427), abs=1e-6)  # ... though the plain t says 0.047
+    half = 2.7764451 * 1.125e-4**0.5  # t(0.975, 4) x corrected standard error
+    assert (r.ci.lo, r.ci.hi) == (pytest.approx(0.02 - half), pytest.approx(0.02 + half))
+    assert paired(b, a, n_train=800, n_test=200).diff == pytest.approx(-0.02)
+    assert (p_text(r.p), p_text(0.0004)) == ("0.132", "< 0.001")
+
+    plain, corrected = interval(a), interval(a, n_train=800, n_test=200)
+    assert plain.hi - plain.lo == pytest.approx(2 * 2.7764451 * (2.5e-4 / 5) ** 0.5)
+    assert corrected.lo < plain.lo and corrected.hi > plain.hi  # the plain one is optimistic
+    top = interval([0.99, 1.0, 1.0, 0.97, 1.0])
+    assert top.hi == 1.0 and top.clipped and not plain.clipped
+    with pytest.raises(ValueError, match="same splits"):
+        paired(a, b[:4], n_train=800, n_test=200)
