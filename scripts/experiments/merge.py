@@ -43,6 +43,10 @@ def merge(sources: list[Path], into: Path) -> list[str]:
                 said.append(f"{name}: {sorted(again)} taken from {src}")
             merged["datasets"] = {**merged.get("datasets", {}), **r.get("datasets", {})}
             merged["commands"] += [c for c in commands_of(r) if c not in merged["commands"]]
+            merged["runs"] = [
+                *merged.get("runs", []),
+                *(x for x in r.get("runs", []) if x not in merged.get("runs", [])),
+            ]
         merged_files[name] = merged
         said.append(f"{name}: {sorted(merged.get('datasets', {}))}")
     into.mkdir(parents=True, exist_ok=True)
