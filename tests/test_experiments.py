@@ -77,7 +77,6 @@ PROMPTS = ["the film was", "a very long story , not fun", "plot"]
 def test_prompting_picks_the_label_the_model_is_biased_toward(tiny_llama, llama_tok, biased):
     model = causal_lm(tiny_llama, biased, llama_tok)
     scorer = PromptScorer(model, llama_tok, ["bad", "good"], token_budget=16)
-    assert scorer.single
     pred = scorer.predict([render("Review: {text} is", t) for t in PROMPTS])
     assert pred.tolist() == [["bad", "good"].index(biased)] * len(PROMPTS)
 
@@ -571,3 +570,70 @@ def test_corrected_resampled_t_test_matches_a_hand_computed_example():
     assert top.hi == 1.0 and top.clipped and not plain.clipped
     with pytest.raises(ValueError, match="same splits"):
         paired(a, b[:4], n_train=800, n_test=200)
+
+
+def test_contextual_calibration_divides_by_the_content_free_prediction():
+    """Label-word probabilities normalized over the words, divided by the content-free inputs'
+    (averaged): a model that says "positive" to everything is corrected toward the text's own
+    evidence (Zhao et al., 2021)."""
+    from scripts.experiments.prompting import calibrated
+
+    scores = np.log(np.array([[0.2, 0.6], [0.05, 0.75], [0.1, 0.1]]))  # unnormalized log-probs
+    content_free = np.log(np.array([[0.1, 0.9], [0.3, 0.7]]))  # mean normalized: [0.2, 0.8]
+    out = calibrated(scores, content_free)
+    expected = np.array([[0.25 / 0.2, 0.75 / 0.8], [0.0625 / 0.2, 0.9375 / 0.8], [2.5, 0.625]])
+    np.testing.assert_allclose(np.exp(out), expected, rtol=1e-9)
+    assert scores.argmax(1).tolist() == [1, 1, 0] and out.argmax(1).tolist() == [0, 1, 0]
+
+
+def test_chat_prompts_put_demonstrations_as_earlier_turns(tiny_llama, llama_tok):
+    from scripts.experiments.prompting import chat_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    prompt = chat_prompt(tok, "Sentiment of: {text}", "a dull plot", [("great fun", "good")])
+    assert prompt == (
+        "<user>Sentiment of: great fun\n<assistant>good\n<user>Sentiment of: a dull plot\n<assistant>"
+    )
+
+
+def test_lora_starts_at_the_model_trains_only_its_adapters_and_learns(tiny_llama, llama_tok):
+    """Wrapped layers compute W x + (alpha / r) B A x with B = 0 at first: the wrapped model's
+    outputs equal the original's; fine-tuning then moves only A, B and the classifier, and the
+    last-token classifier learns the toy task."""
+    from scripts.experiments.lora import LoRALinear, add_lora
+
+    torch.manual_seed(0)
+    model = LlamaModel.from_pretrained(tiny_llama, dtype=torch.float32)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.tensor([llama_tok("the film was fun")["input_ids"]])
+    before = model(x).last_hidden_state
+    assert add_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8, dropout=0.0) == 2 * 3
+    assert torch.allclose(model(x).last_hidden_state, before)  # B = 0: nothing changed yet
+    layer = model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and layer.scale == 2.0
+    with torch.no_grad():
+        layer.B.normal_()
+    a, b = layer.A, layer.B
+    h = torch.randn(3, layer.base.in_features)
+    torch.testing.assert_close(layer(h), layer.base(h) + 2.0 * h @ a.T @ b.T)
+    with torch.no_grad():
+        layer.B.zero_()
+    with pytest.raises(ValueError, match="no nn.Linear named"):
+        add_lora(LlamaModel.from_pretrained(tiny_llama), ["query"], rank=2, alpha=2)
+
+    texts, labels = toy_texts(96)
+    cfg = FineTuneConfig(
+        lr=1e-2, batch_size=16, max_epochs=8, patience=8, max_length=16, warmup=0.0, pooling="last"
+    )
+    res = fine_tune(model, llama_tok, texts, labels, np.arange(64), np.arange(64, 96), 2, cfg)
+    lora_params = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".A", ".B")))
+    assert res.params_trained == lora_params + (32 + 1) * 2  # adapters + the classifier
+    for n, p in res.model.backbone.named_parameters():
+        if n.endswith((".A", ".B")):
+            continue
+        assert torch.equal(p, frozen[n.replace(".base.", ".")]), n  # the model itself is frozen
+    assert res.history[res.best_epoch]["val_accuracy"] >= 0.9, res.history
