@@ -622,7 +622,7 @@ def test_lora_starts_at_the_model_trains_only_its_adapters_and_learns(tiny_llama
     torch.testing.assert_close(layer(h), layer.base(h) + 2.0 * h @ a.T @ b.T)
     with torch.no_grad():
         layer.B.zero_()
-    with pytest.raises(ValueError, match="no nn.Linear named"):
+    with pytest.raises(ValueError, match=r"no nn\.Linear named"):
         add_lora(LlamaModel.from_pretrained(tiny_llama), ["query"], rank=2, alpha=2)
 
     texts, labels = toy_texts(96)
