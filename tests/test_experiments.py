@@ -312,57 +312,151 @@ def test_parameter_count_of_the_papers_head_matches_the_fitted_module():
         assert counted == sum(p.numel() for p in head.module_.parameters())
 
 
-def test_results_page_shows_every_figure_with_its_interval_and_command(tmp_path):
-    results = tmp_path / "docs" / "results"
-    results.mkdir(parents=True)
-    acc = {"mean": 0.8123, "ci": [0.8001, 0.8245], "n": 5, "std": 0.01}
-    row = {
-        "test": {"accuracy": acc, "macro_f1": acc},
-        "chosen_per_split": {"0": "smollm2 concat k=3: L14,15,16"},
-    }
-    fusion = {
+def summary(values: list[float]) -> dict:
+    """A summary over splits as the runners write it (plain interval from llmembed's t_interval)."""
+    from scripts.experiments.common import over_splits
+
+    return over_splits(values, list(range(len(values))))
+
+
+ROWS = {"train": 700, "validation": 100, "test": 200}  # one split: n_train 800, n_test 200
+
+
+def fusion_file(rows: dict[str, list[float]], ds: str = "trec") -> dict:
+    info = {"rows": ROWS}
+    return {
         "command": ".venv/bin/python -m scripts.experiments.fusion",
         "dataset_limit": None,
         "machine": {"cpu": "Test CPU", "cores": 2, "gpu": None, "torch": "x", "torch_threads": 2},
-        "datasets": {"trec": {"rows": {"SmolLM2 concatenation, logreg": row}}},
+        "datasets": {
+            ds: {
+                "rows": {
+                    name: {
+                        "test": {"accuracy": summary(v), "macro_f1": summary(v)},
+                        "chosen_per_split": {"0": "smollm2 concat k=3: L14,15,16"},
+                        "info": {"0": info},
+                    }
+                    for name, v in rows.items()
+                }
+            }
+        },
     }
-    (results / "fusion.json").write_text(json.dumps(fusion))
+
+
+def test_results_page_shows_plain_and_corrected_intervals_paired_tests_and_the_command(tmp_path):
+    """Every accuracy with its plain t-interval and Nadeau and Bengio's corrected one; each row's
+    paired difference from the reference row with its p-value; † on an interval cut at 1."""
+    from scripts.experiments.stats import interval, paired
+
+    results = tmp_path / "docs" / "results"
+    results.mkdir(parents=True)
+    best = "SmolLM2 best single layer (validation), logreg"
+    a, b, top = [0.82, 0.83, 0.81, 0.84, 0.80], [0.80] * 4 + [0.79], [0.99, 1.0, 1.0, 0.97, 1.0]
+    (results / "fusion.json").write_text(
+        json.dumps(fusion_file({best: b, "SmolLM2 concatenation, logreg": a, "near one": top}))
+    )
     page = write(results, tmp_path / "docs" / "RESULTS.md")
-    cells = "| 0.812 [0.800, 0.825] | 0.812 [0.800, 0.825] | 0: smollm2 concat k=3 |"
-    assert f"| SmolLM2 concatenation, logreg {cells}" in page
+    plain, corrected = interval(a), interval(a, n_train=800, n_test=200)
+    cell = f"0.820 [{plain.lo:.3f}, {plain.hi:.3f}] ⟨{corrected.lo:.3f}, {corrected.hi:.3f}⟩"
+    t = paired(a, b, n_train=800, n_test=200)
+    vs = f"+{t.diff:.3f} ⟨{t.ci.lo:+.3f}, {t.ci.hi:+.3f}⟩, p {t.p:.3f}"
+    assert (
+        f"| SmolLM2 concatenation, logreg | {cell} | {cell} | {vs} | 0: smollm2 concat k=3 |"
+        in page
+    )
+    assert corrected.lo < plain.lo  # the plain interval is the optimistic one
+    assert "| near one | 0.992 [0.976, 1.000]† ⟨0.968, 1.000⟩† |" in page
     assert (
         "`.venv/bin/python -m scripts.experiments.fusion` (config `conf/experiment/results_fusion.yaml`)"
         in page
     )
     assert "Test CPU, 2 cores" in page and "_Not run yet._" in page  # the other experiments
+    # The comparison the headline's reading makes, with both p-values.
+    assert "SmolLM2 + MiniLM concatenated" not in page.split("## Reproduce")[0]  # not run here
     with open(results / "summary.csv", newline="") as f:
         first = next(csv.DictReader(f))
-    assert (first["method"], float(first["accuracy_lo"]), first["splits"]) == (
-        "SmolLM2 concatenation, logreg",
-        0.8001,
+    assert (first["method"], float(first["accuracy_corrected_lo"]), first["splits"]) == (
+        best,
+        pytest.approx(interval(b, n_train=800, n_test=200).lo),
         "5",
     )
 
 
-def test_the_headline_and_readings_come_from_the_results_folder(tmp_path):
+def test_the_headline_its_comparisons_and_the_readme_come_from_the_results_folder(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
-    acc = {"mean": 0.85, "ci": [0.84, 0.86], "n": 5, "std": 0.01}
-    row = {"test": {"accuracy": acc, "macro_f1": acc}, "chosen_per_split": {"0": "x: L1"}}
-    name = "SmolLM2 best single layer (validation), logreg"
-    fusion = {
-        "command": "c",
-        "machine": {"cpu": "CPU", "cores": 2},
-        "datasets": {"mr": {"rows": {name: row}}},
-    }
-    (results / "fusion.json").write_text(json.dumps(fusion))
+    best, concat = (
+        "SmolLM2 best single layer (validation), logreg",
+        "SmolLM2 + MiniLM concatenation of layers chosen on validation, logreg",
+    )
+    f = fusion_file(
+        {best: [0.80, 0.81, 0.82, 0.81, 0.80], concat: [0.83, 0.84, 0.86, 0.83, 0.84]}, "mr"
+    )
+    (results / "fusion.json").write_text(json.dumps(f))
     (results / "reading_fusion.md").write_text("Fusion helps on MR.\n")
-    page = write(results, tmp_path / "RESULTS.md")
-    assert "| SmolLM2, best single layer and pooling (validation) | 0.850 [0.840, 0.860] |" in page
-    assert "| prompting SmolLM2, zero-shot | not run |" in page
+    (results / "reading_headline.md").write_text("Joining the backbones helps (+0.032).\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# x\n\n## Results\n\nintro\n\n<!-- results:begin (generated by scripts.experiments."
+        "write_results from docs/results; do not edit by hand) -->\nSTALE TEXT\n<!-- results:end -->\n\n## Next\n"
+    )
+    page = write(results, tmp_path / "RESULTS.md", readme)
+    assert "| SmolLM2, best single layer and pooling (validation) | 0.808 [" in page
+    assert (
+        "| prompting SmolLM2, plain template, uncalibrated, zero-shot (texts cut to 256 tokens) | not run |"
+        in page
+    )
     assert page.index("## Headline") < page.index("## 1. Layer curves")
     assert "(results/headline.png)" in page and (results / "headline.png").stat().st_size > 0
     assert "**Reading.** Fusion helps on MR." in page
+    row = "| SmolLM2 + MiniLM concatenated − SmolLM2 best single layer | mr | +0.032 |"
+    assert row in page.split("## Reproduce")[0]
+    text = readme.read_text()
+    assert "STALE TEXT" not in text and row in text and "Joining the backbones helps (+0.032)." in text
+    assert text.startswith("# x\n\n## Results\n\nintro\n") and text.endswith(
+        "<!-- results:end -->\n\n## Next\n"
+    )
+
+
+def test_every_figure_a_reading_quotes_is_in_the_result_files_or_on_the_page():
+    """The committed readings quote nothing the committed JSON and the generated page do not hold
+    (a typo such as 0.835 for 0.836, or a figure from a run that is not committed, fails here)."""
+    from scripts.experiments.write_results import page_without_readings, unsupported_figures
+
+    results = ROOT / "docs" / "results"
+    page = page_without_readings((ROOT / "docs" / "RESULTS.md").read_text())
+    readings = sorted(results.glob("reading_*.md"))
+    assert {p.stem for p in readings} >= {"reading_headline", "reading_fusion", "reading_cost"}
+    for path in readings:
+        assert unsupported_figures(path.read_text(), page, results) == [], path.name
+
+
+def test_the_figure_check_catches_a_figure_that_is_not_there(tmp_path):
+    from scripts.experiments.write_results import unsupported_figures
+
+    (tmp_path / "fusion.json").write_text(
+        json.dumps({"x": 0.8364, "n": 507, "s": "smollm2:mean:L15"})
+    )
+    page = "| row | 0.123 [0.1, 0.2] | 28.5% | 1,488 |"
+    ok = "Layer 15 reaches 0.836 (0.84), 0.123, 28.5% and 1,488 rows; dimension 507."
+    assert unsupported_figures(ok, page, tmp_path) == []
+    assert unsupported_figures("It reaches 0.835 on dimension 247.", page, tmp_path) == [
+        "0.835",
+        "247",
+    ]
+
+
+def test_committed_page_and_readme_regenerate_from_the_committed_results(tmp_path):
+    """docs/RESULTS.md and the README's Results block are what write_results makes of the
+    committed result files and readings, byte for byte."""
+    import shutil
+
+    docs = tmp_path / "docs"
+    shutil.copytree(ROOT / "docs" / "results", docs / "results")
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    write(docs / "results", docs / "RESULTS.md", tmp_path / "README.md")
+    assert (docs / "RESULTS.md").read_text() == (ROOT / "docs" / "RESULTS.md").read_text()
+    assert (tmp_path / "README.md").read_text() == (ROOT / "README.md").read_text()
 
 
 def test_result_folders_of_separate_processes_merge(tmp_path):
@@ -403,13 +497,7 @@ def test_result_folders_of_separate_processes_merge(tmp_path):
 def test_gpu_cost_takes_the_gpu_extraction_records_and_leaves_the_load_out():
     from scripts.experiments.cost import on_gpu
 
-    cpu = {
-        "extraction": {"smollm2": {"seconds_per_1000": 11.0, "joules_per_1000": None}},
-        "extraction_seconds_per_1000": 11.0,
-        "extraction_joules_per_1000": None,
-        "training_seconds_per_1000": 0.5,
-        "training_joules": None,
-    }
+    cpu = {"smollm2": {"seconds_per_1000": 11.0, "joules_per_1000": None, "device": "cpu"}}
     run = {"load_seconds": 1.0, "energy_note": None}
     records = {
         "smollm2": [
@@ -449,14 +537,119 @@ def test_gpu_cost_takes_the_gpu_extraction_records_and_leaves_the_load_out():
         ]
     }
     g = on_gpu(cpu, records, "mr")
-    assert (
-        g["extraction"]["smollm2"]["seconds_per_1000"] == 1.0
-    )  # (6 s - 4 s of load) / 2,000 texts
-    assert g["extraction_joules_per_1000"] == 400.0
-    assert (g["training_seconds_per_1000"], g["training_joules"]) == (0.5, None)  # not metered
-    assert cpu["extraction"]["smollm2"]["seconds_per_1000"] == 11.0  # the CPU's figures untouched
+    assert g["smollm2"]["seconds_per_1000"] == 1.0  # (6 s - 4 s of load) / 2,000 texts
+    assert g["smollm2"]["joules_per_1000"] == 400.0
+    assert cpu["smollm2"]["seconds_per_1000"] == 11.0  # the CPU's figures untouched
     with pytest.raises(SystemExit, match="no GPU extraction of bbc with smollm2"):
         on_gpu(cpu, records, "bbc")
+
+
+def test_cost_counts_every_fit_a_choice_makes_and_the_extraction_of_every_backbone_it_reads():
+    """A best single layer pays experiment 1's whole sweep on every split; a choice among both
+    backbones pays both extractions, though the chosen layer reads one; rows that recorded their
+    selection are read as recorded; the first run's rows, which kept only the chosen candidate's
+    fit, are estimated from it and say so."""
+    from scripts.experiments.cost import llmembed_method
+
+    def info(backbone, fit_s, seeds=1):
+        return {
+            "rows": ROWS,
+            "n_features": 4,
+            "params_trained": 5,
+            "n_seeds": seeds,
+            "timings": {"fit_s": fit_s},
+            "extraction": [{"backbone": backbone, "entry": "/nonexistent"}],
+        }
+
+    def curve(backbone, fits):  # experiment 1: each run fitted 5 splits
+        return [{"info": info(backbone, f * 5, seeds=5)} for f in fits]
+
+    layers = {
+        "curves": {
+            "smollm2:mean": curve("smollm2", [1.0, 2.0]),
+            "minilm:mean": curve("minilm", [0.5]),
+        }
+    }
+    extraction = {
+        b: {"seconds_per_1000": s, "joules_per_1000": None}
+        for b, s in (("smollm2", 10.0), ("minilm", 2.0))
+    }
+    acc = {"accuracy": summary([0.8, 0.8]), "macro_f1": summary([0.8, 0.8])}
+    either = llmembed_method(
+        "SmolLM2 or MiniLM best single layer (validation), logreg",
+        {"test": acc, "info": {"0": info("minilm", 0.5, 5), "1": info("minilm", 0.5, 5)}},
+        layers,
+        extraction,
+    )
+    # 1,000 rows: both backbones extracted (10 s + 2 s); 3 fits (1 + 2 + 0.5 s) per split, 2 splits
+    assert (either["one_time_s"], either["selection_fits_per_split"], either["per_split_s"]) == (
+        12.0,
+        3,
+        3.5,
+    )
+    assert (either["total_s"], either["estimated"], sorted(either["extraction"])) == (
+        19.0,
+        False,
+        ["minilm", "smollm2"],
+    )
+    concat = llmembed_method(
+        "SmolLM2 concatenation of layers chosen on validation, logreg",
+        {
+            "test": acc,
+            "candidates": 8,
+            "info": {"0": info("smollm2", 4.0), "1": info("smollm2", 2.0)},
+        },
+        layers,
+        extraction,
+    )
+    assert (concat["selection_fits_per_split"], concat["per_split_s"], concat["estimated"]) == (
+        2 + 8,
+        3.0 + 8 * 3.0,
+        True,
+    )
+    recorded = llmembed_method(
+        "SmolLM2 concatenation of layers chosen on validation, logreg",
+        {
+            "test": acc,
+            "candidates": 8,
+            "info": {"0": info("smollm2", 4.0), "1": info("smollm2", 2.0)},
+            "selection": {
+                "0": {"fits": 10, "fit_s": 20.0, "backbones": ["smollm2"]},
+                "1": {"fits": 10, "fit_s": 30.0, "backbones": ["smollm2"]},
+            },
+        },
+        layers,
+        extraction,
+    )
+    assert (recorded["per_split_s"], recorded["total_s"], recorded["estimated"]) == (
+        25.0,
+        10.0 + 50.0,
+        False,
+    )
+
+
+def test_the_claims_form_sets_the_cheapest_method_that_reaches_the_counterpart_against_it():
+    from scripts.experiments.cost import claim
+
+    def method(kind, values, total, used):
+        return {
+            "kind": kind,
+            "test": {"accuracy": summary(values)},
+            "total_s": total,
+            "params_used": used,
+            "estimated": False,
+        }
+
+    methods = {
+        "probe, cheap": method("llmembed", [0.70, 0.71, 0.69], 100.0, 10),
+        "probe, good": method("llmembed", [0.90, 0.91, 0.92], 300.0, 12),
+        "prompting": method("prompting", [0.80, 0.82, 0.81], 1000.0, 10),
+        "fine-tuning": method("finetuning", [0.95, 0.96, 0.97], 50.0, 2),
+    }
+    out = {c["counterpart"]: c for c in claim(methods, ROWS)}
+    assert out["prompting"]["llmembed"] == "probe, good" and out["prompting"]["runtime"] == 0.3
+    assert out["prompting"]["difference"] == pytest.approx(0.1) and out["prompting"]["p"] < 0.05
+    assert out["fine-tuning"]["llmembed"] is None  # nothing reaches it
 
 
 def test_counterparts_of_both_machines_are_shown_and_the_gpu_run_makes_the_headline(tmp_path):
@@ -464,17 +657,48 @@ def test_counterparts_of_both_machines_are_shown_and_the_gpu_run_makes_the_headl
     (results / "gpu").mkdir(parents=True)
 
     def acc(mean):
-        a = {"mean": mean, "ci": [mean - 0.01, mean + 0.01], "n": 5, "std": 0.01}
+        a = summary([mean - 0.01, mean, mean + 0.01])
         return {"accuracy": a, "macro_f1": a}
 
-    cost = {"seconds": 2.0, "joules": None}
+    rate = {"per_1000": {"test": {"seconds": 2.0, "joules": None}}}
+    zero = "prompting SmolLM2, plain template, uncalibrated, zero-shot"
     prompting = {
-        "template": "Review: {text}\nSentiment:",
-        "words": {"neg": "negative", "pos": "positive"},
-        "zero_shot": {"test": acc(0.78), "cost_per_1000": cost},
-        "few_shot": {"test": acc(0.75), "cost_per_1000": cost, "shots_per_class": 1},
+        "plain": {
+            "settings": {
+                "chat": False,
+                "calibrate": False,
+                "shots": [0],
+                "choose_shots": False,
+                "max_text_tokens": 256,
+                "max_shot_tokens": 64,
+            },
+            "template": "Review: {text}\nSentiment:",
+            "instruction": None,
+            "words": {"neg": "negative", "pos": "positive"},
+            "rows": {zero: {"test": acc(0.78), "cost": rate, "params_trained": 0}},
+        }
     }
-    finetuning = {"test": acc(0.86), "train_cost_per_1000": cost, "params_trained": 22_713_986}
+    ft = "fine-tuning MiniLM end to end, one learning rate (5e-5), texts cut to 128 / 64 / 256 tokens"
+    finetuning = {
+        "minilm_one_lr": {
+            "settings": {
+                "backbone": "minilm",
+                "method": "full",
+                "lrs": [5e-5],
+                "batch_size": 32,
+                "max_epochs": 4,
+                "max_length": 128,
+            },
+            "rows": {
+                ft: {
+                    "test": acc(0.86),
+                    "cost": {"per_split": {"0": {"selection_s": 30.0, "test_s": 2.0}}},
+                    "params_trained": 22_713_986,
+                    "chosen_per_split": {"0": "lr=5e-05"},
+                }
+            },
+        }
+    }
     for folder, cpu, gpu, datasets in (
         (results, "CPU", None, {"mr": {"prompting": prompting}}),
         (
@@ -491,8 +715,10 @@ def test_counterparts_of_both_machines_are_shown_and_the_gpu_run_makes_the_headl
         page.index("On the GPU (Xeon, 2 cores, GPU: NVIDIA H200"),
         page.index("On the CPU"),
     )
-    assert gpu_at < page.index("| fine-tuning MiniLM | 0.860 [0.850, 0.870]") < cpu_at
-    assert "| fine-tuning MiniLM end to end | 0.860 [0.850, 0.870] |" in page  # the headline
+    assert gpu_at < page.index(f"| {ft} | 0.860 [", gpu_at) < cpu_at
+    assert "| 30.0 + 2.0 | 22,713,986 | 0: lr=5e-05 |" in page  # selection + test seconds
+    assert "| rate only: 2.0 s / 1,000 test texts | 0 | fixed |" in page
+    assert f"| {ft} | 0.860 [" in page.split("## Reproduce")[0]  # the headline
 
 
 def test_extraction_cost_is_the_data_sets_own_not_the_entrys_running_total(tmp_path):

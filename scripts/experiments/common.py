@@ -286,6 +286,15 @@ def hidden_size(backbone: str) -> int:
 
 
 # --- choosing on validation ----------------------------------------------------------------------
+def selection(candidates: Sequence[Scores]) -> dict:
+    """What making one split's choice among `candidates` cost: how many fits, their seconds (each
+    candidate's fit on that split; a run that fitted every split at once, as experiment 1's, counts
+    its mean per split) and the backbones they read (each must be extracted to choose)."""
+    fit = [c.info["timings"]["fit_s"] / max(c.info.get("n_seeds", 1), 1) for c in candidates]
+    backbones = {e["backbone"] for c in candidates for e in c.info["extraction"]}
+    return {"fits": len(candidates), "fit_s": round(sum(fit), 3), "backbones": sorted(backbones)}
+
+
 def choose(candidates: Sequence[Scores], seed: int, metric: str = "accuracy") -> Scores:
     """The candidate with the best validation score on split `seed`; ties go to the earlier
     candidate (list the simpler or cheaper ones first). Test scores are not looked at."""

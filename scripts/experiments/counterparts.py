@@ -223,9 +223,15 @@ def run_prompting(cfg, splits, name: str, setup) -> dict:
     rows = {}
 
     def row(per_split: dict, timed: Timed, **extra) -> dict:
+        """A row's scores and cost: a fixed k's row costs its test prompts (the validation
+        prompts scored for the choice are the chosen row's selection)."""
+        spent = {
+            seed: {k: v for k, v in d.items() if not k.startswith("validation")}
+            for seed, d in timed.per_split.items()
+        }
         return {
             "test": summary(per_split, "test"),
-            "cost": {"per_split": timed.per_split},
+            "cost": {"per_split": spent},
             "params_trained": 0,
             **extra,
         }
@@ -237,11 +243,10 @@ def run_prompting(cfg, splits, name: str, setup) -> dict:
         )
     if choose_k:
         per_split = {s: {"test": per_k[chosen[s]][s]["test"]} for s in splits}
-        rows[
-            f"{described}, demonstrations per class chosen on validation ({', '.join(map(str, ks))})"
-        ] = row(
+        rows[f"{described}, demonstrations per class chosen on validation"] = row(
             per_split,
             chosen_cost,
+            candidates=ks,
             chosen_per_split={s: f"k={chosen[s]}" for s in splits},
             validation={k: summary(per_k[k], "validation") for k in ks},
         )

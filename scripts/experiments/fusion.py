@@ -43,6 +43,7 @@ from scripts.experiments.common import (
     header,
     pre_extract,
     read_json,
+    selection,
     setup_logging,
     with_changes,
     write_json,
@@ -223,14 +224,6 @@ def run_dataset(cfg, layers_result: dict) -> dict:
 # What ran under `head=llmembed` with this experiment's settings: not the paper's head as its code
 # has it (raw inputs, no early stopping, ...), which experiment 3 runs.
 COOC = "llmembed's co-occurrence head (standardized inputs, every block projected, early stopping, batch 256)"
-
-
-def selection(candidates: list[Scores]) -> dict:
-    """What making one split's choice among `candidates` cost: how many fits, and their seconds
-    (each candidate's fit on that split; experiment 1's runs fitted every split in one run, so a
-    split's share of those is their mean over the splits)."""
-    fit = [c.info["timings"]["fit_s"] / max(c.info.get("n_seeds", 1), 1) for c in candidates]
-    return {"fits": len(candidates), "fit_s": round(sum(fit), 3)}
 
 
 def describe(sources: list[dict]) -> str:

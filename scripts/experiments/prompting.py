@@ -86,12 +86,12 @@ class PromptScorer:
                         input_ids=rest,
                         attention_mask=torch.cat([mask, torch.ones_like(rest)], 1),
                         position_ids=lengths[:, None] + torch.arange(len(w) - 1, device=dev),
-                        cache=res.past_key_values,
+                        cache=res.cache,
                         use_cache=True,
                     ).last_hidden_state
                     lp = torch.log_softmax(head(more).float(), -1)  # (B, m - 1, vocab)
                     score = score + lp[:, torch.arange(len(w) - 1), torch.tensor(w[1:])].sum(1)
-                    res.past_key_values.crop(-(len(w) - 1))  # back to the prompts alone
+                    res.cache.crop(-(len(w) - 1))  # back to the prompts alone
                 out[idx, k] = score.cpu().numpy()
         return out
 

@@ -59,6 +59,7 @@ from scripts.experiments.common import (
     metered,
     pre_extract,
     resolve_compute_dtype,
+    selection,
     setup_logging,
     split_datasets,
     summary_of,
@@ -390,7 +391,7 @@ def head_rows(cfg, seeds: list[int], run_dir: Path, smol_last: dict) -> dict[str
     sources = [smol_last, {**dict(r.encoder), "role": "encoder"}]
     for tag, spec in r.heads.items():
         params = {f"head.params.{k}": v for k, v in spec.params.items()}
-        picks, fit_s = {}, 0.0
+        picks, looked_at = {}, {}
         for seed in seeds:
             cands = []
             for sigma in r.sigmas:
@@ -408,14 +409,13 @@ def head_rows(cfg, seeds: list[int], run_dir: Path, smol_last: dict) -> dict[str
                 cands.append(
                     classify(c, run_dir / f"s{seed}" / f"head-{tag}-s{sigma}", f"{tag} σ={sigma}")
                 )
-                fit_s += cands[-1].info["timings"]["fit_s"]
-            picks[seed] = choose(cands, seed)
+            picks[seed], looked_at[seed] = choose(cands, seed), cands
         rows[f"head: {spec.label}, σ on validation; SmolLM2 last five + MiniLM L6"] = {
             "test": chosen_test(picks),
             "chosen_per_split": {s: picks[s].name for s in seeds},
             "info": {s: picks[s].info for s in seeds},
             "candidates": len(r.sigmas),
-            "selection_fit_s": {"total": round(fit_s, 2), "fits": len(seeds) * len(r.sigmas)},
+            "selection": {s: selection(looked_at[s]) for s in seeds},
         }
     return rows
 

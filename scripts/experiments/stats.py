@@ -68,7 +68,7 @@ def interval(
     mean, se, df = _t(values, inflation)
     half = stats.t.ppf(0.5 + LEVEL / 2, df) * se
     lo, hi = mean - half, mean + half
-    return Interval(max(0.0, lo), min(1.0, hi), lo < 0.0 or hi > 1.0)
+    return Interval(float(max(0.0, lo)), float(min(1.0, hi)), bool(lo < 0.0 or hi > 1.0))
 
 
 def paired(a: Sequence[float], b: Sequence[float], *, n_train: int, n_test: int) -> Paired:
@@ -94,6 +94,14 @@ def _two_sided(mean: float, se: float, df: int) -> float:
     if se == 0.0:  # every split gave the same difference
         return 1.0 if mean == 0.0 else 0.0
     return float(2 * stats.t.sf(abs(mean / se), df))
+
+
+def common_splits(a: dict, b: dict) -> tuple[list[float], list[float]]:
+    """The per-split values of two summaries over the splits (`seeds`) both have, in the same
+    order; a summary written without `seeds` covers the protocol's splits 0..n-1 in order."""
+    sa, sb = a.get("seeds", list(range(a["n"]))), b.get("seeds", list(range(b["n"])))
+    both = [s for s in sa if s in sb]
+    return [a["values"][sa.index(s)] for s in both], [b["values"][sb.index(s)] for s in both]
 
 
 def p_text(p: float) -> str:
