@@ -92,6 +92,31 @@ def test_prompting_scores_equal_each_prompt_alone(tiny_llama, llama_tok):
         )
 
 
+def test_prompts_sharing_their_demonstrations_run_them_once_and_score_the_same(
+    tiny_llama, llama_tok, monkeypatch
+):
+    """Few-shot prompts share their leading tokens (the demonstrations): they run once, and each
+    batch continues from their cache, with the same log-probs as each prompt alone."""
+    from scripts.experiments.prompting import shared_prefix
+
+    model = causal_lm(tiny_llama, None, llama_tok)
+    demos = "the film was good . the plot was bad . a very long story , not fun . music "
+    prompts = [demos + end for end in ("great", "a dull scene", "the actors were funny and sad")]
+    assert shared_prefix([llama_tok(p)["input_ids"] for p in prompts]) >= 16
+    seen = []
+    decoder = model.get_decoder()
+    forward = decoder.forward
+    monkeypatch.setattr(
+        decoder, "forward", lambda **kw: seen.append(kw["input_ids"].shape) or forward(**kw)
+    )
+    for words in (["bad", "good"], ["very good", "bad", "not fun"]):
+        seen.clear()
+        got = PromptScorer(model, llama_tok, words, token_budget=12).scores(prompts)
+        ran = list(seen)
+        np.testing.assert_allclose(got, naive_scores(model, llama_tok, prompts, words), atol=1e-4)
+        assert ran[0][0] == 1 and all(shape[1] < 10 for shape in ran[1:])  # the prefix once
+
+
 def test_few_shot_demonstrations_come_from_training_rows_of_every_class(llama_tok):
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
     train = np.array([0, 1, 2, 3, 4, 5])
@@ -866,3 +891,98 @@ def test_lora_starts_at_the_model_trains_only_its_adapters_and_learns(tiny_llama
             continue
         assert torch.equal(p, frozen[n.replace(".base.", ".")]), n  # the model itself is frozen
     assert res.history[res.best_epoch]["val_accuracy"] >= 0.9, res.history
+
+
+def test_reuse_of_earlier_runs_is_counted_and_the_command_names_run_dir_and_resume(
+    classify_cfg, tmp_path
+):
+    """A result file says how many llmembed runs its command fitted and how many it took from
+    results.run_dir, and its printed command spells out the settings that decide it."""
+    import scripts.experiments.common as common
+
+    cfg = classify_cfg(
+        [("llama", [1], "mean")], "head=logreg", "seeds=[0]", "resplit=true", "save_model=false"
+    )
+    with open_dict(cfg):
+        cfg.results = {"run_dir": str(tmp_path / "runs"), "resume": True, "head_threads": 1}
+    common.RUNS.update(fitted=0, reused=0)
+    first = classify(cfg, tmp_path / "runs" / "a", "llama L1")
+    again = classify(cfg, tmp_path / "runs" / "a", "llama L1")
+    assert (first.info["reused"], again.info["reused"]) == (False, True)
+    line = common.command_line("scripts.experiments.layers", ["seeds=[0]"], cfg)
+    assert line == (
+        f".venv/bin/python -m scripts.experiments.layers seeds=[0] "
+        f"results.run_dir={tmp_path / 'runs'} results.resume=true"
+    )
+    told = common.command_line("m", ["results.resume=false"], cfg)
+    assert told.count("results.resume") == 1  # what the user typed is not repeated
+    done = common.finish(
+        {"command": line, "runs": [{"command": "earlier", "fitted": 3, "reused": 0}]}
+    )
+    assert done["runs"] == [
+        {"command": "earlier", "fitted": 3, "reused": 0},
+        {"command": line, "fitted": 1, "reused": 1},
+    ]
+
+
+def test_massive_dimensions_name_the_largest_dimension_per_layer():
+    from scripts.experiments.recipe import massive_dimensions
+
+    X = np.ones((4, 2, 6), dtype=np.float32)
+    X[:, 0, 5] = -300.0  # layer 3: dimension 5, 300 times the median magnitude
+    X[:, 1, 2] = 40.0
+    assert massive_dimensions(X, [3, 7]) == {
+        "3": {"dimension": 5, "times_median": 300.0},
+        "7": {"dimension": 2, "times_median": 40.0},
+    }
+
+
+def test_run_to_run_variation_compares_a_clean_rerun_cell_by_cell():
+    from scripts.experiments.write_results import rerun_variation
+
+    def run(values: list[list[float]]) -> dict:
+        curve = [{"test": {"accuracy": summary(v)}} for v in values]
+        return {"command": "c", "datasets": {"trec": {"curves": {"smollm2:mean": curve}}}}
+
+    first = run([[0.80, 0.82, 0.84], [0.70, 0.70, 0.70]])
+    again = run([[0.80, 0.82, 0.86], [0.70, 0.70, 0.70]])
+    text = "\n".join(rerun_variation(first, again))
+    assert "| trec | 5 of 6 | 0.020 | 0.007 |" in text
+
+
+@pytest.mark.slow
+def test_counterparts_run_as_typed_on_the_packaged_models(tmp_path):
+    """Every counterpart path (chat prompting with calibration and k chosen on validation, plain
+    prompting, MiniLM fine-tuning with a learning-rate sweep, LoRA on SmolLM2) through the command
+    a user types, on 60 TREC rows and one split: rows, choices and per-split costs are written."""
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [
+            sys.executable, "-m", "scripts.experiments.counterparts",
+            "dataset.limit=60", "results.datasets=[trec]", "seeds=[0]", f"results.out_dir={out}",
+            "results.counterparts.run=[prompting.chat,prompting.plain,finetuning.minilm,finetuning.smollm2_lora]",
+            "results.counterparts.prompting.setups.chat.shots.trec=[0,1]",
+            "results.counterparts.finetuning.setups.minilm.lrs=[5e-5,1e-4]",
+            "results.counterparts.finetuning.setups.minilm.max_epochs=1",
+            "results.counterparts.finetuning.setups.smollm2_lora.lrs=[1e-3]",
+            "results.counterparts.finetuning.setups.smollm2_lora.max_epochs=1",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    d = json.loads((out / "counterparts.json").read_text())["datasets"]["trec"]
+    chat = d["prompting"]["chat"]["rows"]
+    chosen = chat[
+        "prompting SmolLM2, chat template, calibrated, demonstrations per class chosen on validation"
+    ]
+    assert chosen["chosen_per_split"]["0"] in ("k=0", "k=1") and chosen["candidates"] == [0, 1]
+    assert chosen["cost"]["per_split"]["0"]["selection_s"] > 0
+    assert set(d["prompting"]["plain"]["rows"]) == {
+        "prompting SmolLM2, plain template, uncalibrated, zero-shot",
+        "prompting SmolLM2, plain template, uncalibrated, 1 demonstration per class",
+    }
+    (ft,) = d["finetuning"]["minilm"]["rows"].values()
+    assert [x["lr"] for x in ft["runs"]["0"]["lrs"]] == [5e-5, 1e-4]
+    (lora,) = d["finetuning"]["smollm2_lora"]["rows"].values()
+    assert 0 < lora["params_trained"] < 2_000_000  # adapters and a classifier, not the model

@@ -6,6 +6,8 @@ scores may be calibrated on content-free inputs (Zhao et al., 2021, "Calibrate b
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -61,21 +63,41 @@ class PromptScorer:
 
     @torch.inference_mode()
     def scores(self, prompts: list[str]) -> np.ndarray:
-        """(prompts, classes) summed log-probabilities of each label word."""
+        """(prompts, classes) summed log-probabilities of each label word. The tokens every
+        prompt starts with (the demonstrations of a few-shot prompt, a chat template's system
+        turn) run once; each batch continues from their key/value cache."""
         seqs = [self.prompt_ids(p) for p in prompts]
+        shared = shared_prefix(seqs)
         out = np.zeros((len(prompts), len(self.word_ids)))
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
         dev = self.model.device
-        for idx in self._batches(seqs):
-            lengths = torch.tensor([len(seqs[i]) for i in idx], device=dev)
+        prefix = None
+        if shared:
+            ids = torch.tensor([seqs[0][:shared]], device=dev)
+            prefix = decoder(input_ids=ids, use_cache=True).cache
+        rests = [s[shared:] for s in seqs]
+        for idx in self._batches(rests):
+            lengths = torch.tensor([len(rests[i]) for i in idx], device=dev)
             width = int(lengths.max())
             x = torch.full((len(idx), width), self.tok.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(x)
             for r, i in enumerate(idx):
-                x[r, : len(seqs[i])], mask[r, : len(seqs[i])] = torch.tensor(seqs[i]), 1
+                x[r, : len(rests[i])], mask[r, : len(rests[i])] = torch.tensor(rests[i]), 1
             x, mask = x.to(dev), mask.to(dev)
+            if prefix is not None:  # (B, shared + width): the prefix is real for every row
+                mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, shared), mask], 1)
+            cache = None
+            if prefix is not None:
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(idx))
             many = any(len(w) > 1 for w in self.word_ids)
-            res = decoder(input_ids=x, attention_mask=mask, use_cache=many)
+            res = decoder(
+                input_ids=x,
+                attention_mask=mask,
+                position_ids=shared + torch.arange(width, device=dev).expand(len(idx), -1),
+                cache=cache,
+                use_cache=many or cache is not None,
+            )
             rows = torch.arange(len(idx), device=dev)
             first = torch.log_softmax(head(res.last_hidden_state[rows, lengths - 1]).float(), -1)
             for k, w in enumerate(self.word_ids):  # first: (B, vocab)
@@ -85,7 +107,9 @@ class PromptScorer:
                     more = decoder(
                         input_ids=rest,
                         attention_mask=torch.cat([mask, torch.ones_like(rest)], 1),
-                        position_ids=lengths[:, None] + torch.arange(len(w) - 1, device=dev),
+                        position_ids=shared
+                        + lengths[:, None]
+                        + torch.arange(len(w) - 1, device=dev),
                         cache=res.cache,
                         use_cache=True,
                     ).last_hidden_state
@@ -97,6 +121,18 @@ class PromptScorer:
 
     def predict(self, prompts: list[str]) -> np.ndarray:
         return self.scores(prompts).argmax(axis=1)
+
+
+def shared_prefix(seqs: list[list[int]], least: int = 16) -> int:
+    """How many leading tokens every sequence shares, leaving each at least one token of its own;
+    0 when fewer than `least` (not worth a cache) or only one sequence."""
+    if len(seqs) < 2:
+        return 0
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for s in seqs[1:]:
+        n = next((i for i in range(n) if s[i] != first[i]), n)
+    return n if n >= least else 0
 
 
 def truncate(tok, text: str, max_tokens: int) -> str:
