@@ -449,7 +449,7 @@ def test_the_headline_its_comparisons_and_the_readme_come_from_the_results_folde
 def test_every_figure_a_reading_quotes_is_in_the_result_files_or_on_the_page():
     """The committed readings quote nothing the committed JSON and the generated page do not hold
     (a typo such as 0.835 for 0.836, or a figure from a run that is not committed, fails here)."""
-    from scripts.experiments.write_results import page_without_readings, unsupported_figures
+    from scripts.experiments.readings import page_without_readings, unsupported_figures
 
     results = ROOT / "docs" / "results"
     page = page_without_readings((ROOT / "docs" / "RESULTS.md").read_text())
@@ -460,7 +460,7 @@ def test_every_figure_a_reading_quotes_is_in_the_result_files_or_on_the_page():
 
 
 def test_the_figure_check_catches_a_figure_that_is_not_there(tmp_path):
-    from scripts.experiments.write_results import unsupported_figures
+    from scripts.experiments.readings import unsupported_figures
 
     (tmp_path / "fusion.json").write_text(
         json.dumps({"x": 0.8364, "n": 507, "s": "smollm2:mean:L15"})
