@@ -113,6 +113,11 @@ def experiment_cfgs(experiment: str, argv: Sequence[str]) -> list[DictConfig]:
     ]
 
 
+def per_dataset(value, dataset: str):
+    """A setting given once, or per data set as {name: value}."""
+    return value[dataset] if OmegaConf.is_dict(value) or isinstance(value, dict) else value
+
+
 def head_config(name: str) -> DictConfig:
     """conf/head/<name>.yaml as composed (to swap the head of an already composed config)."""
     return compose_cfg("classify", [f"head={name}"]).head

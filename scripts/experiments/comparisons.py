@@ -30,6 +30,8 @@ PAPER_LAST5 = (
     "pooling: BOS in front, mean over the padded length (the paper's code); last five layers, mean"
 )
 LAYERS_MEAN = "layers: the paper's last five layers, mean (llmembed, logreg)"
+# The first run's raw-input head (every block projected, MiniLM too), no longer in the config.
+RAW_PROJECTED = "head: raw inputs, every block projected (MiniLM too), early stopping, batch 256, σ on validation; SmolLM2 last five + MiniLM L6"
 SMOL_BEST = "smollm2 best (layer, pooling) on validation"
 
 
@@ -234,7 +236,7 @@ def comparisons(lab: dict[str, str]) -> dict[str, list[tuple[str, tuple, tuple]]
                 ),
                 (
                     "raw inputs, every block projected − llmembed's head",
-                    lab["head.raw_projected"],
+                    RAW_PROJECTED,
                     "recipe",
                     lab["head.llmembed"],
                 ),

@@ -45,6 +45,7 @@ from scripts.experiments.common import (
     log,
     metered,
     over_splits,
+    per_dataset,
     resolve_compute_dtype,
     setup_logging,
     split_datasets,
@@ -63,11 +64,6 @@ from scripts.experiments.prompting import (
 )
 
 EXPERIMENT, MODULE = "results_counterparts", "scripts.experiments.counterparts"
-
-
-def per_dataset(value, dataset: str):
-    """A setting given once, or per data set as {name: value}."""
-    return value[dataset] if OmegaConf.is_dict(value) or isinstance(value, dict) else value
 
 
 def per_1000(figures: dict, texts: int) -> dict:
@@ -264,9 +260,10 @@ def run_prompting(cfg, splits, name: str, setup) -> dict:
 
 
 # --- fine-tuning ----------------------------------------------------------------------------------
-def run_finetuning(cfg, splits, name: str, setup) -> dict:
-    """One fine-tuning setup on every split: every learning rate of `lrs` trained (early stopping
-    on validation), the best on validation kept, test scored once for it."""
+def run_finetuning(cfg, splits, name: str, setup) -> dict | None:
+    """One fine-tuning setup on every split of `splits` (all, or its own, per data set; none:
+    not run there): every learning rate of `lrs` trained (early stopping on validation), the best
+    on validation kept, test scored once for it."""
     dsname = cfg.dataset.name
     path = backbone_path(setup.backbone)
     tok = load_tokenizer(path)
@@ -275,7 +272,13 @@ def run_finetuning(cfg, splits, name: str, setup) -> dict:
         for k in ("weight_decay", "batch_size", "max_epochs", "patience", "warmup", "pooling")
     }
     base["max_length"] = int(per_dataset(setup.max_length, dsname))
-    seeds = list(splits) if setup.get("splits") is None else [int(s) for s in setup.splits]
+    chosen_splits = per_dataset(setup.get("splits"), dsname)
+    seeds = [s for s in splits if chosen_splits is None or s in [int(x) for x in chosen_splits]]
+    if not seeds:
+        log.info(
+            "%s %s: no splits on this data set (results.counterparts.finetuning)", dsname, name
+        )
+        return None
     build = backbone_builder(setup, path)
     per_split, runs, timed, chosen = {}, {}, Timed(), {}
     for seed in seeds:
@@ -387,8 +390,10 @@ def main(argv: list[str]) -> None:
         r = result["datasets"].setdefault(cfg.dataset.name, {"dataset": cfg.dataset.name})
         for kind, name in todo:
             setup = cfg.results.counterparts[kind].setups[name]
-            r.setdefault(kind, {})[name] = RUNNERS[kind](cfg, splits, name, setup)
-            write_json(path, result)
+            done = RUNNERS[kind](cfg, splits, name, setup)
+            if done is not None:
+                r.setdefault(kind, {})[name] = done
+                write_json(path, result)
 
 
 if __name__ == "__main__":

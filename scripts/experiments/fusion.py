@@ -10,7 +10,8 @@ Per split, for SmolLM2 alone and SmolLM2 + MiniLM:
 - llmembed's co-occurrence head (`head=llmembed`: standardized inputs, every block projected,
   early stopping, batch 256; experiment 3 has the paper's head as its code has it) on the paper's
   last five layers (+ MiniLM L6) and, with `results.fusion.cooc_on_chosen=true`, on the layers the
-  concatenation chose; σ from `results.fusion.sigmas` chosen on validation.
+  concatenation chose (for the feature sets of `results.fusion.cooc_on_chosen`); σ from
+  `results.fusion.sigmas` chosen on validation.
 
 Every row records what its choice cost per split (`selection`): the fits of every candidate it
 looked at, experiment 1's sweep included where it ranks or picks layers from it.
@@ -19,7 +20,7 @@ looked at, experiment 1's sweep included where it ranks or picks layers from it.
 
 Needs <results.out_dir>/layers.json (experiment 1). Per set: 5 splits x 2 feature sets x (4
 concatenations x 2 poolings) = 80 logreg fits, and 5 x 2 x len(sigmas) co-occurrence head fits on
-the paper's layers, as many again on the chosen layers (`cooc_on_chosen`). Estimated time:
+the paper's layers, 5 x len(sigmas) more per feature set of `cooc_on_chosen`. Estimated time:
 docs/results/ and the runbook give the measured per-fit seconds.
 
 Writes <results.out_dir>/fusion.json.
@@ -173,7 +174,7 @@ def run_dataset(cfg, layers_result: dict) -> dict:
             if combo == "smollm2+minilm":
                 paper_sources.append({**dict(fcfg.encoder_paper), "role": "encoder"})
             variants = [("paper layers", paper_sources, paper_picks, paper_seen, [])]
-            if fcfg.cooc_on_chosen:
+            if combo in fcfg.cooc_on_chosen:
                 variants.append(
                     (
                         "chosen layers",
@@ -212,7 +213,7 @@ def run_dataset(cfg, layers_result: dict) -> dict:
         report(
             f"{what}, {COOC}, paper's last five layers (σ on validation)", paper_picks, paper_seen
         )
-        if fcfg.cooc_on_chosen:
+        if combo in fcfg.cooc_on_chosen:
             report(
                 f"{what}, {COOC}, layers chosen on validation (σ on validation)",
                 cooc_picks,

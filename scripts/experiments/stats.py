@@ -91,8 +91,8 @@ def paired(a: Sequence[float], b: Sequence[float], *, n_train: int, n_test: int)
 
 
 def _two_sided(mean: float, se: float, df: int) -> float:
-    if se == 0.0:  # every split gave the same difference
-        return 1.0 if mean == 0.0 else 0.0
+    if se == 0.0:  # every split gave the same difference: no spread to test against
+        return 1.0 if mean == 0.0 else float("nan")
     return float(2 * stats.t.sf(abs(mean / se), df))
 
 
@@ -105,5 +105,7 @@ def common_splits(a: dict, b: dict) -> tuple[list[float], list[float]]:
 
 
 def p_text(p: float) -> str:
-    """A p-value as the page prints it."""
+    """A p-value as the page prints it (undefined where the differences have no spread)."""
+    if p != p:
+        return "– (no spread)"
     return "< 0.001" if p < 0.001 else f"{p:.3f}"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.experiments.common import commands_of, machine
+from scripts.experiments.common import commands_of, machine, per_dataset
 from scripts.experiments.comparisons import (
     BEST,
     CONCAT,
@@ -66,8 +66,9 @@ DATASETS = {
 class Page:
     """The figures found in the results folder, and how the page prints them."""
 
-    def __init__(self, rows: dict[str, dict]):
+    def __init__(self, rows: dict[str, dict], splits: int | None = None):
         self.rows = rows  # per data set: training, validation and test rows of one split
+        self.splits = splits  # the protocol's number of splits: a row on fewer says so
         self.found: dict[tuple[str, str, str], dict] = {}  # (experiment, data set, row) -> test
 
     def add(self, exp: str, ds: str, method: str, test: dict) -> None:
@@ -91,6 +92,8 @@ class Page:
         if sizes:
             c = interval(values, **sizes)
             text += f" ⟨{f.format(c.lo)}, {f.format(c.hi)}⟩{'†' if c.clipped else ''}"
+        if self.splits and len(values) < self.splits:
+            text += f" ({len(values)} splits)"
         return text
 
     def delta(self, a: dict | None, b: dict | None, ds: str) -> str:
@@ -407,7 +410,11 @@ def sec_counterparts(r: dict, page: Page, into: dict) -> list[str]:
                 f"Fine-tuning setup `{name}`: {st.get('backbone')}, {st.get('method')}"
                 + (f" (LoRA {st['lora']})" if st.get("lora") else "")
                 + f", learning rates {st.get('lrs')}, batch {st.get('batch_size')}, at most {st.get('max_epochs')} epochs (early stopping on validation), texts cut to {st.get('max_length')} tokens"
-                + (f", splits {st['splits']} only" if st.get("splits") is not None else "")
+                + (
+                    f", splits {per_dataset(st['splits'], ds)} only"
+                    if per_dataset(st.get("splits"), ds) is not None
+                    else ""
+                )
                 + ".",
                 "",
             ]
@@ -660,7 +667,7 @@ def headline(page: Page, lab: dict, results: Path, rel: str) -> tuple[list[str],
         for label, exp, method in heads
     ]
     intro = (
-        "Test accuracy, mean over the five splits, its plain 95% t-interval in [ ] and Nadeau and Bengio's corrected interval in ⟨ ⟩ "
+        "Test accuracy, mean over the five splits (a cell on fewer says so), its plain 95% t-interval in [ ] and Nadeau and Bengio's corrected interval in ⟨ ⟩ "
         "(the plain one treats the five overlapping resplits as independent and is optimistic; † marks an interval cut at 0 or 1); "
         "every choice made on validation. A counterpart run on both machines shows the GPU run's figure. "
         "`not run`: a row that a committed config runs but the committed result files do not hold yet."
@@ -668,7 +675,7 @@ def headline(page: Page, lab: dict, results: Path, rel: str) -> tuple[list[str],
     body = [intro, "", table(["method", *sets], rows), ""]
     cmp = page.comparison_table(comparisons(lab)["headline"], sets)
     body += (
-        ["Paired comparisons (the same five splits; corrected resampled t-test):", "", *cmp]
+        ["Paired comparisons (the same splits; corrected resampled t-test):", "", *cmp]
         if cmp
         else []
     )
@@ -735,7 +742,7 @@ def write(results: Path, out: Path, readme: Path | None = None) -> str:
     any_result = next((v for v in found.values() if v), None)
     m = (any_result or {}).get("machine") or machine()
     lab = labels()
-    page = Page(split_rows(found))
+    page = Page(split_rows(found), len((any_result or {}).get("seeds") or []) or None)
     lines = [
         "# Results: the paper's findings and their counterparts, measured with llmembed",
         "",
@@ -913,14 +920,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
     ap.add_argument(
         "--readme",
-        type=Path,
-        default=Path("README.md"),
-        help="its Results block is rewritten ('' to leave it)",
+        default="README.md",
+        help="the README whose Results block is rewritten ('' to leave every README alone)",
     )
     a = ap.parse_args()
     if not a.results.is_dir():
         ap.error(f"--results {a.results} is not a folder; give the experiments' results folder")
-    readme = a.readme.resolve() if str(a.readme) else None
+    readme = Path(a.readme).resolve() if a.readme else None
     text = write(a.results.resolve(), a.out.resolve(), readme)
     bare = page_without_readings(text)
     for path in sorted(a.results.glob("reading_*.md")):
