@@ -515,6 +515,13 @@ def test_result_folders_of_separate_processes_merge(tmp_path):
         "mr",
         "trec",
     ]
+    # Counterparts run in parallel processes: their setups on one data set add up.
+    for folder, kind, setup in ((a, "prompting", "chat"), (b, "finetuning", "minilm")):
+        cp = {**result("mr"), "datasets": {"mr": {"dataset": "mr", kind: {setup: {"rows": {}}}}}}
+        (folder / "counterparts.json").write_text(json.dumps(cp))
+    merge([a, b], into)
+    both = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]
+    assert (list(both["prompting"]), list(both["finetuning"])) == (["chat"], ["minilm"])
     (b / "fusion.json").write_text(json.dumps(result("trec", seeds=(0,))))
     before = (into / "fusion.json").read_text()
     with pytest.raises(SystemExit, match="another protocol"):
