@@ -482,7 +482,8 @@ def sec_cost(r: dict, page: Page, where: str) -> list[str]:
                         [
                             c["counterpart"],
                             f"{c['counterpart_accuracy']:.3f}",
-                            num(c["counterpart_total_s"]),
+                            ("≈ " if c.get("counterpart_estimated") else "")
+                            + num(c["counterpart_total_s"]),
                             c["llmembed"],
                             f"{c['llmembed_accuracy']:.3f}",
                             "–"
@@ -506,7 +507,8 @@ def sec_cost(r: dict, page: Page, where: str) -> list[str]:
 def cost_notes(r: dict) -> list[str]:
     p = r["paper_ratios"]
     return [
-        "Seconds per split are the mean over the splits; ≈ marks a figure that includes candidates of which the first run kept only the chosen fit (each counted at the chosen one's seconds; experiment 1's sweep is measured). "
+        "Seconds per split are the mean over the splits; ≈ marks a figure that includes candidates of which the first run kept only the chosen fit (each counted at the chosen one's seconds; experiment 1's sweep is measured), "
+        "or a counterpart run on fewer splits whose total is its mean per split times the protocol's splits. "
         "A logistic regression's test predictions are too cheap to meter and count as zero.",
         "",
         f"The paper reports LLMEmbed at {p['parameters']:.0%} of the parameters, {p['electricity']:.1%} of the electricity and {p['runtime']:.1%} of the runtime "
