@@ -1,5 +1,4 @@
-"""Experiment 3: the paper's recipe against llmembed's defaults, one factor at a time (full run
-~1.5 h on 2 idle CPU cores, ~8 h under the load of 2026-11-27; minutes of forward passes on a GPU).
+"""Experiment 3: the paper's recipe against llmembed's defaults, one factor at a time.
 
 1. Pooling (our own forward pass over the packaged SmolLM2 with transformers, since llmembed stores
    only mask-aware poolings): mask-aware mean (llmembed) vs the mean over a fixed padded length
@@ -7,21 +6,22 @@
    BOS, so a BOS is put in front to measure the paper's situation: mean with the BOS state vs
    without it, and the paper's full recipe (BOS and padding in the mean). Each variant: logistic
    regression on the paper's mean of the last five layers, and on the best single layer (chosen per
-   split on validation among `results.recipe.layers`).
+   split on validation among `results.recipe.layers`). Where the paper's code has the data set
+   (`results.recipe.paper_pad`: MR), its own pad lengths on a subset of rows, paired with the same
+   rows at `pad_to` and under llmembed's pooling. The largest dimension of the raw states per layer
+   is recorded (a head on raw inputs meets it).
 2. Layers: the paper's last five (mean, and concatenated) through llmembed; experiment 2's layers
    chosen on validation are read from fusion.json by the page.
-3. Head: the paper-faithful head (`standardize=false project_same_width=false`) vs llmembed's head on
-   the paper's features (SmolLM2 last five + MiniLM), σ chosen on validation for each.
+3. Heads (`results.recipe.heads`): the paper's head as its code has it (raw inputs, the encoder
+   unprojected at a common width, fixed epochs, softmax before the loss) and llmembed's, on the
+   paper's features (SmolLM2 last five + MiniLM), σ chosen on validation for each.
 
     .venv/bin/python -m scripts.experiments.recipe [hydra overrides]   # conf/experiment/results_recipe.yaml
 
-Estimated full run: two padded forward passes of SmolLM2 per set (MR 10,566 x 64 tokens, TREC
-5,381 x 32, BBC 2,125 x 512: 3.9M padded tokens in all, ~25 min at ~2,500 tokens/s on two idle
-cores), 5 variants x 17 feature sets x 5 splits of logistic regression (~30 min) and 2 heads x 2 σ
-x 5 splits of the paper's head (~25 min): about 1.5 h on two idle CPU cores. Under the load of
-2026-11-27 the padded pass ran at ~150 padded tokens/s (the pilot, dataset.limit=600, 2 splits,
-TREC: 258 s + 434 s for the two passes), i.e. 7 h for the full passes: run this one where a GPU
-is (the passes move to CUDA by themselves) or on an idle machine.
+Estimated time (measured per unit on a loaded 2-core machine): per set two padded passes (MR 10,566 x
+64 tokens ~26 min, TREC 5,381 x 32 ~6 min, BBC 2,125 x 512 ~59 min of one CPU core), the paper's
+MR lengths on 200 rows ~52 min, 425 logistic regressions a few minutes, 20 head fits 10-25 min;
+minutes on a GPU (the passes move to CUDA by themselves).
 
 Writes <results.out_dir>/recipe.json.
 """
