@@ -18,7 +18,7 @@ its best documented setting and each with its own choices made on validation (an
 
 Cost: every row records per split the seconds (and joules where metered) of its selection (the
 validation rows scored for every candidate, every training run of the sweep) and of its test
-predictions; experiment 5 reads them. The runbook (notes) has the measured rates.
+predictions; experiment 5 reads them. The config's comments give the measured rates.
 
 Writes <results.out_dir>/counterparts.json: per data set, `prompting` and `finetuning`, one entry
 per setup, each with its rows (a row per method the page shows).
