@@ -119,13 +119,15 @@ class TorchHead(ClassifierMixin, BaseEstimator):
     An epoch improves when its validation loss beats the best so far by MIN_DELTA; `best_epoch_`
     is the last such epoch and its weights are the ones kept. Training stops `patience` epochs
     after it (so `len(history_) == best_epoch_ + patience + 1`) unless `max_epochs` ends it first.
+    `patience=None` is no early stopping, as the paper's code: `max_epochs` epochs, the last
+    epoch's weights kept (validation is still scored each epoch, for the history only).
     """
 
     lr: float
     weight_decay: float
     batch_size: int
     max_epochs: int
-    patience: int
+    patience: int | None
     random_state: int
     device: str
     standardize: bool = True  # LLMEmbedHead makes it a parameter; MLPHead always standardizes
@@ -161,7 +163,9 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             self._train_epoch(opt, xt, yt, gen)
             val_loss, val_acc = self._validate(xv, yv)
             self.history_.append({"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc})
-            if val_loss < best_loss - MIN_DELTA:
+            if self.patience is None:  # fixed epochs: the last one is kept
+                best, best_loss, self.best_epoch_ = self.module_.state_dict(), val_loss, epoch
+            elif val_loss < best_loss - MIN_DELTA:
                 best, best_loss = copy.deepcopy(self.module_.state_dict()), val_loss
                 self.best_epoch_ = epoch
             elif epoch - self.best_epoch_ >= self.patience:
@@ -174,7 +178,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         self.module_.load_state_dict(best)
         self.module_.eval()
         log.info(
-            "%s: best epoch %d (validation loss %.4f) of %d, patience %d",
+            "%s: best epoch %d (validation loss %.4f) of %d, patience %s",
             type(self).__name__,
             self.best_epoch_,
             best_loss,
@@ -198,17 +202,20 @@ class TorchHead(ClassifierMixin, BaseEstimator):
     def _train_epoch(self, opt, xt, yt, gen) -> None:
         self.module_.train()
         for idx in torch.randperm(len(xt), generator=gen).split(self.batch_size):
-            loss = nn.functional.cross_entropy(self.module_(xt[idx]), yt[idx])
+            loss = self._loss(self.module_(xt[idx]), yt[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, y)
 
     def _validate(self, xv, yv) -> tuple[float, float]:
         """(validation loss, validation accuracy) of the module as it is now."""
         self.module_.eval()
         with torch.no_grad():
             logits = self.module_(xv)
-            loss = nn.functional.cross_entropy(logits, yv).item()
+            loss = self._loss(logits, yv).item()
             return loss, (logits.argmax(1) == yv).float().mean().item()
 
     def predict_proba(self, X):
@@ -378,6 +385,9 @@ class LLMEmbedHead(TorchHead):
     "encoder"; the mean of the "llm" blocks joins the fused features. `standardize=False` feeds raw
     inputs and `project_same_width=False` feeds an encoder block already `width` wide without a
     projection: both as in the paper's code. The defaults standardize and project every block.
+    `softmax_before_loss=True` trains as the paper's code does, a softmax on the outputs and then a
+    cross-entropy that applies its own (a defect: it flattens the gradients); predictions are the
+    same argmax either way.
     """
 
     def __init__(
@@ -391,6 +401,7 @@ class LLMEmbedHead(TorchHead):
         sigma=0.01,
         standardize=True,
         project_same_width=True,
+        softmax_before_loss=False,
         lr=1e-4,
         weight_decay=0.0,
         batch_size=1024,
@@ -407,6 +418,7 @@ class LLMEmbedHead(TorchHead):
         self.sigma = sigma
         self.standardize = standardize
         self.project_same_width = project_same_width
+        self.softmax_before_loss = softmax_before_loss
         self.lr = lr
         self.weight_decay = weight_decay
         self.batch_size = batch_size
@@ -428,6 +440,11 @@ class LLMEmbedHead(TorchHead):
             self.sigma,
             self.project_same_width,
         )
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.softmax_before_loss:
+            logits = torch.softmax(logits, dim=1)
+        return nn.functional.cross_entropy(logits, y)
 
 
 HEADS = {"logreg": LogRegHead, "mlp": MLPHead, "llmembed": LLMEmbedHead}

@@ -77,7 +77,6 @@ PROMPTS = ["the film was", "a very long story , not fun", "plot"]
 def test_prompting_picks_the_label_the_model_is_biased_toward(tiny_llama, llama_tok, biased):
     model = causal_lm(tiny_llama, biased, llama_tok)
     scorer = PromptScorer(model, llama_tok, ["bad", "good"], token_budget=16)
-    assert scorer.single
     pred = scorer.predict([render("Review: {text} is", t) for t in PROMPTS])
     assert pred.tolist() == [["bad", "good"].index(biased)] * len(PROMPTS)
 
@@ -91,6 +90,31 @@ def test_prompting_scores_equal_each_prompt_alone(tiny_llama, llama_tok):
         np.testing.assert_allclose(
             scorer.scores(PROMPTS), naive_scores(model, llama_tok, PROMPTS, words), atol=1e-4
         )
+
+
+def test_prompts_sharing_their_demonstrations_run_them_once_and_score_the_same(
+    tiny_llama, llama_tok, monkeypatch
+):
+    """Few-shot prompts share their leading tokens (the demonstrations): they run once, and each
+    batch continues from their cache, with the same log-probs as each prompt alone."""
+    from scripts.experiments.prompting import shared_prefix
+
+    model = causal_lm(tiny_llama, None, llama_tok)
+    demos = "the film was good . the plot was bad . a very long story , not fun . music "
+    prompts = [demos + end for end in ("great", "a dull scene", "the actors were funny and sad")]
+    assert shared_prefix([llama_tok(p)["input_ids"] for p in prompts]) >= 16
+    seen = []
+    decoder = model.get_decoder()
+    forward = decoder.forward
+    monkeypatch.setattr(
+        decoder, "forward", lambda **kw: seen.append(kw["input_ids"].shape) or forward(**kw)
+    )
+    for words in (["bad", "good"], ["very good", "bad", "not fun"]):
+        seen.clear()
+        got = PromptScorer(model, llama_tok, words, token_budget=12).scores(prompts)
+        ran = list(seen)
+        np.testing.assert_allclose(got, naive_scores(model, llama_tok, prompts, words), atol=1e-4)
+        assert ran[0][0] == 1 and all(shape[1] < 10 for shape in ran[1:])  # the prefix once
 
 
 def test_few_shot_demonstrations_come_from_training_rows_of_every_class(llama_tok):
@@ -313,57 +337,154 @@ def test_parameter_count_of_the_papers_head_matches_the_fitted_module():
         assert counted == sum(p.numel() for p in head.module_.parameters())
 
 
-def test_results_page_shows_every_figure_with_its_interval_and_command(tmp_path):
-    results = tmp_path / "docs" / "results"
-    results.mkdir(parents=True)
-    acc = {"mean": 0.8123, "ci": [0.8001, 0.8245], "n": 5, "std": 0.01}
-    row = {
-        "test": {"accuracy": acc, "macro_f1": acc},
-        "chosen_per_split": {"0": "smollm2 concat k=3: L14,15,16"},
-    }
-    fusion = {
+def summary(values: list[float]) -> dict:
+    """A summary over splits as the runners write it (plain interval from llmembed's t_interval)."""
+    from scripts.experiments.common import over_splits
+
+    return over_splits(values, list(range(len(values))))
+
+
+ROWS = {"train": 700, "validation": 100, "test": 200}  # one split: n_train 800, n_test 200
+
+
+def fusion_file(rows: dict[str, list[float]], ds: str = "trec") -> dict:
+    info = {"rows": ROWS}
+    return {
         "command": ".venv/bin/python -m scripts.experiments.fusion",
         "dataset_limit": None,
         "machine": {"cpu": "Test CPU", "cores": 2, "gpu": None, "torch": "x", "torch_threads": 2},
-        "datasets": {"trec": {"rows": {"SmolLM2 concatenation, logreg": row}}},
+        "datasets": {
+            ds: {
+                "rows": {
+                    name: {
+                        "test": {"accuracy": summary(v), "macro_f1": summary(v)},
+                        "chosen_per_split": {"0": "smollm2 concat k=3: L14,15,16"},
+                        "info": {"0": info},
+                    }
+                    for name, v in rows.items()
+                }
+            }
+        },
     }
-    (results / "fusion.json").write_text(json.dumps(fusion))
+
+
+def test_results_page_shows_plain_and_corrected_intervals_paired_tests_and_the_command(tmp_path):
+    """Every accuracy with its plain t-interval and Nadeau and Bengio's corrected one; each row's
+    paired difference from the reference row with its p-value; † on an interval cut at 1."""
+    from scripts.experiments.stats import interval, paired
+
+    results = tmp_path / "docs" / "results"
+    results.mkdir(parents=True)
+    best = "SmolLM2 best single layer (validation), logreg"
+    a, b, top = [0.82, 0.83, 0.81, 0.84, 0.80], [0.80] * 4 + [0.79], [0.99, 1.0, 1.0, 0.97, 1.0]
+    (results / "fusion.json").write_text(
+        json.dumps(fusion_file({best: b, "SmolLM2 concatenation, logreg": a, "near one": top}))
+    )
     page = write(results, tmp_path / "docs" / "RESULTS.md")
-    cells = "| 0.812 [0.800, 0.825] | 0.812 [0.800, 0.825] | 0: smollm2 concat k=3 |"
-    assert f"| SmolLM2 concatenation, logreg {cells}" in page
+    plain, corrected = interval(a), interval(a, n_train=800, n_test=200)
+    cell = f"0.820 [{plain.lo:.3f}, {plain.hi:.3f}] ⟨{corrected.lo:.3f}, {corrected.hi:.3f}⟩"
+    t = paired(a, b, n_train=800, n_test=200)
+    vs = f"+{t.diff:.3f} ⟨{t.ci.lo:+.3f}, {t.ci.hi:+.3f}⟩, p {t.p:.3f}"
+    assert (
+        f"| SmolLM2 concatenation, logreg | {cell} | {cell} | {vs} | 0: smollm2 concat k=3 |"
+        in page
+    )
+    assert corrected.lo < plain.lo  # the plain interval is the optimistic one
+    assert "| near one | 0.992 [0.976, 1.000]† ⟨0.968, 1.000⟩† |" in page
     assert (
         "`.venv/bin/python -m scripts.experiments.fusion` (config `conf/experiment/results_fusion.yaml`)"
         in page
     )
     assert "Test CPU, 2 cores" in page and "_Not run yet._" in page  # the other experiments
+    # The comparison the headline's reading makes, with both p-values.
+    assert "SmolLM2 + MiniLM concatenated" not in page.split("## Reproduce")[0]  # not run here
     with open(results / "summary.csv", newline="") as f:
         first = next(csv.DictReader(f))
-    assert (first["method"], float(first["accuracy_lo"]), first["splits"]) == (
-        "SmolLM2 concatenation, logreg",
-        0.8001,
+    assert (first["method"], float(first["accuracy_corrected_lo"]), first["splits"]) == (
+        best,
+        pytest.approx(interval(b, n_train=800, n_test=200).lo),
         "5",
     )
 
 
-def test_the_headline_and_readings_come_from_the_results_folder(tmp_path):
+def test_the_headline_its_comparisons_and_the_readme_come_from_the_results_folder(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
-    acc = {"mean": 0.85, "ci": [0.84, 0.86], "n": 5, "std": 0.01}
-    row = {"test": {"accuracy": acc, "macro_f1": acc}, "chosen_per_split": {"0": "x: L1"}}
-    name = "SmolLM2 best single layer (validation), logreg"
-    fusion = {
-        "command": "c",
-        "machine": {"cpu": "CPU", "cores": 2},
-        "datasets": {"mr": {"rows": {name: row}}},
-    }
-    (results / "fusion.json").write_text(json.dumps(fusion))
+    best, concat = (
+        "SmolLM2 best single layer (validation), logreg",
+        "SmolLM2 + MiniLM concatenation of layers chosen on validation, logreg",
+    )
+    f = fusion_file(
+        {best: [0.80, 0.81, 0.82, 0.81, 0.80], concat: [0.83, 0.84, 0.86, 0.83, 0.84]}, "mr"
+    )
+    (results / "fusion.json").write_text(json.dumps(f))
     (results / "reading_fusion.md").write_text("Fusion helps on MR.\n")
-    page = write(results, tmp_path / "RESULTS.md")
-    assert "| SmolLM2, best single layer and pooling (validation) | 0.850 [0.840, 0.860] |" in page
-    assert "| prompting SmolLM2, zero-shot | not run |" in page
+    (results / "reading_headline.md").write_text("Joining the backbones helps (+0.032).\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# x\n\n## Results\n\nintro\n\n<!-- results:begin (generated by scripts.experiments."
+        "write_results from docs/results; do not edit by hand) -->\nSTALE TEXT\n"
+        "<!-- results:end -->\n\n## Next\n"
+    )
+    page = write(results, tmp_path / "RESULTS.md", readme)
+    assert "| SmolLM2, best single layer and pooling (validation) | 0.808 [" in page
+    assert (
+        "| prompting SmolLM2, plain template, uncalibrated, zero-shot (texts cut to 256 tokens) | not run |"
+        in page
+    )
     assert page.index("## Headline") < page.index("## 1. Layer curves")
     assert "(results/headline.png)" in page and (results / "headline.png").stat().st_size > 0
     assert "**Reading.** Fusion helps on MR." in page
+    row = "| SmolLM2 + MiniLM concatenated − SmolLM2 best single layer | mr | +0.032 |"
+    assert row in page.split("## Reproduce")[0]
+    text = readme.read_text()
+    assert (
+        "STALE TEXT" not in text and row in text and "Joining the backbones helps (+0.032)." in text
+    )
+    assert text.startswith("# x\n\n## Results\n\nintro\n") and text.endswith(
+        "<!-- results:end -->\n\n## Next\n"
+    )
+
+
+def test_every_figure_a_reading_quotes_is_in_the_result_files_or_on_the_page():
+    """The committed readings quote nothing the committed JSON and the generated page do not hold
+    (a typo such as 0.835 for 0.836, or a figure from a run that is not committed, fails here)."""
+    from scripts.experiments.readings import page_without_readings, unsupported_figures
+
+    results = ROOT / "docs" / "results"
+    page = page_without_readings((ROOT / "docs" / "RESULTS.md").read_text())
+    readings = sorted(results.glob("reading_*.md"))
+    assert {p.stem for p in readings} >= {"reading_headline", "reading_fusion", "reading_cost"}
+    for path in readings:
+        assert unsupported_figures(path.read_text(), page, results) == [], path.name
+
+
+def test_the_figure_check_catches_a_figure_that_is_not_there(tmp_path):
+    from scripts.experiments.readings import unsupported_figures
+
+    (tmp_path / "fusion.json").write_text(
+        json.dumps({"x": 0.8364, "n": 507, "s": "smollm2:mean:L15"})
+    )
+    page = "| row | 0.123 [0.1, 0.2] | 28.5% | 1,488 |"
+    ok = "Layer 15 reaches 0.836 (0.84), 0.123, 28.5% and 1,488 rows; dimension 507."
+    assert unsupported_figures(ok, page, tmp_path) == []
+    assert unsupported_figures("It reaches 0.835 on dimension 247.", page, tmp_path) == [
+        "0.835",
+        "247",
+    ]
+
+
+def test_committed_page_and_readme_regenerate_from_the_committed_results(tmp_path):
+    """docs/RESULTS.md and the README's Results block are what write_results makes of the
+    committed result files and readings, byte for byte."""
+    import shutil
+
+    docs = tmp_path / "docs"
+    shutil.copytree(ROOT / "docs" / "results", docs / "results")
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    write(docs / "results", docs / "RESULTS.md", tmp_path / "README.md")
+    assert (docs / "RESULTS.md").read_text() == (ROOT / "docs" / "RESULTS.md").read_text()
+    assert (tmp_path / "README.md").read_text() == (ROOT / "README.md").read_text()
 
 
 def test_result_folders_of_separate_processes_merge(tmp_path):
@@ -394,6 +515,13 @@ def test_result_folders_of_separate_processes_merge(tmp_path):
         "mr",
         "trec",
     ]
+    # Counterparts run in parallel processes: their setups on one data set add up.
+    for folder, kind, setup in ((a, "prompting", "chat"), (b, "finetuning", "minilm")):
+        cp = {**result("mr"), "datasets": {"mr": {"dataset": "mr", kind: {setup: {"rows": {}}}}}}
+        (folder / "counterparts.json").write_text(json.dumps(cp))
+    merge([a, b], into)
+    both = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]
+    assert (list(both["prompting"]), list(both["finetuning"])) == (["chat"], ["minilm"])
     (b / "fusion.json").write_text(json.dumps(result("trec", seeds=(0,))))
     before = (into / "fusion.json").read_text()
     with pytest.raises(SystemExit, match="another protocol"):
@@ -404,13 +532,7 @@ def test_result_folders_of_separate_processes_merge(tmp_path):
 def test_gpu_cost_takes_the_gpu_extraction_records_and_leaves_the_load_out():
     from scripts.experiments.cost import on_gpu
 
-    cpu = {
-        "extraction": {"smollm2": {"seconds_per_1000": 11.0, "joules_per_1000": None}},
-        "extraction_seconds_per_1000": 11.0,
-        "extraction_joules_per_1000": None,
-        "training_seconds_per_1000": 0.5,
-        "training_joules": None,
-    }
+    cpu = {"smollm2": {"seconds_per_1000": 11.0, "joules_per_1000": None, "device": "cpu"}}
     run = {"load_seconds": 1.0, "energy_note": None}
     records = {
         "smollm2": [
@@ -450,14 +572,119 @@ def test_gpu_cost_takes_the_gpu_extraction_records_and_leaves_the_load_out():
         ]
     }
     g = on_gpu(cpu, records, "mr")
-    assert (
-        g["extraction"]["smollm2"]["seconds_per_1000"] == 1.0
-    )  # (6 s - 4 s of load) / 2,000 texts
-    assert g["extraction_joules_per_1000"] == 400.0
-    assert (g["training_seconds_per_1000"], g["training_joules"]) == (0.5, None)  # not metered
-    assert cpu["extraction"]["smollm2"]["seconds_per_1000"] == 11.0  # the CPU's figures untouched
+    assert g["smollm2"]["seconds_per_1000"] == 1.0  # (6 s - 4 s of load) / 2,000 texts
+    assert g["smollm2"]["joules_per_1000"] == 400.0
+    assert cpu["smollm2"]["seconds_per_1000"] == 11.0  # the CPU's figures untouched
     with pytest.raises(SystemExit, match="no GPU extraction of bbc with smollm2"):
         on_gpu(cpu, records, "bbc")
+
+
+def test_cost_counts_every_fit_a_choice_makes_and_the_extraction_of_every_backbone_it_reads():
+    """A best single layer pays experiment 1's whole sweep on every split; a choice among both
+    backbones pays both extractions, though the chosen layer reads one; rows that recorded their
+    selection are read as recorded; the first run's rows, which kept only the chosen candidate's
+    fit, are estimated from it and say so."""
+    from scripts.experiments.cost import llmembed_method
+
+    def info(backbone, fit_s, seeds=1):
+        return {
+            "rows": ROWS,
+            "n_features": 4,
+            "params_trained": 5,
+            "n_seeds": seeds,
+            "timings": {"fit_s": fit_s},
+            "extraction": [{"backbone": backbone, "entry": "/nonexistent"}],
+        }
+
+    def curve(backbone, fits):  # experiment 1: each run fitted 5 splits
+        return [{"info": info(backbone, f * 5, seeds=5)} for f in fits]
+
+    layers = {
+        "curves": {
+            "smollm2:mean": curve("smollm2", [1.0, 2.0]),
+            "minilm:mean": curve("minilm", [0.5]),
+        }
+    }
+    extraction = {
+        b: {"seconds_per_1000": s, "joules_per_1000": None}
+        for b, s in (("smollm2", 10.0), ("minilm", 2.0))
+    }
+    acc = {"accuracy": summary([0.8, 0.8]), "macro_f1": summary([0.8, 0.8])}
+    either = llmembed_method(
+        "SmolLM2 or MiniLM best single layer (validation), logreg",
+        {"test": acc, "info": {"0": info("minilm", 0.5, 5), "1": info("minilm", 0.5, 5)}},
+        layers,
+        extraction,
+    )
+    # 1,000 rows: both backbones extracted (10 s + 2 s); 3 fits (1 + 2 + 0.5 s) per split, 2 splits
+    assert (either["one_time_s"], either["selection_fits_per_split"], either["per_split_s"]) == (
+        12.0,
+        3,
+        3.5,
+    )
+    assert (either["total_s"], either["estimated"], sorted(either["extraction"])) == (
+        19.0,
+        False,
+        ["minilm", "smollm2"],
+    )
+    concat = llmembed_method(
+        "SmolLM2 concatenation of layers chosen on validation, logreg",
+        {
+            "test": acc,
+            "candidates": 8,
+            "info": {"0": info("smollm2", 4.0), "1": info("smollm2", 2.0)},
+        },
+        layers,
+        extraction,
+    )
+    assert (concat["selection_fits_per_split"], concat["per_split_s"], concat["estimated"]) == (
+        2 + 8,
+        3.0 + 8 * 3.0,
+        True,
+    )
+    recorded = llmembed_method(
+        "SmolLM2 concatenation of layers chosen on validation, logreg",
+        {
+            "test": acc,
+            "candidates": 8,
+            "info": {"0": info("smollm2", 4.0), "1": info("smollm2", 2.0)},
+            "selection": {
+                "0": {"fits": 10, "fit_s": 20.0, "backbones": ["smollm2"]},
+                "1": {"fits": 10, "fit_s": 30.0, "backbones": ["smollm2"]},
+            },
+        },
+        layers,
+        extraction,
+    )
+    assert (recorded["per_split_s"], recorded["total_s"], recorded["estimated"]) == (
+        25.0,
+        10.0 + 50.0,
+        False,
+    )
+
+
+def test_the_claims_form_sets_the_cheapest_method_that_reaches_the_counterpart_against_it():
+    from scripts.experiments.cost import claim
+
+    def method(kind, values, total, used):
+        return {
+            "kind": kind,
+            "test": {"accuracy": summary(values)},
+            "total_s": total,
+            "params_used": used,
+            "estimated": False,
+        }
+
+    methods = {
+        "probe, cheap": method("llmembed", [0.70, 0.71, 0.69], 100.0, 10),
+        "probe, good": method("llmembed", [0.90, 0.91, 0.92], 300.0, 12),
+        "prompting": method("prompting", [0.80, 0.82, 0.81], 1000.0, 10),
+        "fine-tuning": method("finetuning", [0.95, 0.96, 0.97], 50.0, 2),
+    }
+    out = {c["counterpart"]: c for c in claim(methods, ROWS)}
+    assert out["prompting"]["llmembed"] == "probe, good" and out["prompting"]["runtime"] == 0.3
+    assert out["prompting"]["difference"] == pytest.approx(0.1) and out["prompting"]["p"] < 0.05
+    assert out["fine-tuning"]["llmembed"] is None  # nothing reaches it
 
 
 def test_counterparts_of_both_machines_are_shown_and_the_gpu_run_makes_the_headline(tmp_path):
@@ -465,17 +692,48 @@ def test_counterparts_of_both_machines_are_shown_and_the_gpu_run_makes_the_headl
     (results / "gpu").mkdir(parents=True)
 
     def acc(mean):
-        a = {"mean": mean, "ci": [mean - 0.01, mean + 0.01], "n": 5, "std": 0.01}
+        a = summary([mean - 0.01, mean, mean + 0.01])
         return {"accuracy": a, "macro_f1": a}
 
-    cost = {"seconds": 2.0, "joules": None}
+    rate = {"per_1000": {"test": {"seconds": 2.0, "joules": None}}}
+    zero = "prompting SmolLM2, plain template, uncalibrated, zero-shot"
     prompting = {
-        "template": "Review: {text}\nSentiment:",
-        "words": {"neg": "negative", "pos": "positive"},
-        "zero_shot": {"test": acc(0.78), "cost_per_1000": cost},
-        "few_shot": {"test": acc(0.75), "cost_per_1000": cost, "shots_per_class": 1},
+        "plain": {
+            "settings": {
+                "chat": False,
+                "calibrate": False,
+                "shots": [0],
+                "choose_shots": False,
+                "max_text_tokens": 256,
+                "max_shot_tokens": 64,
+            },
+            "template": "Review: {text}\nSentiment:",
+            "instruction": None,
+            "words": {"neg": "negative", "pos": "positive"},
+            "rows": {zero: {"test": acc(0.78), "cost": rate, "params_trained": 0}},
+        }
     }
-    finetuning = {"test": acc(0.86), "train_cost_per_1000": cost, "params_trained": 22_713_986}
+    ft = "fine-tuning MiniLM end to end, one learning rate (5e-5), texts cut to 128 / 64 / 256 tokens"
+    finetuning = {
+        "minilm_one_lr": {
+            "settings": {
+                "backbone": "minilm",
+                "method": "full",
+                "lrs": [5e-5],
+                "batch_size": 32,
+                "max_epochs": 4,
+                "max_length": 128,
+            },
+            "rows": {
+                ft: {
+                    "test": acc(0.86),
+                    "cost": {"per_split": {"0": {"selection_s": 30.0, "test_s": 2.0}}},
+                    "params_trained": 22_713_986,
+                    "chosen_per_split": {"0": "lr=5e-05"},
+                }
+            },
+        }
+    }
     for folder, cpu, gpu, datasets in (
         (results, "CPU", None, {"mr": {"prompting": prompting}}),
         (
@@ -492,8 +750,10 @@ def test_counterparts_of_both_machines_are_shown_and_the_gpu_run_makes_the_headl
         page.index("On the GPU (Xeon, 2 cores, GPU: NVIDIA H200"),
         page.index("On the CPU"),
     )
-    assert gpu_at < page.index("| fine-tuning MiniLM | 0.860 [0.850, 0.870]") < cpu_at
-    assert "| fine-tuning MiniLM end to end | 0.860 [0.850, 0.870] |" in page  # the headline
+    assert gpu_at < page.index(f"| {ft} | 0.860 [", gpu_at) < cpu_at
+    assert "| 30.0 + 2.0 | 22,713,986 | 0: lr=5e-05 |" in page  # selection + test seconds
+    assert "| rate only: 2.0 s / 1,000 test texts | 0 | fixed |" in page
+    assert f"| {ft} | 0.860 [" in page.split("## Reproduce")[0]  # the headline
 
 
 def test_extraction_cost_is_the_data_sets_own_not_the_entrys_running_total(tmp_path):
@@ -540,3 +800,196 @@ def test_experiment_commands_refuse_bad_input_in_one_message(tmp_path, args, mes
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
     assert message in res.stderr, res.stderr
     assert not (tmp_path / "nothing").exists() and not (tmp_path / "into").exists()
+
+
+def test_corrected_resampled_t_test_matches_a_hand_computed_example():
+    """Per-split differences 0.02, 0.03, 0.01, 0.04, 0.00 (mean 0.02, sample variance 2.5e-4) on
+    800 learning and 200 test rows: Nadeau and Bengio's variance (1/5 + 200/800) * 2.5e-4 =
+    1.125e-4, t = 0.02 / 0.0106066 = 1.885618 on 4 degrees of freedom; the plain paired t is
+    0.02 / sqrt(2.5e-4 / 5) = 2.828427. Two-sided p from the closed form of Student's t with 4
+    degrees of freedom, F(t) = 1/2 + 3/8 x (1 - x^2/12), x = t / sqrt(1 + t^2/4)."""
+    from scripts.experiments.stats import interval, p_text, paired
+
+    def p4(t: float) -> float:
+        x = t / (1 + t * t / 4) ** 0.5
+        return 2 * (1 - (0.5 + 3 / 8 * x * (1 - x * x / 12)))
+
+    a, b = [0.82, 0.83, 0.81, 0.84, 0.80], [0.80] * 5
+    r = paired(a, b, n_train=800, n_test=200)
+    assert r.diff == pytest.approx(0.02) and r.n == 5
+    assert r.p == pytest.approx(p4(1.885618), abs=1e-6)  # 0.1324: not significant ...
+    assert r.p_plain == pytest.approx(p4(2.828427), abs=1e-6)  # ... though the plain t says 0.047
+    half = 2.7764451 * 1.125e-4**0.5  # t(0.975, 4) x corrected standard error
+    assert (r.ci.lo, r.ci.hi) == (pytest.approx(0.02 - half), pytest.approx(0.02 + half))
+    assert paired(b, a, n_train=800, n_test=200).diff == pytest.approx(-0.02)
+    assert (p_text(r.p), p_text(0.0004)) == ("0.132", "< 0.001")
+
+    plain, corrected = interval(a), interval(a, n_train=800, n_test=200)
+    assert plain.hi - plain.lo == pytest.approx(2 * 2.7764451 * (2.5e-4 / 5) ** 0.5)
+    assert corrected.lo < plain.lo and corrected.hi > plain.hi  # the plain one is optimistic
+    top = interval([0.99, 1.0, 1.0, 0.97, 1.0])
+    assert top.hi == 1.0 and top.clipped and not plain.clipped
+    with pytest.raises(ValueError, match="same splits"):
+        paired(a, b[:4], n_train=800, n_test=200)
+
+
+def test_contextual_calibration_divides_by_the_content_free_prediction():
+    """Label-word probabilities normalized over the words, divided by the content-free inputs'
+    (averaged): a model that says "positive" to everything is corrected toward the text's own
+    evidence (Zhao et al., 2021)."""
+    from scripts.experiments.prompting import calibrated
+
+    scores = np.log(np.array([[0.2, 0.6], [0.05, 0.75], [0.1, 0.1]]))  # unnormalized log-probs
+    content_free = np.log(np.array([[0.1, 0.9], [0.3, 0.7]]))  # mean normalized: [0.2, 0.8]
+    out = calibrated(scores, content_free)
+    expected = np.array([[0.25 / 0.2, 0.75 / 0.8], [0.0625 / 0.2, 0.9375 / 0.8], [2.5, 0.625]])
+    np.testing.assert_allclose(np.exp(out), expected, rtol=1e-9)
+    assert scores.argmax(1).tolist() == [1, 1, 0] and out.argmax(1).tolist() == [0, 1, 0]
+
+
+def test_chat_prompts_put_demonstrations_as_earlier_turns(tiny_llama, llama_tok):
+    from scripts.experiments.prompting import chat_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    prompt = chat_prompt(tok, "Sentiment of: {text}", "a dull plot", [("great fun", "good")])
+    assert prompt == (
+        "<user>Sentiment of: great fun\n<assistant>good\n<user>Sentiment of: a dull plot\n<assistant>"
+    )
+
+
+def test_lora_starts_at_the_model_trains_only_its_adapters_and_learns(tiny_llama, llama_tok):
+    """Wrapped layers compute W x + (alpha / r) B A x with B = 0 at first: the wrapped model's
+    outputs equal the original's; fine-tuning then moves only A, B and the classifier, and the
+    last-token classifier learns the toy task."""
+    from scripts.experiments.lora import LoRALinear, add_lora
+
+    torch.manual_seed(0)
+    model = LlamaModel.from_pretrained(tiny_llama, dtype=torch.float32)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.tensor([llama_tok("the film was fun")["input_ids"]])
+    before = model(x).last_hidden_state
+    assert add_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8, dropout=0.0) == 2 * 3
+    assert torch.allclose(model(x).last_hidden_state, before)  # B = 0: nothing changed yet
+    layer = model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and layer.scale == 2.0
+    with torch.no_grad():
+        layer.B.normal_()
+    a, b = layer.A, layer.B
+    h = torch.randn(3, layer.base.in_features)
+    torch.testing.assert_close(layer(h), layer.base(h) + 2.0 * h @ a.T @ b.T)
+    with torch.no_grad():
+        layer.B.zero_()
+    with pytest.raises(ValueError, match=r"no nn\.Linear named"):
+        add_lora(LlamaModel.from_pretrained(tiny_llama), ["query"], rank=2, alpha=2)
+
+    texts, labels = toy_texts(96)
+    cfg = FineTuneConfig(
+        lr=1e-2, batch_size=16, max_epochs=8, patience=8, max_length=16, warmup=0.0, pooling="last"
+    )
+    res = fine_tune(model, llama_tok, texts, labels, np.arange(64), np.arange(64, 96), 2, cfg)
+    lora_params = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".A", ".B")))
+    assert res.params_trained == lora_params + (32 + 1) * 2  # adapters + the classifier
+    for n, p in res.model.backbone.named_parameters():
+        if n.endswith((".A", ".B")):
+            continue
+        assert torch.equal(p, frozen[n.replace(".base.", ".")]), n  # the model itself is frozen
+    assert res.history[res.best_epoch]["val_accuracy"] >= 0.9, res.history
+
+
+def test_reuse_of_earlier_runs_is_counted_and_the_command_names_run_dir_and_resume(
+    classify_cfg, tmp_path
+):
+    """A result file says how many llmembed runs its command fitted and how many it took from
+    results.run_dir, and its printed command spells out the settings that decide it."""
+    import scripts.experiments.common as common
+
+    cfg = classify_cfg(
+        [("llama", [1], "mean")], "head=logreg", "seeds=[0]", "resplit=true", "save_model=false"
+    )
+    with open_dict(cfg):
+        cfg.results = {"run_dir": str(tmp_path / "runs"), "resume": True, "head_threads": 1}
+    common.RUNS.update(fitted=0, reused=0)
+    first = classify(cfg, tmp_path / "runs" / "a", "llama L1")
+    again = classify(cfg, tmp_path / "runs" / "a", "llama L1")
+    assert (first.info["reused"], again.info["reused"]) == (False, True)
+    line = common.command_line("scripts.experiments.layers", ["seeds=[0]"], cfg)
+    assert line == (
+        f".venv/bin/python -m scripts.experiments.layers seeds=[0] "
+        f"results.run_dir={tmp_path / 'runs'} results.resume=true"
+    )
+    told = common.command_line("m", ["results.resume=false"], cfg)
+    assert told.count("results.resume") == 1  # what the user typed is not repeated
+    done = common.finish(
+        {"command": line, "runs": [{"command": "earlier", "fitted": 3, "reused": 0}]}
+    )
+    assert done["runs"] == [
+        {"command": "earlier", "fitted": 3, "reused": 0},
+        {"command": line, "fitted": 1, "reused": 1},
+    ]
+
+
+def test_massive_dimensions_name_the_largest_dimension_per_layer():
+    from scripts.experiments.recipe import massive_dimensions
+
+    X = np.ones((4, 2, 6), dtype=np.float32)
+    X[:, 0, 5] = -300.0  # layer 3: dimension 5, 300 times the median magnitude
+    X[:, 1, 2] = 40.0
+    assert massive_dimensions(X, [3, 7]) == {
+        "3": {"dimension": 5, "times_median": 300.0},
+        "7": {"dimension": 2, "times_median": 40.0},
+    }
+
+
+def test_run_to_run_variation_compares_a_clean_rerun_cell_by_cell():
+    from scripts.experiments.write_results import rerun_variation
+
+    def run(values: list[list[float]]) -> dict:
+        curve = [{"test": {"accuracy": summary(v)}} for v in values]
+        return {"command": "c", "datasets": {"trec": {"curves": {"smollm2:mean": curve}}}}
+
+    first = run([[0.80, 0.82, 0.84], [0.70, 0.70, 0.70]])
+    again = run([[0.80, 0.82, 0.86], [0.70, 0.70, 0.70]])
+    text = "\n".join(rerun_variation(first, again))
+    assert "| trec | 5 of 6 | 0.020 | 0.007 |" in text
+
+
+@pytest.mark.slow
+def test_counterparts_run_as_typed_on_the_packaged_models(tmp_path):
+    """Every counterpart path (chat prompting with calibration and k chosen on validation, plain
+    prompting, MiniLM fine-tuning with a learning-rate sweep, LoRA on SmolLM2) through the command
+    a user types, on 60 TREC rows and one split: rows, choices and per-split costs are written."""
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [
+            sys.executable, "-m", "scripts.experiments.counterparts",
+            "dataset.limit=60", "results.datasets=[trec]", "seeds=[0]", f"results.out_dir={out}",
+            "results.counterparts.run=[prompting.chat,prompting.plain,finetuning.minilm,finetuning.smollm2_lora]",
+            "results.counterparts.prompting.setups.chat.shots.trec=[0,1]",
+            "results.counterparts.finetuning.setups.minilm.lrs=[5e-5,1e-4]",
+            "results.counterparts.finetuning.setups.minilm.max_epochs=1",
+            "results.counterparts.finetuning.setups.smollm2_lora.lrs=[1e-3]",
+            "results.counterparts.finetuning.setups.smollm2_lora.max_epochs=1",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    d = json.loads((out / "counterparts.json").read_text())["datasets"]["trec"]
+    chat = d["prompting"]["chat"]["rows"]
+    chosen = chat[
+        "prompting SmolLM2, chat template, calibrated, demonstrations per class chosen on validation"
+    ]
+    assert chosen["chosen_per_split"]["0"] in ("k=0", "k=1") and chosen["candidates"] == [0, 1]
+    assert chosen["cost"]["per_split"]["0"]["selection_s"] > 0
+    assert set(d["prompting"]["plain"]["rows"]) == {
+        "prompting SmolLM2, plain template, uncalibrated, zero-shot",
+        "prompting SmolLM2, plain template, uncalibrated, 1 demonstration per class",
+    }
+    (ft,) = d["finetuning"]["minilm"]["rows"].values()
+    assert [x["lr"] for x in ft["runs"]["0"]["lrs"]] == [5e-5, 1e-4]
+    (lora,) = d["finetuning"]["smollm2_lora"]["rows"].values()
+    assert 0 < lora["params_trained"] < 2_000_000  # adapters and a classifier, not the model

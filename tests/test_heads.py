@@ -201,3 +201,32 @@ def test_torch_heads_check_the_validation_set():
     # float64 validation rows are converted, not a dtype error deep in torch
     head.fit(X[:150], y[:150], validation=(X[150:].astype(np.float64), y[150:]))
     assert head.score(X[150:], y[150:]) > 0.9
+
+
+def test_the_papers_training_fixed_epochs_last_kept_and_a_softmax_before_the_loss():
+    """patience=None trains every epoch and keeps the last one's weights (the paper's code has no
+    validation); softmax_before_loss trains on softmax outputs as the paper's code does, which
+    changes the loss (and so the weights) but not what predict's argmax reads."""
+    X, y = blobs(n=300, spread=0.3, seed=1)
+    kw = {"block_sizes": (8, 8, 8), "block_roles": ("llm", "llm", "encoder"), "width": 8}
+    kw |= {"hidden": (16,), "lr": 3e-2, "max_epochs": 12, "device": "cpu"}
+    fixed = LLMEmbedHead(**kw, patience=None).fit(X[:200], y[:200], validation=(X[200:], y[200:]))
+    assert len(fixed.history_) == 12 and fixed.best_epoch_ == 11
+    with torch.no_grad():
+        kept = torch.nn.functional.cross_entropy(
+            fixed.module_(torch.from_numpy(X[200:])), torch.from_numpy(y[200:])
+        ).item()
+    assert kept == pytest.approx(fixed.history_[-1]["val_loss"], abs=1e-6)  # the last epoch's
+    assert min(h["val_loss"] for h in fixed.history_) < kept  # not the best one's
+
+    paper = LLMEmbedHead(**kw, patience=None, softmax_before_loss=True)
+    paper.fit(X[:200], y[:200], validation=(X[200:], y[200:]))
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    target = torch.tensor([0])
+    assert paper._loss(logits, target).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(torch.softmax(logits, 1), target).item()
+    )
+    assert not torch.equal(paper.module_.mlp[0].weight, fixed.module_.mlp[0].weight)
+    proba = paper.predict_proba(X[200:])
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+    assert (paper.classes_[proba.argmax(1)] == paper.predict(X[200:])).all()

@@ -113,13 +113,28 @@ def experiment_cfgs(experiment: str, argv: Sequence[str]) -> list[DictConfig]:
     ]
 
 
+def per_dataset(value, dataset: str):
+    """A setting given once, or per data set as {name: value}."""
+    return value[dataset] if OmegaConf.is_dict(value) or isinstance(value, dict) else value
+
+
 def head_config(name: str) -> DictConfig:
     """conf/head/<name>.yaml as composed (to swap the head of an already composed config)."""
     return compose_cfg("classify", [f"head={name}"]).head
 
 
-def command_line(module: str, argv: Sequence[str]) -> str:
-    return " ".join([".venv/bin/python -m", module, *argv]).strip()
+def command_line(module: str, argv: Sequence[str], cfg: DictConfig | None = None) -> str:
+    """The command as typed, with the settings that decide whether earlier runs are reused
+    (`results.run_dir`, `results.resume`) spelled out when the config supplied them."""
+    shown = list(argv)
+    results = cfg.get("results", {}) if cfg is not None else {}
+    for key in ("run_dir", "resume"):
+        if key in results and not any(a.startswith(f"results.{key}=") for a in argv):
+            value = results[key]
+            shown.append(
+                f"results.{key}={str(value).lower() if isinstance(value, bool) else value}"
+            )
+    return " ".join([".venv/bin/python -m", module, *shown]).strip()
 
 
 def with_changes(cfg: DictConfig, **changes) -> DictConfig:
@@ -167,10 +182,17 @@ class Scores:
         return self.per_split[seed]["validation"][metric]
 
 
+# How many llmembed runs this process fitted and how many it took from earlier runs in
+# `results.run_dir` (`results.resume=true`): each result file records it, and the page shows it.
+RUNS = {"fitted": 0, "reused": 0}
+
+
 def classify(cfg: DictConfig, out_dir: Path, name: str) -> Scores:
     """`llmembed-classify` over the config's seeds (one split each with resplit=true), in process."""
     t = time.perf_counter()
     m = finished_run(cfg, out_dir)
+    reused = m is not None
+    RUNS["reused" if reused else "fitted"] += 1
     if m is None:
         with head_threads(cfg):
             m = train(cfg, out_dir)
@@ -193,6 +215,7 @@ def classify(cfg: DictConfig, out_dir: Path, name: str) -> Scores:
         "n_seeds": len(m["seeds"]),
         "metrics_json": str(Path(out_dir) / "metrics.json"),
         "wall_s": round(time.perf_counter() - t, 2),
+        "reused": reused,  # taken from an earlier run in results.run_dir, not fitted now
     }
     log.info(
         "%s: validation %.4f test %.4f (%.1f s)",
@@ -268,6 +291,15 @@ def hidden_size(backbone: str) -> int:
 
 
 # --- choosing on validation ----------------------------------------------------------------------
+def selection(candidates: Sequence[Scores]) -> dict:
+    """What making one split's choice among `candidates` cost: how many fits, their seconds (each
+    candidate's fit on that split; a run that fitted every split at once, as experiment 1's, counts
+    its mean per split) and the backbones they read (each must be extracted to choose)."""
+    fit = [c.info["timings"]["fit_s"] / max(c.info.get("n_seeds", 1), 1) for c in candidates]
+    backbones = {e["backbone"] for c in candidates for e in c.info["extraction"]}
+    return {"fits": len(candidates), "fit_s": round(sum(fit), 3), "backbones": sorted(backbones)}
+
+
 def choose(candidates: Sequence[Scores], seed: int, metric: str = "accuracy") -> Scores:
     """The candidate with the best validation score on split `seed`; ties go to the earlier
     candidate (list the simpler or cheaper ones first). Test scores are not looked at."""
@@ -277,28 +309,32 @@ def choose(candidates: Sequence[Scores], seed: int, metric: str = "accuracy") ->
 
 def chosen_test(choices: dict[int, Scores]) -> dict[str, dict]:
     """Test scores of the candidate chosen on each split, summarized over the splits."""
+    seeds = sorted(choices)
     return {
-        k: over_splits([choices[s].per_split[s]["test"][k] for s in sorted(choices)])
-        for k in METRICS
+        k: over_splits([choices[s].per_split[s]["test"][k] for s in seeds], seeds) for k in METRICS
     }
 
 
-def over_splits(values: Sequence[float]) -> dict:
-    """{mean, std, n, ci, values}: the 95% t-interval of the mean over splits."""
+def over_splits(values: Sequence[float], seeds: Sequence[int] | None = None) -> dict:
+    """{mean, std, n, ci, values, seeds}: the 95% t-interval of the mean over splits, and which
+    split each value is (paired tests match methods split by split)."""
     v = np.asarray(values, dtype=float)
     ci = t_interval(v) if len(v) > 1 else [float(v[0]), float(v[0])]
-    return {
+    out = {
         "mean": float(v.mean()),
         "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
         "n": len(v),
         "ci": [float(x) for x in ci],
         "values": [float(x) for x in v],
     }
+    if seeds is not None:
+        out["seeds"] = [int(s) for s in seeds]
+    return out
 
 
 def summary_of(scores: Scores, part: str = "test") -> dict:
     seeds = sorted(scores.per_split)
-    return {k: over_splits([scores.per_split[s][part][k] for s in seeds]) for k in METRICS}
+    return {k: over_splits([scores.per_split[s][part][k] for s in seeds], seeds) for k in METRICS}
 
 
 # --- scoring our own predictions ------------------------------------------------------------------
@@ -380,7 +416,7 @@ def header(cfg: DictConfig, experiment: str, module: str, argv: Sequence[str]) -
     """What every result file starts with: the command, the protocol, the machine, the config."""
     return {
         "experiment": experiment,
-        "command": command_line(module, argv),
+        "command": command_line(module, argv, cfg),
         "config": f"conf/experiment/{experiment}.yaml",
         "seeds": seeds_of(cfg),
         "resplit": bool(cfg.resplit),
@@ -392,6 +428,14 @@ def header(cfg: DictConfig, experiment: str, module: str, argv: Sequence[str]) -
 
 # What makes result files of one protocol: those with the same values may be merged.
 PROTOCOL = ("seeds", "resplit", "dataset_limit")
+
+
+def finish(result: dict) -> dict:
+    """`result` with this process's count of fitted and reused llmembed runs (a file continued by
+    several commands keeps one count per command)."""
+    done = {"command": result["command"], **RUNS}
+    earlier = [r for r in result.get("runs", []) if r["command"] != result["command"]]
+    return {**result, "runs": [*earlier, done]}
 
 
 def commands_of(result: dict) -> list[str]:
@@ -413,6 +457,7 @@ def continue_result(path: Path, result: dict) -> dict:
         **result,
         "datasets": earlier["datasets"],
         "commands": [*commands_of(earlier), result["command"]],
+        "runs": earlier.get("runs", []),
     }
 
 

@@ -1,29 +1,33 @@
-"""Experiment 4: counterparts at the same scale, on the same five splits as llmembed's runs (full
-run ~1.2 h on 2 idle CPU cores, 5-10x under load; minutes on a GPU).
+"""Experiment 4: counterparts at the same scale, on the same five splits as llmembed's runs, each at
+its best documented setting and each with its own choices made on validation (and their cost).
 
-(a) Prompting SmolLM2-135M-Instruct (its causal LM head, loaded from the packaged GGUF with
-    transformers): every class scored by the log-probability of its label word after a fixed
-    template (conf/experiment/results_counterparts.yaml); zero-shot (each test text scored once,
-    whatever split it falls in) and few-shot (`shots` demonstrations per class drawn from each
-    split's training rows). Nothing is chosen, so validation is not used.
-(b) Fine-tuning MiniLM end to end: encoder + mean pooling + linear layer, AdamW, at most
-    `max_epochs` epochs with early stopping on validation accuracy; test scored once per split.
+(a) Prompting SmolLM2-135M-Instruct (its causal LM head, from the packaged GGUF with transformers):
+    every class scored by the log-probability of its label word. A setup of
+    `results.counterparts.prompting.setups` says how: the plain template or the model's chat
+    template; contextual calibration or none; the numbers of demonstrations per class (drawn from
+    each split's training rows), either each reported or chosen per split on validation; texts cut
+    to `max_text_tokens` (llmembed's 512 where the best setting is asked for).
+(b) Fine-tuning end to end or with LoRA adapters (`results.counterparts.finetuning.setups`): the
+    model + a pooling + a linear layer, AdamW, early stopping on validation accuracy; with several
+    learning rates, the one with the best validation accuracy per split; test scored once per
+    split, for that choice. MiniLM end to end, and SmolLM2 through LoRA (lora.py): the
+    counterpart that adapts the same decoder llmembed reads.
 
     .venv/bin/python -m scripts.experiments.counterparts [hydra overrides]
-    # config: conf/experiment/results_counterparts.yaml
+    # config: conf/experiment/results_counterparts.yaml; one part: 'results.counterparts.run=[prompting.chat]'
 
-Estimated full run: zero-shot scores the union of the five test splits once (~0.7M tokens),
-few-shot 5 x (2,113 + 1,076 + 425) prompts with demonstrations (~3.5M tokens): ~30 min at ~2,500
-tokens/s on two idle CPU cores; fine-tuning MiniLM (at most 4 epochs x 5 splits, float32) ~45
-min: about 1.2 h idle, 5-10x that on the loaded shared machine (see the session report for the
-pilot's figures); minutes on a GPU (models move to CUDA by themselves).
+Cost: every row records per split the seconds (and joules where metered) of its selection (the
+validation rows scored for every candidate, every training run of the sweep) and of its test
+predictions; experiment 5 reads them. The config's comments give the measured rates.
 
-Writes <results.out_dir>/counterparts.json.
+Writes <results.out_dir>/counterparts.json: per data set, `prompting` and `finetuning`, one entry
+per setup, each with its rows (a row per method the page shows).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,16 +44,19 @@ from scripts.experiments.common import (
     load_tokenizer,
     log,
     metered,
+    over_splits,
+    per_dataset,
     resolve_compute_dtype,
-    scores_from_predictions,
     setup_logging,
     split_datasets,
-    summary_of,
     write_json,
 )
 from scripts.experiments.finetune import FineTuneConfig, fine_tune, predict
+from scripts.experiments.lora import add_lora
 from scripts.experiments.prompting import (
     PromptScorer,
+    calibrated,
+    chat_prompt,
     draw_shots,
     few_shot_prefix,
     render,
@@ -71,159 +78,322 @@ def per_1000(figures: dict, texts: int) -> dict:
     }
 
 
-def run_prompting(cfg, splits) -> dict:
-    p = cfg.results.counterparts.prompting
-    spec = p.templates[cfg.dataset.name]
+def rows_of(ds, part: str) -> np.ndarray:
+    return np.flatnonzero(ds.split == SPLIT_CODES[part])
+
+
+def scored(y: np.ndarray, pred: np.ndarray) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+    }
+
+
+def summary(per_split: dict[int, dict], part: str) -> dict:
+    seeds = sorted(per_split)
+    return {
+        k: over_splits([per_split[s][part][k] for s in seeds], seeds)
+        for k in ("accuracy", "macro_f1")
+    }
+
+
+class Timed:
+    """Seconds (and joules where metered) of scoring or training, kept per split and per part."""
+
+    def __init__(self):
+        self.per_split: dict[int, dict[str, float | None]] = {}
+
+    def add(self, seed: int, part: str, figures: dict, share: float = 1.0) -> None:
+        d = self.per_split.setdefault(seed, {})
+        d[f"{part}_s"] = round(d.get(f"{part}_s", 0.0) + figures["wall_s"] * share, 3)
+        e, had = figures.get("energy_j"), d.get(f"{part}_j", 0.0)
+        d[f"{part}_j"] = None if e is None or had is None else round(had + e * share, 3)
+
+
+# --- prompting ------------------------------------------------------------------------------------
+def run_prompting(cfg, splits, name: str, setup) -> dict:
+    """One prompting setup on every split: its rows (zero-shot; each k, or the k chosen on
+    validation), each with per-split test scores and what they cost."""
+    p, dsname = cfg.results.counterparts.prompting, cfg.dataset.name
+    spec = p.templates[dsname]
     ds0 = next(iter(splits.values()))
-    words = [spec.words[name] for name in ds0.label_names]
+    words = [spec.words[n] for n in ds0.label_names]
     path = backbone_path(p.backbone)
     tok = load_tokenizer(path)
     dtype = resolve_compute_dtype(cfg.results.counterparts.dtype)
     with metered() as load_meter:
         model = load_model(path, "causal", dtype)
-    scorer = PromptScorer(model, tok, words, token_budget=int(p.token_budget))
-    texts = [truncate(tok, t, int(p.max_text_tokens)) for t in ds0.texts]
-    out = {
+    chat, calibrate = bool(setup.chat), bool(setup.calibrate)
+    scorer = PromptScorer(
+        model,
+        tok,
+        words,
+        token_budget=int(p.token_budget),
+        word_prefix="" if chat else " ",
+        add_special_tokens=not chat,
+    )
+    texts = [truncate(tok, t, int(per_dataset(setup.max_text_tokens, dsname))) for t in ds0.texts]
+    shot_tokens = int(per_dataset(setup.max_shot_tokens, dsname))
+    ks = [int(k) for k in per_dataset(setup.shots, dsname)]
+    choose_k = bool(setup.choose_shots)
+
+    def prompt(text: str, shots: list[tuple[str, int]]) -> str:
+        if chat:
+            demos = [(truncate(tok, t, shot_tokens), words[y]) for t, y in shots]
+            return chat_prompt(tok, spec.instruction, text, demos)
+        return few_shot_prefix(tok, spec.template, words, shots, shot_tokens) + render(
+            spec.template, text
+        )
+
+    def predictions(prompts: list[str], shots) -> tuple[np.ndarray, dict]:
+        with metered() as meter:
+            s = scorer.scores(prompts)
+            if calibrate:
+                s = calibrated(s, scorer.scores([prompt(cf, shots) for cf in p.content_free]))
+        return s.argmax(1), meter.figures()
+
+    # Zero-shot scores do not depend on the split: every row any split needs is scored once.
+    parts = ["test", *(["validation"] if choose_k else [])]
+    need = np.unique(np.concatenate([rows_of(d, q) for d in splits.values() for q in parts]))
+    zero = np.full(len(texts), -1)
+    zero_rate = {}  # seconds and joules per zero-shot prompt: each split's rows are its share
+    if 0 in ks:
+        zero[need], f = predictions([prompt(texts[i], []) for i in need], [])
+        e = f.get("energy_j")
+        zero_rate = {
+            "wall_s": f["wall_s"] / len(need),
+            "energy_j": None if e is None else e / len(need),
+        }
+
+    per_k: dict[int, dict[int, dict]] = {k: {} for k in ks}  # k -> seed -> {validation, test}
+    cost = {k: Timed() for k in ks}
+    chosen, chosen_cost, shot_ids = {}, Timed(), {}
+    for seed, ds in splits.items():
+        val, test = rows_of(ds, "validation"), rows_of(ds, "test")
+        drawn = {}
+        for k in ks:
+            if k == 0:
+                for part, idx in (("validation", val), ("test", test)):
+                    if part in parts:
+                        per_k[0].setdefault(seed, {})[part] = scored(ds.labels[idx], zero[idx])
+                        cost[0].add(seed, part, zero_rate, share=len(idx))
+                continue
+            picked = draw_shots(ds.labels, rows_of(ds, "train"), k, seed)
+            drawn[k] = [(ds.texts[i], int(ds.labels[i])) for i in picked]
+            shot_ids.setdefault(k, {})[seed] = [int(ds.row_ids[i]) for i in picked]
+            if choose_k:
+                pred, figures = predictions([prompt(texts[i], drawn[k]) for i in val], drawn[k])
+                per_k[k].setdefault(seed, {})["validation"] = scored(ds.labels[val], pred)
+                cost[k].add(seed, "validation", figures)
+        if choose_k:  # ties to the fewer demonstrations: the cheaper prompt
+            best = max(ks, key=lambda k: (per_k[k][seed]["validation"]["accuracy"], -k))
+            chosen[seed] = best
+            for k in ks:  # choosing scored the validation rows of every candidate
+                spent = cost[k].per_split[seed]
+                chosen_cost.add(
+                    seed,
+                    "selection",
+                    {"wall_s": spent["validation_s"], "energy_j": spent["validation_j"]},
+                )
+        for k in ks if not choose_k else [chosen[seed]]:
+            if k == 0:
+                if choose_k:
+                    chosen_cost.add(seed, "test", zero_rate, share=len(test))
+                continue
+            pred, figures = predictions([prompt(texts[i], drawn[k]) for i in test], drawn[k])
+            per_k[k].setdefault(seed, {})["test"] = scored(ds.labels[test], pred)
+            cost[k].add(seed, "test", figures)
+            if choose_k:
+                chosen_cost.add(seed, "test", figures)
+        log.info("%s %s split %d done", dsname, name, seed)
+
+    described = ", ".join(
+        [
+            "prompting SmolLM2",
+            "chat template" if chat else "plain template",
+            "calibrated" if calibrate else "uncalibrated",
+        ]
+    )
+    rows = {}
+
+    def row(per_split: dict, timed: Timed, **extra) -> dict:
+        """A row's scores and cost: a fixed k's row costs its test prompts (the validation
+        prompts scored for the choice are the chosen row's selection)."""
+        spent = {
+            seed: {k: v for k, v in d.items() if not k.startswith("validation")}
+            for seed, d in timed.per_split.items()
+        }
+        return {
+            "test": summary(per_split, "test"),
+            "cost": {"per_split": spent},
+            "params_trained": 0,
+            **extra,
+        }
+
+    for k in ks if not choose_k else [0]:
+        label = "zero-shot" if k == 0 else f"{k} demonstration{'s' if k > 1 else ''} per class"
+        rows[f"{described}, {label}"] = row(
+            per_k[k], cost[k], **({"shot_row_ids": shot_ids[k]} if k else {})
+        )
+    if choose_k:
+        per_split = {s: {"test": per_k[chosen[s]][s]["test"]} for s in splits}
+        rows[f"{described}, demonstrations per class chosen on validation"] = row(
+            per_split,
+            chosen_cost,
+            candidates=ks,
+            chosen_per_split={s: f"k={chosen[s]}" for s in splits},
+            validation={k: summary(per_k[k], "validation") for k in ks},
+        )
+    for r in rows.values():
+        log.info("%s %s: test accuracy %.4f", dsname, name, r["test"]["accuracy"]["mean"])
+    return {
+        "settings": OmegaConf.to_container(setup, resolve=True),
         "template": spec.template,
+        "instruction": spec.instruction if chat else None,
         "words": dict(zip(ds0.label_names, words, strict=True)),
         "model_load": load_meter.figures(),
         "dtype": str(dtype).removeprefix("torch."),
+        "rows": rows,
     }
 
-    # Zero-shot: a text's score does not depend on the split, so each test text is scored once.
-    rows = np.unique(
-        np.concatenate([np.flatnonzero(d.split == SPLIT_CODES["test"]) for d in splits.values()])
-    )
-    with metered() as meter:
-        pred_rows = scorer.predict([render(spec.template, texts[i]) for i in rows])
-    pred = np.full(len(texts), -1)
-    pred[rows] = pred_rows
-    zero = scores_from_predictions("zero-shot", splits, lambda s, idx: pred[idx], parts=("test",))
-    out["zero_shot"] = {
-        "test": summary_of(zero),
-        "cost_per_1000": per_1000(meter.figures(), len(rows)),
-        "params_trained": 0,
-    }
-    log.info(
-        "%s zero-shot: test accuracy %.4f",
-        cfg.dataset.name,
-        out["zero_shot"]["test"]["accuracy"]["mean"],
-    )
 
-    few_pred, cost, shots_used = {}, [], {}
-    for seed, ds in splits.items():
-        train_rows = np.flatnonzero(ds.split == SPLIT_CODES["train"])
-        shots = draw_shots(ds.labels, train_rows, int(p.shots), seed)
-        shots_used[seed] = [int(ds.row_ids[i]) for i in shots]
-        prefix = few_shot_prefix(
-            tok,
-            spec.template,
-            words,
-            [(ds.texts[i], int(ds.labels[i])) for i in shots],
-            int(p.max_shot_tokens),
-        )
-        test = np.flatnonzero(ds.split == SPLIT_CODES["test"])
-        with metered() as meter:
-            few_pred[seed] = dict(
-                zip(
-                    test.tolist(),
-                    scorer.predict([prefix + render(spec.template, texts[i]) for i in test]),
-                    strict=True,
-                )
-            )
-        cost.append(per_1000(meter.figures(), len(test)))
-    few = scores_from_predictions(
-        "few-shot", splits, lambda s, idx: np.array([few_pred[s][i] for i in idx]), parts=("test",)
-    )
-    out["few_shot"] = {
-        "test": summary_of(few),
-        "shots_per_class": int(p.shots),
-        "shot_row_ids": shots_used,
-        "cost_per_1000": average(cost),
-        "params_trained": 0,
-    }
-    log.info(
-        "%s few-shot: test accuracy %.4f",
-        cfg.dataset.name,
-        out["few_shot"]["test"]["accuracy"]["mean"],
-    )
-    return out
-
-
-def average(costs: list[dict]) -> dict:
-    out = dict(costs[0])
-    for k in ("seconds", "cpu_seconds", "joules"):
-        vals = [c[k] for c in costs]
-        out[k] = None if any(v is None for v in vals) else round(float(np.mean(vals)), 3)
-    out["texts"] = int(np.mean([c["texts"] for c in costs]))
-    return out
-
-
-def run_finetuning(cfg, splits) -> dict:
-    f = cfg.results.counterparts.finetuning
-    path = backbone_path(f.backbone)
+# --- fine-tuning ----------------------------------------------------------------------------------
+def run_finetuning(cfg, splits, name: str, setup) -> dict | None:
+    """One fine-tuning setup on every split of `splits` (all, or its own, per data set; none:
+    not run there): every learning rate of `lrs` trained (early stopping on validation), the best
+    on validation kept, test scored once for it."""
+    dsname = cfg.dataset.name
+    path = backbone_path(setup.backbone)
     tok = load_tokenizer(path)
-    ftc = dict(OmegaConf.to_container(f, resolve=True))
-    ftc.pop("backbone")
-    ftc["max_length"] = int(ftc["max_length"][cfg.dataset.name])
-    preds, runs, train_cost, infer_cost = {}, {}, [], []
-    for seed, ds in splits.items():
-        c = FineTuneConfig(**ftc, seed=seed)
-        tr, va, te = (
-            np.flatnonzero(ds.split == SPLIT_CODES[p]) for p in ("train", "validation", "test")
+    base = {
+        k: setup[k]
+        for k in ("weight_decay", "batch_size", "max_epochs", "patience", "warmup", "pooling")
+    }
+    base["max_length"] = int(per_dataset(setup.max_length, dsname))
+    chosen_splits = per_dataset(setup.get("splits"), dsname)
+    seeds = [s for s in splits if chosen_splits is None or s in [int(x) for x in chosen_splits]]
+    if not seeds:
+        log.info(
+            "%s %s: no splits on this data set (results.counterparts.finetuning)", dsname, name
         )
-        encoder = load_model(path, "base", torch.float32)
-        with metered() as meter:
-            res = fine_tune(encoder, tok, ds.texts, ds.labels, tr, va, len(ds.label_names), c)
-        train_cost.append(per_1000(meter.figures(), len(tr)))
+        return None
+    build = backbone_builder(setup, path)
+    per_split, runs, timed, chosen = {}, {}, Timed(), {}
+    for seed in seeds:
+        ds = splits[seed]
+        tr, va, te = (rows_of(ds, q) for q in ("train", "validation", "test"))
+        tried = []
+        for lr in setup.lrs:
+            c = FineTuneConfig(**base, lr=float(lr), seed=seed)
+            with metered() as meter:
+                res = fine_tune(build(), tok, ds.texts, ds.labels, tr, va, len(ds.label_names), c)
+            timed.add(seed, "selection", meter.figures())
+            tried.append(
+                (res.history[res.best_epoch]["val_accuracy"], -float(lr), c, res, meter.figures())
+            )
+            log.info(
+                "%s %s split %d lr %g: validation accuracy %.4f",
+                dsname,
+                name,
+                seed,
+                lr,
+                tried[-1][0],
+            )
+        _, _, c, res, train_figures = max(tried, key=lambda t: (t[0], t[1]))  # ties: smaller lr
         with metered() as meter:
             pred = predict(res.model, tok, [ds.texts[i] for i in te], c)
-        infer_cost.append(per_1000(meter.figures(), len(te)))
-        preds[seed] = dict(zip(te.tolist(), pred, strict=True))
+        timed.add(seed, "test", meter.figures())
+        per_split[seed] = {"test": scored(ds.labels[te], pred)}
+        chosen[seed] = f"lr={c.lr:g}"
         runs[seed] = {
-            "best_epoch": res.best_epoch,
-            "history": res.history,
-            "params_trained": res.params_trained,
+            "lrs": [
+                {
+                    "lr": -t[1],
+                    "best_epoch": t[3].best_epoch,
+                    "history": t[3].history,
+                    "train_s": t[4]["wall_s"],
+                }
+                for t in tried
+            ],
+            "train_per_1000": per_1000(train_figures, len(tr)),
+            "inference_per_1000": per_1000(meter.figures(), len(te)),
         }
         log.info(
-            "%s fine-tuning split %d: best epoch %d, test accuracy %.4f",
-            cfg.dataset.name,
+            "%s %s split %d: %s, test accuracy %.4f",
+            dsname,
+            name,
             seed,
-            res.best_epoch,
-            float((pred == ds.labels[te]).mean()),
+            chosen[seed],
+            per_split[seed]["test"]["accuracy"],
         )
-    scores = scores_from_predictions(
-        "fine-tuning", splits, lambda s, idx: np.array([preds[s][i] for i in idx]), parts=("test",)
-    )
-    return {
-        "test": summary_of(scores),
-        "config": ftc,
+    row = {
+        "test": summary(per_split, "test"),
+        "chosen_per_split": chosen,
         "runs": runs,
-        "params_trained": runs[min(runs)]["params_trained"],
-        "train_cost_per_1000": average(train_cost),
-        "inference_cost_per_1000": average(infer_cost),
+        "params_trained": res.params_trained,
+        "cost": {"per_split": timed.per_split},
     }
+    return {
+        "settings": OmegaConf.to_container(setup, resolve=True),
+        "rows": {str(setup.label): row},
+    }
+
+
+def backbone_builder(setup, path: str) -> Callable[[], torch.nn.Module]:
+    """A fresh copy of the model for each training run: all of it trains, or (method: lora) only
+    LoRA adapters on `setup.lora.targets`. float32: training in bfloat16 on a CPU loses the small
+    updates."""
+
+    def build():
+        model = load_model(path, "base", torch.float32)
+        if setup.method == "lora":
+            lo = setup.lora
+            add_lora(
+                model,
+                list(lo.targets),
+                rank=int(lo.rank),
+                alpha=float(lo.alpha),
+                dropout=float(lo.dropout),
+            )
+        elif setup.method != "full":
+            raise SystemExit(f"error: fine-tuning method {setup.method!r}: use full or lora")
+        return model
+
+    return build
+
+
+RUNNERS = {"prompting": run_prompting, "finetuning": run_finetuning}
 
 
 def main(argv: list[str]) -> None:
     setup_logging()
     cfgs = experiment_cfgs(EXPERIMENT, argv)
+    c0 = cfgs[0].results.counterparts
+    todo = [str(x).split(".", 1) for x in c0.run]
+    for entry in todo:
+        if len(entry) != 2 or entry[0] not in RUNNERS or entry[1] not in c0[entry[0]].setups:
+            known = [f"{k}.{s}" for k in RUNNERS for s in c0[k].setups]
+            raise SystemExit(
+                f"error: results.counterparts.run has {'.'.join(entry)!r}; known: {known}"
+            )
     out_dir = Path(cfgs[0].results.out_dir)
     path = out_dir / "counterparts.json"
     result = {**header(cfgs[0], EXPERIMENT, MODULE, argv), "datasets": {}}
     result = continue_result(path, result)
-    threads = cfgs[0].results.counterparts.torch_threads
+    threads = c0.torch_threads
     if threads:
         torch.set_num_threads(int(threads))
     for cfg in cfgs:
         splits = split_datasets(cfg)
         r = result["datasets"].setdefault(cfg.dataset.name, {"dataset": cfg.dataset.name})
-        if "prompting" in cfg.results.counterparts.run:
-            r["prompting"] = run_prompting(cfg, splits)
-            write_json(path, result)
-        if "finetuning" in cfg.results.counterparts.run:
-            r["finetuning"] = run_finetuning(cfg, splits)
-            write_json(path, result)
+        for kind, name in todo:
+            setup = cfg.results.counterparts[kind].setups[name]
+            done = RUNNERS[kind](cfg, splits, name, setup)
+            if done is not None:
+                r.setdefault(kind, {})[name] = done
+                write_json(path, result)
 
 
 if __name__ == "__main__":

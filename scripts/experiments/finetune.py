@@ -1,10 +1,10 @@
-"""Fine-tuning an encoder end to end (the counterpart of experiment 4b): the encoder, a pooling and
-a linear layer, AdamW with a linear warm-up and decay, early stopping on validation accuracy (the
-best epoch's weights kept), the test split scored once at the end."""
+"""Fine-tuning a text model end to end or through LoRA adapters (the counterparts of experiment 4b):
+the model, a pooling and a linear layer, AdamW with a linear warm-up and decay on the parameters
+that train, early stopping on validation accuracy (the best epoch's weights kept), the test split
+scored once at the end."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -26,29 +26,37 @@ class FineTuneConfig:
     patience: int = 1  # epochs without a better validation accuracy before stopping
     warmup: float = 0.1  # share of all steps with a linear warm-up, then linear decay to 0
     max_length: int = 128  # tokens per text (truncated)
-    pooling: str = "mean"  # mean over real tokens, or "first" (CLS)
+    pooling: str = "mean"  # mean over real tokens, "first" (CLS) or "last" (a decoder's last token)
     seed: int = 0
 
 
-class EncoderClassifier(nn.Module):
-    def __init__(self, encoder: nn.Module, n_classes: int, pooling: str):
+class TextClassifier(nn.Module):
+    """A text model's last hidden states, pooled, then a linear layer. Under right padding the
+    last real token of row i sits at attention_mask[i].sum() - 1."""
+
+    def __init__(self, backbone: nn.Module, n_classes: int, pooling: str):
         super().__init__()
-        self.encoder, self.pooling = encoder, pooling
-        self.classifier = nn.Linear(encoder.config.hidden_size, n_classes)
+        if pooling not in ("mean", "first", "last"):
+            raise ValueError(f"pooling {pooling!r}: use mean, first or last")
+        self.backbone, self.pooling = backbone, pooling
+        hidden = backbone.config.get_text_config().hidden_size
+        self.classifier = nn.Linear(hidden, n_classes)
 
     def forward(self, input_ids, attention_mask):  # (B, T) -> (B, classes) logits
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "first":
             pooled = h[:, 0]
+        elif self.pooling == "last":
+            pooled = h[torch.arange(len(h), device=h.device), attention_mask.sum(1) - 1]
         else:
             m = attention_mask[:, :, None].to(h.dtype)  # (B, T, 1)
             pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
-        return self.classifier(pooled)
+        return self.classifier(pooled.float())
 
 
 @dataclass
 class FineTuneResult:
-    model: EncoderClassifier
+    model: TextClassifier
     best_epoch: int
     history: list[dict] = field(default_factory=list)  # per epoch: train loss, validation accuracy
     train_s: float = 0.0
@@ -75,7 +83,7 @@ def _batches(tok, texts, labels, idx, cfg: FineTuneConfig):
 
 @torch.inference_mode()
 def predict(
-    model: EncoderClassifier, tok, texts: list[str], cfg: FineTuneConfig, batch_size: int = 64
+    model: TextClassifier, tok, texts: list[str], cfg: FineTuneConfig, batch_size: int = 64
 ) -> np.ndarray:
     model.eval()
     order = np.argsort([len(t) for t in texts])  # similar lengths together: less padding
@@ -90,7 +98,7 @@ def predict(
 
 
 def fine_tune(
-    encoder,
+    backbone,
     tok,
     texts: list[str],
     labels: np.ndarray,
@@ -99,12 +107,15 @@ def fine_tune(
     n_classes: int,
     cfg: FineTuneConfig,
 ) -> FineTuneResult:
-    """Train encoder + linear head on `train_rows`; keep the epoch with the best validation accuracy."""
+    """Train `backbone` + a linear layer on `train_rows` (every parameter of the backbone that
+    requires a gradient: all of them, or only LoRA adapters, see lora.py); keep the epoch with the
+    best validation accuracy."""
     torch.manual_seed(cfg.seed)
-    dev = next(encoder.parameters()).device
-    model = EncoderClassifier(encoder, n_classes, cfg.pooling).float().to(dev).train()
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    dev = next(backbone.parameters()).device
+    model = TextClassifier(backbone, n_classes, cfg.pooling).float().to(dev).train()
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.ndim > 1]
+    no_decay = [p for n, p in trained if p.ndim <= 1]
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": cfg.weight_decay},
@@ -149,15 +160,13 @@ def fine_tune(
             acc,
         )
         if acc > best_acc:
-            best_acc, best_state, best_epoch = acc, copy.deepcopy(model.state_dict()), epoch
+            # The parameters that train (the rest is frozen): a LoRA run copies MBs, not the model.
+            best_state = {n: p.detach().clone() for n, p in trained}
+            best_acc, best_epoch = acc, epoch
         elif epoch - best_epoch >= cfg.patience:
             break
-    model.load_state_dict(best_state)
+    model.load_state_dict(best_state, strict=False)
     model.eval()
     return FineTuneResult(
-        model,
-        best_epoch,
-        history,
-        time.perf_counter() - t0,
-        sum(p.numel() for p in model.parameters() if p.requires_grad),
+        model, best_epoch, history, time.perf_counter() - t0, sum(p.numel() for _, p in trained)
     )

@@ -7,18 +7,21 @@ Per split, for SmolLM2 alone and SmolLM2 + MiniLM:
 - concatenation: the k best SmolLM2 layers on validation of one pooling (k from
   `results.fusion.ks`, k and pooling chosen on validation; + MiniLM adds that split's best MiniLM
   layer and pooling), logistic regression;
-- the paper's co-occurrence head (`head=llmembed`) on the paper's last five layers (+ MiniLM L6;
-  with `results.fusion.cooc_on_chosen=true` also on the layers the concatenation chose), σ from
+- llmembed's co-occurrence head (`head=llmembed`: standardized inputs, every block projected,
+  early stopping, batch 256; experiment 3 has the paper's head as its code has it) on the paper's
+  last five layers (+ MiniLM L6) and, with `results.fusion.cooc_on_chosen=true`, on the layers the
+  concatenation chose (for the feature sets of `results.fusion.cooc_on_chosen`); σ from
   `results.fusion.sigmas` chosen on validation.
+
+Every row records what its choice cost per split (`selection`): the fits of every candidate it
+looked at, experiment 1's sweep included where it ranks or picks layers from it.
 
     .venv/bin/python -m scripts.experiments.fusion [hydra overrides]    # conf/experiment/results_fusion.yaml
 
 Needs <results.out_dir>/layers.json (experiment 1). Per set: 5 splits x 2 feature sets x (4
-concatenations x 2 poolings + 2 σ of the paper's head) = 80 logreg and 20 head fits. Estimated full run: about
-45 min on two idle CPU cores (the paper's head ~45 s per fit on MR's 7,400 training rows, judged
-from the demo's 18 s on 2,800 rows); 5-10x that on the loaded shared machine (the pilot, TREC + MR
-with dataset.limit=600 and 2 splits: 8 min 18 s, ~25 s per head fit on 420 rows). Setting
-`results.fusion.cooc_on_chosen=true` adds 20 head fits per set.
+concatenations x 2 poolings) = 80 logreg fits, and 5 x 2 x len(sigmas) co-occurrence head fits on
+the paper's layers, 5 x len(sigmas) more per feature set of `cooc_on_chosen`. A head fit took
+~70 s on MR, ~75 on TREC, ~42 on BBC (the first run, one thread of a loaded 2-core CPU): ~3.4 h in all.
 
 Writes <results.out_dir>/fusion.json.
 """
@@ -36,10 +39,12 @@ from scripts.experiments.common import (
     classify,
     continue_result,
     experiment_cfgs,
+    finish,
     head_config,
     header,
     pre_extract,
     read_json,
+    selection,
     setup_logging,
     with_changes,
     write_json,
@@ -87,32 +92,40 @@ def run_dataset(cfg, layers_result: dict) -> dict:
     paper_head = {f"head.params.{k}": v for k, v in fcfg.head.items()}
     rows: dict[str, dict] = {}
 
-    def report(name: str, picks: dict[int, Scores], candidates: int, **extra) -> None:
+    def report(name: str, picks: dict[int, Scores], looked_at: dict[int, list[Scores]]) -> None:
+        """`looked_at[seed]`: every candidate fitted on that split to make the choice."""
         rows[name] = {
-            "candidates": candidates,  # configurations trained per split to make the choice
+            "candidates": len(looked_at[seeds[0]]),  # configurations fitted per split to choose
             "test": chosen_test(picks),
             "chosen_per_split": {s: picks[s].name for s in seeds},
             "info": {s: picks[s].info for s in seeds},
-            **extra,
+            "selection": {s: selection(looked_at[s]) for s in seeds},
         }
 
     last = smol_mean[-1]
-    report("SmolLM2 last layer (L30, mean), logreg", {s: last for s in seeds}, 1)
+    report(
+        "SmolLM2 last layer (L30, mean), logreg",
+        {s: last for s in seeds},
+        {s: [last] for s in seeds},
+    )
     report(
         "SmolLM2 best single layer (validation), logreg",
         {s: choose(smol_all, s) for s in seeds},
-        len(smol_all),
+        {s: smol_all for s in seeds},
     )
     both_single = smol_all + mini_all
     report(
         "SmolLM2 or MiniLM best single layer (validation), logreg",
         {s: choose(both_single, s) for s in seeds},
-        len(both_single),
+        {s: both_single for s in seeds},
     )
 
     chosen_layers: dict[str, dict[int, list[dict]]] = {"smollm2": {}, "smollm2+minilm": {}}
     for combo in ("smollm2", "smollm2+minilm"):
         concat_picks, cooc_picks, paper_picks = {}, {}, {}
+        # What each choice fitted, per split: the layer sweep it ranks layers from, then its own.
+        sweep = smol_all if combo == "smollm2" else both_single
+        concat_seen, cooc_seen, paper_seen = {}, {}, {}
         for seed in seeds:
             mini_pick = choose(mini_all, seed).name  # e.g. "minilm:mean:L4"
             _, mini_pooling, mini_layer = mini_pick.split(":")
@@ -146,6 +159,7 @@ def run_dataset(cfg, layers_result: dict) -> dict:
                     cands.append(classify(c, out, name))
                     cands[-1].info["sources"] = sources
             concat_picks[seed] = choose(cands, seed)
+            concat_seen[seed] = sweep + cands
             chosen_layers[combo][seed] = concat_picks[seed].info["sources"]
 
             # The paper's head: on the paper's layers and on the layers the concatenation chose.
@@ -159,10 +173,18 @@ def run_dataset(cfg, layers_result: dict) -> dict:
             ]
             if combo == "smollm2+minilm":
                 paper_sources.append({**dict(fcfg.encoder_paper), "role": "encoder"})
-            variants = [("paper layers", paper_sources, paper_picks)]
-            if fcfg.cooc_on_chosen:
-                variants.append(("chosen layers", chosen_layers[combo][seed], cooc_picks))
-            for label, sources, store in variants:
+            variants = [("paper layers", paper_sources, paper_picks, paper_seen, [])]
+            if combo in fcfg.cooc_on_chosen:
+                variants.append(
+                    (
+                        "chosen layers",
+                        chosen_layers[combo][seed],
+                        cooc_picks,
+                        cooc_seen,
+                        concat_seen[seed],
+                    )
+                )
+            for label, sources, store, seen, before in variants:
                 cands = []
                 for sigma in fcfg.sigmas:
                     c = with_changes(
@@ -181,24 +203,28 @@ def run_dataset(cfg, layers_result: dict) -> dict:
                         classify(c, run_dir / f"s{seed}" / f"{combo}-cooc-{tag}-s{sigma}", name)
                     )
                 store[seed] = choose(cands, seed)
+                seen[seed] = before + cands
         what = "SmolLM2" if combo == "smollm2" else "SmolLM2 + MiniLM"
         report(
             f"{what} concatenation of layers chosen on validation, logreg",
             concat_picks,
-            len(fcfg.ks) * len(smol_poolings),
+            concat_seen,
         )
         report(
-            f"{what} co-occurrence head, paper's last five layers (σ on validation)",
-            paper_picks,
-            len(fcfg.sigmas),
+            f"{what}, {COOC}, paper's last five layers (σ on validation)", paper_picks, paper_seen
         )
-        if fcfg.cooc_on_chosen:
+        if combo in fcfg.cooc_on_chosen:
             report(
-                f"{what} co-occurrence head, layers chosen on validation (σ on validation)",
+                f"{what}, {COOC}, layers chosen on validation (σ on validation)",
                 cooc_picks,
-                len(fcfg.sigmas),
+                cooc_seen,
             )
     return {"dataset": cfg.dataset.name, "rows": rows, "chosen_layers": chosen_layers}
+
+
+# What ran under `head=llmembed` with this experiment's settings: not the paper's head as its code
+# has it (raw inputs, no early stopping, ...), which experiment 3 runs.
+COOC = "llmembed's co-occurrence head (standardized inputs, every block projected, early stopping, batch 256)"
 
 
 def describe(sources: list[dict]) -> str:
@@ -221,7 +247,7 @@ def main(argv: list[str]) -> None:
         result["datasets"][cfg.dataset.name] = run_dataset(
             cfg, layers["datasets"][cfg.dataset.name]
         )
-        write_json(out_dir / "fusion.json", result)
+        write_json(out_dir / "fusion.json", finish(result))
 
 
 if __name__ == "__main__":

@@ -34,9 +34,11 @@ job() {  # job NAME COMMAND...: its log in OUT_DIR/NAME.log, its start, end and 
 for b in smollm2 minilm; do
   job extract_mr_$b $PY -m llmembed.extract.cli dataset=mr backbone=$b extract.progress=false ${EXTRA_EXTRACT:-}
 done
+# Every split of every fine-tuning setup: the committed config's per-set splits fit a 2-core CPU.
 for d in mr bbc trec; do
   job counterparts_$d $PY -m $X.counterparts "results.datasets=[$d]" results.out_dir="$R"/$d \
-    results.counterparts.torch_threads=4 ${EXTRA:-}
+    results.counterparts.torch_threads=4 results.counterparts.finetuning.setups.minilm.splits=null \
+    results.counterparts.finetuning.setups.smollm2_lora.splits=null ${EXTRA:-}
 done
 # The extraction records of the cache entries (seconds, joules, device), for experiment 5.
 $PY - "$R"/extraction.json <<'PY'

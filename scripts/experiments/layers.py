@@ -30,6 +30,7 @@ from scripts.experiments.common import (
     classify,
     continue_result,
     experiment_cfgs,
+    finish,
     header,
     pre_extract,
     setup_logging,
@@ -37,6 +38,7 @@ from scripts.experiments.common import (
     with_changes,
     write_json,
 )
+from scripts.experiments.cost import dataset_cost, extraction_per_1000
 
 EXPERIMENT, MODULE = "results_layers", "scripts.experiments.layers"
 FEATURES = {"smollm2": "smollm2_layer", "minilm": "minilm_layer"}
@@ -60,7 +62,7 @@ def run_dataset(cfg, argv) -> dict:
     pre_extract(cfg, argv, list(cfg.results.backbones))
     run_dir = Path(cfg.results.run_dir) / "layers" / cfg.dataset.name
     seeds = seeds_of(cfg)
-    curves, chosen = {}, {}
+    curves, chosen, extraction = {}, {}, {}
     for backbone, spec in cfg.results.backbones.items():
         every = []
         for pooling in spec.poolings:
@@ -82,7 +84,18 @@ def run_dataset(cfg, argv) -> dict:
             "per_split": {seed: picks[seed].name for seed in seeds},
             "test": chosen_test(picks),
         }
-    return {"dataset": cfg.dataset.name, "curves": curves, "chosen_on_validation": chosen}
+        # What embedding this data set's rows cost, from the entry's manifest while it is here
+        # (experiment 5 reads it from this file, on any machine).
+        entry = every[0].info["extraction"][0]
+        extraction[backbone] = extraction_per_1000(
+            record := dataset_cost(entry, cfg.dataset.name), record.get("rows_computed") or 0
+        )
+    return {
+        "dataset": cfg.dataset.name,
+        "curves": curves,
+        "chosen_on_validation": chosen,
+        "extraction": extraction,
+    }
 
 
 def plot(result: dict, path: Path) -> None:
@@ -123,7 +136,9 @@ def main(argv: list[str]) -> None:
     for cfg in cfgs:
         result["datasets"][cfg.dataset.name] = r = run_dataset(cfg, argv)
         plot(r, out_dir / f"layers_{cfg.dataset.name}.png")
-        write_json(out_dir / "layers.json", result)  # after every set: a stopped run keeps the rest
+        write_json(
+            out_dir / "layers.json", finish(result)
+        )  # after every set: a stopped run keeps the rest
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     .venv/bin/python -m scripts.experiments.merge /tmp/exp/mr /tmp/exp/trec --into docs/results
 
 Each experiment's JSON files must share the protocol (seeds, resplit, data-set limit); their data
-sets are put together (a data set in two folders: the later folder wins, and is named), their
+sets are put together (a data set in two folders: the later folder wins, and is named; in
+counterparts.json its setups add up, so that prompting and fine-tuning may run in parallel), their
 commands listed in order, and their plots copied. The page is then written by write_results.
 """
 
@@ -15,6 +16,18 @@ import shutil
 from pathlib import Path
 
 from scripts.experiments.common import PROTOCOL, commands_of
+
+
+def joined(name: str, earlier: dict | None, later: dict) -> dict:
+    """One data set's entry of two result files: the later one, except in counterparts.json,
+    whose setups (each run on its own, in parallel) add up, a later setup replacing its namesake."""
+    if name != "counterparts.json" or earlier is None:
+        return later
+    out = {**earlier, **{k: v for k, v in later.items() if k not in ("prompting", "finetuning")}}
+    for kind in ("prompting", "finetuning"):
+        if kind in earlier or kind in later:
+            out[kind] = {**earlier.get(kind, {}), **later.get(kind, {})}
+    return out
 
 
 def merge(sources: list[Path], into: Path) -> list[str]:
@@ -40,9 +53,18 @@ def merge(sources: list[Path], into: Path) -> list[str]:
                 )
             again = set(r.get("datasets", {})) & set(merged.get("datasets", {}))
             if again:
-                said.append(f"{name}: {sorted(again)} taken from {src}")
-            merged["datasets"] = {**merged.get("datasets", {}), **r.get("datasets", {})}
+                what = "setups added or replaced" if name == "counterparts.json" else "taken"
+                said.append(f"{name}: {sorted(again)} {what} from {src}")
+            earlier = merged.get("datasets", {})
+            merged["datasets"] = {
+                **earlier,
+                **{ds: joined(name, earlier.get(ds), d) for ds, d in r["datasets"].items()},
+            }
             merged["commands"] += [c for c in commands_of(r) if c not in merged["commands"]]
+            merged["runs"] = [
+                *merged.get("runs", []),
+                *(x for x in r.get("runs", []) if x not in merged.get("runs", [])),
+            ]
         merged_files[name] = merged
         said.append(f"{name}: {sorted(merged.get('datasets', {}))}")
     into.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,4 @@
-"""Experiment 3: the paper's recipe against llmembed's defaults, one factor at a time (full run
-~1.5 h on 2 idle CPU cores, ~8 h under the load of 2026-11-27; minutes of forward passes on a GPU).
+"""Experiment 3: the paper's recipe against llmembed's defaults, one factor at a time.
 
 1. Pooling (our own forward pass over the packaged SmolLM2 with transformers, since llmembed stores
    only mask-aware poolings): mask-aware mean (llmembed) vs the mean over a fixed padded length
@@ -7,21 +6,22 @@
    BOS, so a BOS is put in front to measure the paper's situation: mean with the BOS state vs
    without it, and the paper's full recipe (BOS and padding in the mean). Each variant: logistic
    regression on the paper's mean of the last five layers, and on the best single layer (chosen per
-   split on validation among `results.recipe.layers`).
+   split on validation among `results.recipe.layers`). Where the paper's code has the data set
+   (`results.recipe.paper_pad`: MR), its own pad lengths on a subset of rows, paired with the same
+   rows at `pad_to` and under llmembed's pooling. The largest dimension of the raw states per layer
+   is recorded (a head on raw inputs meets it).
 2. Layers: the paper's last five (mean, and concatenated) through llmembed; experiment 2's layers
    chosen on validation are read from fusion.json by the page.
-3. Head: the paper-faithful head (`standardize=false project_same_width=false`) vs llmembed's head on
-   the paper's features (SmolLM2 last five + MiniLM), σ chosen on validation for each.
+3. Heads (`results.recipe.heads`): the paper's head as its code has it (raw inputs, the encoder
+   unprojected at a common width, fixed epochs, softmax before the loss) and llmembed's, on the
+   paper's features (SmolLM2 last five + MiniLM), σ chosen on validation for each.
 
     .venv/bin/python -m scripts.experiments.recipe [hydra overrides]   # conf/experiment/results_recipe.yaml
 
-Estimated full run: two padded forward passes of SmolLM2 per set (MR 10,566 x 64 tokens, TREC
-5,381 x 32, BBC 2,125 x 512: 3.9M padded tokens in all, ~25 min at ~2,500 tokens/s on two idle
-cores), 5 variants x 17 feature sets x 5 splits of logistic regression (~30 min) and 2 heads x 2 σ
-x 5 splits of the paper's head (~25 min): about 1.5 h on two idle CPU cores. Under the load of
-2026-11-27 the padded pass ran at ~150 padded tokens/s (the pilot, dataset.limit=600, 2 splits,
-TREC: 258 s + 434 s for the two passes), i.e. 7 h for the full passes: run this one where a GPU
-is (the passes move to CUDA by themselves) or on an idle machine.
+Estimated time (measured per unit on a loaded 2-core machine): per set two padded passes (MR 10,566 x
+64 tokens ~26 min, TREC 5,381 x 32 ~6 min, BBC 2,125 x 512 ~59 min of one CPU core), the paper's
+MR lengths on 200 rows ~52 min, 425 logistic regressions a few minutes, 20 head fits 10-25 min;
+minutes on a GPU (the passes move to CUDA by themselves).
 
 Writes <results.out_dir>/recipe.json.
 """
@@ -49,6 +49,7 @@ from scripts.experiments.common import (
     classify,
     continue_result,
     experiment_cfgs,
+    finish,
     head_config,
     head_threads,
     header,
@@ -58,6 +59,7 @@ from scripts.experiments.common import (
     metered,
     pre_extract,
     resolve_compute_dtype,
+    selection,
     setup_logging,
     split_datasets,
     summary_of,
@@ -138,13 +140,9 @@ VARIANTS = {  # variant -> (forward pass, what the page calls it)
 }
 
 
-def custom_states(cfg, ds) -> tuple[dict[str, np.ndarray], dict]:
-    """All variants for the data set's rows, computed once and kept in results.work_dir."""
+def forward_settings(cfg, pad_to: int) -> tuple[str, object, int, int, dict]:
+    """(model path, tokenizer, pad id, BOS id, what changes the numbers) of our own forward pass."""
     r = cfg.results.recipe
-    pad_to = int(r.pad_to[cfg.dataset.name])
-    work = (
-        Path(cfg.results.work_dir).expanduser() / f"{ds.name}-{ds.fingerprint()[:12]}-pad{pad_to}"
-    )
     path = backbone_path("smollm2")
     tok = load_tokenizer(path)
     pad_id = (
@@ -153,82 +151,117 @@ def custom_states(cfg, ds) -> tuple[dict[str, np.ndarray], dict]:
         else (tok.unk_token_id if tok.unk_token_id is not None else tok.pad_token_id)
     )
     bos_id = tok.convert_tokens_to_ids(r.bos_token) if r.bos_token else tok.bos_token_id
-    layers = [int(x) for x in r.layers]
     info = {
         "pad_to": pad_to,
         "pad_token": tok.convert_ids_to_tokens(pad_id),
         "bos_token": tok.convert_ids_to_tokens(bos_id),
-        "layers": layers,
-        "work_dir": str(work),
+        "layers": [int(x) for x in r.layers],
         "tokenizer_adds_bos": tok("good")["input_ids"][0] == tok.bos_token_id,
+        "dtype": str(resolve_compute_dtype(r.dtype)).removeprefix("torch."),
     }
-    dtype = resolve_compute_dtype(r.dtype)
-    info["dtype"] = str(dtype).removeprefix("torch.")
-    # Everything that changes the numbers names the folder, so a changed setting never reads old ones.
-    settings = {"info": {k: v for k, v in info.items() if k != "work_dir"}, "model": path}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    work = work.with_name(f"{work.name}-{key[:10]}")
+    return path, tok, pad_id, bos_id, info
+
+
+def stored_states(
+    cfg, texts: list[str], tag: str, pad_to: int, bos_options: tuple
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Every pooled variant of the forward passes `bos_options` (None: no BOS; "bos": one in
+    front) for `texts`, padded to `pad_to`, computed once and kept in results.work_dir under a
+    name that every setting changing the numbers (and the texts) goes into."""
+    r = cfg.results.recipe
+    path, tok, pad_id, bos_id, info = forward_settings(cfg, pad_to)
+    settings = {"info": info, "model": path, "passes": [str(b) for b in bos_options]}
+    key = hashlib.sha256(
+        json.dumps(settings, sort_keys=True).encode() + "\n".join(texts).encode()
+    ).hexdigest()
+    work = Path(cfg.results.work_dir).expanduser() / f"{tag}-pad{pad_to}-{key[:10]}"
     info["work_dir"] = str(work)
-    files = {k: work / f"{k}.safetensors" for k in VARIANTS}  # nothing is unpickled
-    if all(f.is_file() for f in files.values()) and (work / "info.json").is_file():
-        return {k: load_file(str(f))["x"].astype(np.float32) for k, f in files.items()}, json.loads(
-            (work / "info.json").read_text()
-        )
-    model = load_model(path, "base", dtype)
-    work.mkdir(parents=True, exist_ok=True)
+    if (work / "info.json").is_file():  # written last: its presence means every file is there
+        saved = json.loads((work / "info.json").read_text())
+        return {k: load_file(str(work / f"{k}.safetensors"))["x"] for k in saved["variants"]}, saved
+    model = load_model(path, "base", resolve_compute_dtype(r.dtype))
     out, cost = {}, {}
-    for bos in (None, bos_id):
+    for bos in bos_options:
         with metered() as meter:
             out.update(
                 pooled_variants(
                     model,
-                    ds.texts,
+                    texts,
                     tok,
                     pad_to=pad_to,
                     pad_id=pad_id,
-                    bos_id=bos,
-                    layers=layers,
-                    token_budget=int(r.token_budget),
+                    bos_id=bos_id if bos else None,
+                    layers=info["layers"],
+                    token_budget=max(int(r.token_budget), pad_to),
                 )
             )
-        cost["bos" if bos is not None else "plain"] = {
+        cost["bos" if bos else "plain"] = {
             **meter.figures(),
-            "texts": len(ds),
-            "padded_tokens": len(ds) * pad_to,
+            "texts": len(texts),
+            "padded_tokens": len(texts) * pad_to,
         }
-        log.info(
-            "padded forward pass (%s BOS): %.1f s", "with" if bos is not None else "no", meter.wall
+        log.info("padded forward pass (%s BOS, %d tokens): %.1f s", bos, pad_to, meter.wall)
+    work.mkdir(parents=True, exist_ok=True)
+    for k, x in out.items():  # float16 halves the disk unless a value is beyond its range
+        wide = np.abs(x).max() >= 6e4
+        save_file(
+            {"x": np.ascontiguousarray(x, np.float32 if wide else np.float16)},
+            str(work / f"{k}.safetensors"),
         )
-    for k, f in files.items():  # float16 halves the disk unless a value is beyond its range
-        wide = np.abs(out[k]).max() >= 6e4
-        save_file({"x": np.ascontiguousarray(out[k], np.float32 if wide else np.float16)}, str(f))
-    info["cost"] = cost
+    info |= {"cost": cost, "variants": sorted(out)}
     (work / "info.json").write_text(json.dumps(info, indent=1))
-    return {k: out[k] for k in VARIANTS}, info
+    return out, info
 
 
-def logreg_scores(name: str, X: np.ndarray, splits: dict, cfg) -> Scores:
-    """LogRegHead (C chosen on validation, as llmembed's logreg) on our own features, per split."""
+def custom_states(cfg, ds) -> tuple[dict[str, np.ndarray], dict]:
+    """Every variant of VARIANTS for the data set's rows, at the data set's `pad_to`."""
+    pad_to = int(cfg.results.recipe.pad_to[cfg.dataset.name])
+    states, info = stored_states(cfg, ds.texts, ds.name, pad_to, (None, "bos"))
+    return {k: states[k].astype(np.float32) for k in VARIANTS}, info
+
+
+def massive_dimensions(X: np.ndarray, layers: list[int]) -> dict[str, dict]:
+    """Per stored layer of pooled states `X` (texts, layers, hidden): the dimension with the largest
+    mean magnitude over the texts and how many times the median dimension's magnitude it is. Raw
+    (unstandardized) inputs to a head are dominated by such dimensions."""
+    mag = np.abs(X.astype(np.float32)).mean(axis=0)  # (layers, hidden)
+    return {
+        str(layer): {
+            "dimension": int(mag[j].argmax()),
+            "times_median": round(float(mag[j].max() / np.median(mag[j])), 1),
+        }
+        for j, layer in enumerate(layers)
+    }
+
+
+def logreg_scores(
+    name: str, X: np.ndarray, splits: dict, cfg, rows: np.ndarray | None = None
+) -> Scores:
+    """LogRegHead (C chosen on validation, as llmembed's logreg) on our own features, per split;
+    with `rows`, on those rows of every split only (X then holds one row per entry of `rows`, or
+    per split a matrix of its own: {seed: X})."""
     from sklearn.metrics import accuracy_score, f1_score
 
     per, fit_s = {}, 0.0
     for seed, ds in splits.items():
-        tr, va, te = (ds.split == SPLIT_CODES[p] for p in ("train", "validation", "test"))
+        split, labels = ds.split, ds.labels
+        if rows is not None:
+            split, labels = split[rows], labels[rows]
+        Xs = X[seed] if isinstance(X, dict) else X
+        tr, va, te = (split == SPLIT_CODES[p] for p in ("train", "validation", "test"))
         t = time.perf_counter()
         head = LogRegHead(
             Cs=tuple(cfg.head.params.Cs), max_iter=int(cfg.head.params.max_iter), random_state=seed
         )
         with head_threads(cfg):
-            head.fit(X[tr], ds.labels[tr], validation=(X[va], ds.labels[va]))
+            head.fit(Xs[tr], labels[tr], validation=(Xs[va], labels[va]))
         fit_s += time.perf_counter() - t
         per[seed] = {}
-        for part, rows in (("validation", va), ("test", te)):
-            pred = head.predict(X[rows])
+        for part, mask in (("validation", va), ("test", te)):
+            pred = head.predict(Xs[mask])
             per[seed][part] = {
-                "accuracy": float(accuracy_score(ds.labels[rows], pred)),
-                "macro_f1": float(
-                    f1_score(ds.labels[rows], pred, average="macro", zero_division=0)
-                ),
+                "accuracy": float(accuracy_score(labels[mask], pred)),
+                "macro_f1": float(f1_score(labels[mask], pred, average="macro", zero_division=0)),
             }
     scores = Scores(name, per, {"fit_s": round(fit_s, 2)})
     log.info(
@@ -248,6 +281,7 @@ def run_dataset(cfg) -> dict:
     states, info = custom_states(cfg, next(iter(splits.values())))
     layers = [int(x) for x in r.layers]
     last_idx = [layers.index(int(x)) for x in r.last]
+    info["massive_dimensions"] = massive_dimensions(states["masked"], layers)
     rows: dict[str, dict] = {}
     for variant, (_, label) in VARIANTS.items():
         X = states[variant]
@@ -261,12 +295,16 @@ def run_dataset(cfg) -> dict:
             "test": summary_of(last5),
             "validation": summary_of(last5, "validation"),
             "variant": variant,
+            "fit_s": last5.info["fit_s"],
         }
         rows[f"pooling: {label}; best single layer on validation"] = {
             "test": chosen_test(picks),
             "variant": variant,
             "chosen_per_split": {s: picks[s].name for s in seeds},
+            "candidates": len(singles),
+            "fit_s": round(sum(x.info["fit_s"] for x in singles), 2),
         }
+    rows.update(paper_length_rows(cfg, splits, states, last_idx))
 
     run_dir = Path(cfg.results.run_dir) / "recipe" / cfg.dataset.name
     smol_last = {
@@ -291,21 +329,69 @@ def run_dataset(cfg) -> dict:
     return {"dataset": cfg.dataset.name, "rows": rows, "custom_extraction": info}
 
 
-def head_rows(cfg, seeds: list[int], run_dir: Path, smol_last: dict) -> dict[str, dict]:
-    """The paper-faithful head against llmembed's on the paper's features, σ chosen on validation
-    per split. Each fit is a finished run in `run_dir` that any later process reuses, so a second
-    process may fit the splits from the other end (`seeds` reversed) to share the work."""
-    r, rows = cfg.results.recipe, {}
-    paper_head = {f"head.params.{k}": v for k, v in r.head.items()}
-    sources = [smol_last, {**dict(r.encoder), "role": "encoder"}]
-    for label, extra in (
+def paper_length_rows(cfg, splits: dict, states: dict, last_idx: list[int]) -> dict[str, dict]:
+    """The paper's code at its own pad lengths (`results.recipe.paper_pad`, e.g. MR: training
+    rows padded to 3,000 tokens, test rows to 1,500; validation rows, which it has none of, as
+    test), BOS in front and pads in the mean, last five layers averaged. A pass over 3,000
+    positions costs about 50 MR snippets' worth, so it runs on a seeded subset of `rows` rows; the
+    same rows under the data set's `pad_to` and under llmembed's pooling are scored beside it, on
+    every split, so the three are paired."""
+    spec = cfg.results.recipe.paper_pad.get(cfg.dataset.name)
+    if not spec:
+        return {}
+    ds = next(iter(splits.values()))
+    n = min(int(spec.rows), len(ds))
+    subset = np.sort(np.random.default_rng(0).choice(len(ds), size=n, replace=False))
+    texts = [ds.texts[i] for i in subset]
+    long = {
+        part: stored_states(cfg, texts, f"{ds.name}-subset{n}", int(spec[part]), ("bos",))[0][
+            "padded_bos"
+        ][:, last_idx]
+        .astype(np.float32)
+        .mean(1)
+        for part in ("train", "test")
+    }
+    X = {  # per split: training rows at the training length, the others at the test length
+        seed: np.where(
+            (d.split[subset] == SPLIT_CODES["train"])[:, None], long["train"], long["test"]
+        )
+        for seed, d in splits.items()
+    }
+    where = f"a {n:,}-row subset (the same rows in every split)"
+    out = {}
+    for label, features in (
         (
-            "the paper-faithful head (standardize=false, project_same_width=false)",
-            {"head.params.standardize": False, "head.params.project_same_width": False},
+            f"BOS in front, mean over the paper's padded lengths (training {spec.train}, "
+            f"validation and test {spec.test} tokens)",
+            X,
         ),
-        ("llmembed's head (standardized, every block projected)", {}),
+        (
+            "BOS in front, mean over the padded length (the paper's code) at "
+            f"{int(cfg.results.recipe.pad_to[ds.name])} tokens",
+            states["padded_bos"][subset][:, last_idx].mean(1),
+        ),
+        ("mask-aware mean, no BOS (llmembed)", states["masked"][subset][:, last_idx].mean(1)),
     ):
-        picks = {}
+        s = logreg_scores(f"paper lengths: {label}", features, splits, cfg, rows=subset)
+        out[f"pooling on {where}: {label}; last five layers, mean"] = {
+            "test": summary_of(s),
+            "validation": summary_of(s, "validation"),
+            "rows": n,
+            "fit_s": s.info["fit_s"],
+        }
+    return out
+
+
+def head_rows(cfg, seeds: list[int], run_dir: Path, smol_last: dict) -> dict[str, dict]:
+    """The co-occurrence heads of `results.recipe.heads` on the paper's features, σ chosen on
+    validation per split for each. Each fit is a finished run in `run_dir` that any later process
+    reuses, so a second process may fit the splits from the other end (`seeds` reversed) to share
+    the work."""
+    r, rows = cfg.results.recipe, {}
+    sources = [smol_last, {**dict(r.encoder), "role": "encoder"}]
+    for tag, spec in r.heads.items():
+        params = {f"head.params.{k}": v for k, v in spec.params.items()}
+        picks, looked_at = {}, {}
         for seed in seeds:
             cands = []
             for sigma in r.sigmas:
@@ -317,19 +403,19 @@ def head_rows(cfg, seeds: list[int], run_dir: Path, smol_last: dict) -> dict[str
                         "features.sources": sources,
                         "features.fusion": "cooccurrence",
                         "head.params.sigma": float(sigma),
-                        **paper_head,
-                        **extra,
+                        **params,
                     },
                 )
-                tag = "faithful" if extra else "llmembed"
                 cands.append(
                     classify(c, run_dir / f"s{seed}" / f"head-{tag}-s{sigma}", f"{tag} σ={sigma}")
                 )
-            picks[seed] = choose(cands, seed)
-        rows[f"head: {label}, σ on validation; SmolLM2 last five + MiniLM L6"] = {
+            picks[seed], looked_at[seed] = choose(cands, seed), cands
+        rows[f"head: {spec.label}, σ on validation; SmolLM2 last five + MiniLM L6"] = {
             "test": chosen_test(picks),
             "chosen_per_split": {s: picks[s].name for s in seeds},
             "info": {s: picks[s].info for s in seeds},
+            "candidates": len(r.sigmas),
+            "selection": {s: selection(looked_at[s]) for s in seeds},
         }
     return rows
 
@@ -343,7 +429,7 @@ def main(argv: list[str]) -> None:
     for cfg in cfgs:
         pre_extract(cfg, argv, ["smollm2", "minilm"])
         result["datasets"][cfg.dataset.name] = run_dataset(cfg)
-        write_json(out_dir / "recipe.json", result)
+        write_json(out_dir / "recipe.json", finish(result))
 
 
 if __name__ == "__main__":
