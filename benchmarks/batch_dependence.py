@@ -33,16 +33,18 @@ def entry_of(root: Path, backbone: str, dtype: str, texts: list[str]):
 
 def compare(a, b, hashes) -> str:
     m = a.entry.manifest
-    differ, largest, lowest = np.zeros(len(hashes), bool), 0.0, 1.0
+    differ, worst, lowest = np.zeros(len(hashes), bool), 0.0, 1.0
     for pooling in m.poolings:
         x = a.entry.read(pooling, m.layers, hashes).astype(np.float64)
         y = b.entry.read(pooling, m.layers, hashes).astype(np.float64)
         differ |= (x != y).any(axis=(1, 2))
-        largest = max(largest, float(np.abs(x - y).max()))
+        # Per stored vector (text, layer): the difference's norm against the vector's.
+        relative = np.linalg.norm(x - y, axis=-1) / np.linalg.norm(x, axis=-1)
+        worst = max(worst, float(np.nanmax(relative)))
         cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
         lowest = min(lowest, float(np.nanmin(cos)))
-    return (f"{int(differ.sum())} of {len(hashes)} texts differ in some layer or pooling, by up "
-            f"to {largest:.3g}; lowest cosine {lowest:.6f}")  # fmt: skip
+    return (f"{int(differ.sum())} of {len(hashes)} texts differ in some layer or pooling, by at "
+            f"most {worst:.2e} of a vector's norm; lowest cosine {lowest:.6f}")  # fmt: skip
 
 
 def main() -> None:

@@ -90,7 +90,7 @@ def main() -> None:
             EntryWriter(entry, key=spec.key).write_shard(
                 0,
                 hashes=text_hashes(texts),
-                emb=emb,
+                emb={q: a.transpose(1, 0, 2) for q, a in emb.items()},  # layer-major
                 layers={q: ex.layers for q in emb},
                 num_layers=info.num_layers,
             )

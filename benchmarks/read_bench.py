@@ -19,7 +19,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from llmembed.cache.format import EntrySpec, PlannedShard, PoolingInfo, hashes_to_hex
+from llmembed.cache.format import EntrySpec, PlannedShard, PoolingInfo
 from llmembed.cache.keys import text_hashes
 from llmembed.cache.root import Cache
 from llmembed.cache.writer import EntryWriter
@@ -42,17 +42,12 @@ def main() -> None:
         writer = EntryWriter(entry, key=spec.key)
         per_shard = max(1, (64 << 20) // (args.layers * args.hidden * 2))
         starts = list(range(0, args.rows, per_shard))
-        writer.set_pending(
-            [
-                PlannedShard(i, tuple(hashes_to_hex(hashes[s : s + per_shard])))
-                for i, s in enumerate(starts)
-            ]
-        )
-        for i, s in enumerate(starts):
-            n = len(hashes[s : s + per_shard])
-            emb = rng.standard_normal((n, args.layers, args.hidden)).astype(np.float16)
+        chunks = [hashes[s : s + per_shard] for s in starts]
+        writer.set_pending([PlannedShard(i, h, (len(h),)) for i, h in enumerate(chunks)])
+        for i, h in enumerate(chunks):
+            emb = rng.standard_normal((args.layers, len(h), args.hidden)).astype(np.float16)
             writer.write_shard(
-                i, hashes=hashes[s : s + per_shard], emb={"mean": emb}, layers={"mean": layers}
+                i, hashes=h, emb={"mean": emb}, layers={"mean": layers}, num_layers=args.layers - 1
             )
         fields = {
             "hidden_size": args.hidden,

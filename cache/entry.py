@@ -235,7 +235,8 @@ class Entry:
         if self._index is not None and self._index.shards == m.shards:
             return self._index
         self.spec  # noqa: B018  (checks that spec.json still hashes to the key)
-        position = {s.index: p for p, s in enumerate(m.shards)}
+        numbers = np.array([s.index for s in m.shards], dtype=np.int64)
+        by_number = np.argsort(numbers)  # shard number -> its position in the manifest, vectorized
         parts = []
         for info in m.indexes:
             path = self.file(info.file)
@@ -251,9 +252,10 @@ class Entry:
                 ) from None
             except (OSError, ValueError, KeyError) as err:
                 raise self._damaged(path, err) from None
-            if len(hashes) != info.rows or not all(int(i) in position for i in np.unique(shard)):
+            at = by_number[np.searchsorted(numbers[by_number], shard).clip(max=len(numbers) - 1)]
+            if len(hashes) != info.rows or (len(shard) and not (numbers[at] == shard).all()):
                 raise self._damaged(path, "its rows are not the manifest's shards")
-            parts.append((hashes, np.array([position[int(i)] for i in shard], dtype=np.int64), row))
+            parts.append((hashes, at, row))
         if parts:
             hashes = np.concatenate([p[0] for p in parts])
             shard_pos = np.concatenate([p[1] for p in parts])
@@ -329,10 +331,3 @@ class Entry:
                 except FileCheckError as err:
                     raise self._damaged(self.file(shard.file), err) from None
         return out
-
-    def _check_rows(self, shard: ShardInfo, n: int) -> None:
-        if n != shard.rows:
-            raise CacheError(
-                f"{self.path / shard.file} holds {n} rows, the manifest says "
-                f"{shard.rows}; run `llmembed-cache verify --repair`"
-            )

@@ -41,6 +41,7 @@ class ShardImage:
     data: memoryview  # the file's bytes
     sha256: str
     seal: str
+    wide: tuple[str, ...]  # poolings stored in float32 (values beyond the store dtype's range)
 
 
 def seal_of(attrs: dict) -> str:
@@ -58,7 +59,8 @@ def build_shard(
     emb: dict[str, np.ndarray],
     layers: dict[str, Sequence[int]],
 ) -> ShardImage:
-    """A shard file's bytes. `emb[p]` is (rows, len(layers[p]), hidden_size) in its store dtype."""
+    """A shard file's bytes. `emb[p]` is layer-major, (len(layers[p]), rows, hidden_size), in its
+    stored dtype: each layer's rows are then one contiguous chunk, written without a copy."""
     rows = len(hashes)
     attrs = {
         "key": key,
@@ -76,14 +78,12 @@ def build_shard(
         attrs["datasets"]["text_sha256"] = _write_chunks(ds, [raw])
         group = f.create_group("emb")
         for pooling, arr in emb.items():
-            n, n_layers, hidden = arr.shape  # (rows, layers, hidden)
+            n_layers, n, hidden = arr.shape  # (layers, rows, hidden)
             assert n == rows and n_layers == len(layers[pooling]) and hidden == hidden_size
-            ds = group.create_dataset(
-                pooling, shape=arr.shape, dtype=arr.dtype, chunks=(n, 1, hidden)
-            )
-            # One chunk per layer: its bytes are that layer's rows, contiguous.
-            chunks = [np.ascontiguousarray(arr[:, j, :]) for j in range(n_layers)]
-            record = _write_chunks(ds, chunks)
+            # Stored (rows, layers, hidden), one chunk per layer: its bytes are that layer's rows.
+            shape = (n, n_layers, hidden)
+            ds = group.create_dataset(pooling, shape=shape, dtype=arr.dtype, chunks=(n, 1, hidden))
+            record = _write_chunks(ds, [np.ascontiguousarray(arr[j]) for j in range(n_layers)])
             record["layers"] = [int(x) for x in layers[pooling]]
             attrs["datasets"]["emb/" + pooling] = record
         for name, record in attrs["datasets"].items():
@@ -91,7 +91,8 @@ def build_shard(
         for name in ("key", "index", "format_version", "rows", "num_layers", "hidden_size"):
             f.attrs[name] = attrs[name]
     data = buf.getbuffer()
-    return ShardImage(data, sha256_hex(data), seal_of(attrs))
+    wide = tuple(sorted(p for p, arr in emb.items() if arr.dtype == np.float32))
+    return ShardImage(data, sha256_hex(data), seal_of(attrs), wide)
 
 
 def _write_chunks(ds, chunks: list[np.ndarray]) -> dict:
@@ -99,7 +100,9 @@ def _write_chunks(ds, chunks: list[np.ndarray]) -> dict:
     for j, chunk in enumerate(chunks):
         digests.append(sha256_hex(chunk))
         ds.id.write_direct_chunk((0, j, 0) if ds.ndim == 3 else (0, 0), chunk)
-    return {"dtype": ds.dtype.name, "shape": list(ds.shape), "chunks": digests}
+    # The dtype with its byte order ("<f2"): a dataset rewritten big-endian over the same bytes
+    # would otherwise decode to other numbers under the same chunk hashes.
+    return {"dtype": ds.dtype.str, "shape": list(ds.shape), "chunks": digests}
 
 
 class ShardFile:
@@ -124,8 +127,11 @@ class ShardFile:
             )
         for name, record in self.attrs["datasets"].items():
             ds = self.f[name]
-            if ds.dtype.name != record["dtype"] or list(ds.shape) != record["shape"]:
-                raise FileCheckError(f"{name} has dtype {ds.dtype} and shape {ds.shape}")
+            if ds.dtype.str != record["dtype"] or list(ds.shape) != record["shape"]:
+                raise FileCheckError(
+                    f"{name} has dtype {ds.dtype.str} and shape {ds.shape}, it was written with "
+                    f"{record['dtype']} and {record['shape']}"
+                )
 
     def close(self) -> None:
         self.f.close()
@@ -135,6 +141,17 @@ class ShardFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def wide(self) -> tuple[str, ...]:
+        """The poolings this shard stores in float32."""
+        return tuple(
+            sorted(
+                name.removeprefix("emb/")
+                for name, record in self.attrs["datasets"].items()
+                if name.startswith("emb/") and np.dtype(record["dtype"]) == np.float32
+            )
+        )
 
     @property
     def poolings(self) -> dict[str, list[int]]:
@@ -165,7 +182,7 @@ class ShardFile:
             raise FileCheckError(f"chunk {j} of {name} cannot be read ({err})") from None
         if sha256_hex(data) != record["chunks"][j]:
             raise FileCheckError(f"chunk {j} of {name} does not match its recorded sha256")
-        return np.frombuffer(data, dtype=ds.dtype)
+        return np.frombuffer(data, dtype=np.dtype(record["dtype"]))
 
 
 _FILE_ATTRS = ("key", "index", "format_version", "rows", "num_layers", "hidden_size")

@@ -50,14 +50,6 @@ def disk_full(err: BaseException) -> bool:
     return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
 
 
-def hashes_to_hex(hashes: np.ndarray) -> list[str]:
-    return [row.tobytes().hex() for row in as_bytes(hashes)]
-
-
-def hex_to_hashes(values: Sequence[str]) -> np.ndarray:
-    return np.array([bytes.fromhex(v) for v in values], dtype=f"S{HASH_BYTES}").reshape(-1)
-
-
 def as_bytes(hashes: np.ndarray) -> np.ndarray:
     """(n, 32) uint8 view of (n,) S32 hashes (what a shard stores)."""
     return (
@@ -118,10 +110,14 @@ class ShardInfo:
     bytes: int
     sha256: str  # of the whole file (`verify`)
     seal: str  # of the shard's attributes, its chunk hashes among them (every read checks it)
+    # Poolings this shard stores in float32 (values beyond the store dtype's range in its batches).
+    wide: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check(all(_is_count(v) for v in (self.index, self.rows, self.bytes)), "shard record", self)
         _check(_is_hex(self.sha256) and _is_hex(self.seal), "shard record", self)
+        object.__setattr__(self, "wide", tuple(self.wide))
+        _check(all(isinstance(p, str) for p in self.wide), "shard record", self)
 
     @property
     def file(self) -> str:

@@ -17,13 +17,14 @@ import numpy as np
 from filelock import Timeout
 
 from llmembed.cache.entry import Entry
-from llmembed.cache.files import FileCheckError, build_index, open_shard, sha256_hex
+from llmembed.cache.files import FileCheckError, build_index, open_shard, seal_of, sha256_hex
 from llmembed.cache.format import (
     CacheError,
     CacheRootError,
     IndexInfo,
     Manifest,
     ManifestError,
+    PoolingInfo,
     shard_name,
 )
 from llmembed.cache.keys import (
@@ -172,10 +173,11 @@ class Damage:
 
     entry: Path
     shard: int | None
-    # shard: missing | size | checksum | unreadable | shape | layers | hashes | foreign | link |
+    # shard: missing | size | checksum | unreadable | hashes | foreign | link (dropped) |
+    # record (intact, the manifest's record or fields wrong: rebuilt from the shard) |
     # redundant (every text also in an earlier shard: dropped) | duplicate (some: kept)
-    # entry: index (rebuilt from the shards) | manifest (disagrees with every shard: reset) |
-    # unreadable-manifest (removed: the entry becomes incomplete) | spec (the key is removed)
+    # entry: index (rebuilt from the shards) | unreadable-manifest (a shard listed twice is listed
+    # once, else removed: the entry becomes incomplete) | spec (the key is removed)
     kind: str
     detail: str
 
@@ -183,7 +185,7 @@ class Damage:
     def file(self) -> Path:
         if self.kind == "spec":
             return self.entry.parent / "spec.json"
-        if self.shard is None:
+        if self.shard is None or self.kind == "record":
             return self.entry / "manifest.json"
         return self.entry / (shard_name(self.shard) + ".h5")
 
@@ -211,18 +213,6 @@ def verify_entry(entry: Entry) -> list[Damage]:
         damage = _verify_shard(entry, shard, stored)
         if damage is not None:
             out.append(Damage(entry.path, shard.index, *damage))
-    # Every shard disagreeing in shape or layers with the manifest: the manifest is what is wrong.
-    shaped = {d.shard for d in out if d.kind in ("shape", "layers")}
-    if m.shards and shaped == {s.index for s in m.shards}:
-        return [
-            Damage(
-                entry.path,
-                None,
-                "manifest",
-                "the manifest disagrees with every shard's shapes or layers; "
-                "`llmembed-cache verify --repair` resets the entry",
-            )
-        ]
     if not out:
         try:
             idx = entry.index()
@@ -248,6 +238,7 @@ def _verify_shard(entry: Entry, shard, stored: list[np.ndarray]) -> tuple[str, s
         return "size", f"{path.stat().st_size} bytes, the manifest says {shard.bytes}"
     if file_sha256(path) != shard.sha256:
         return "checksum", "checksum mismatch (the file changed after it was written)"
+    # The bytes are those written: whatever disagrees now is the manifest's record of the shard.
     try:
         with open_shard(path) as f:
             wrong = entry.mismatch(shard, f)
@@ -256,9 +247,9 @@ def _verify_shard(entry: Entry, shard, stored: list[np.ndarray]) -> tuple[str, s
                     "foreign",
                     f"belongs to entry {f.attrs.get('key')} shard {f.attrs.get('index')}",
                 )
-            if wrong:
-                kind = "layers" if all(k.startswith("layers of") for k in wrong) else "shape"
-                return kind, f"records {wrong}, which the manifest contradicts"
+            if wrong or seal_of(f.attrs) != shard.seal:
+                said = f"records {wrong}" if wrong else "has another seal"
+                return "record", f"its record of {path}, whose bytes are intact, is wrong: it {said}"
             f.check_seal(shard.seal)
             hashes = f.text_hashes()
             for pooling, layers in f.poolings.items():
@@ -296,10 +287,11 @@ def _holding(kdir: Path, *, wait: bool) -> Iterator[bool]:
 
 def repair(entry: Entry, damage: list[Damage]) -> None:
     """Under the key's lock: drop damaged shards from the manifest (the entry stays complete for
-    the other texts; the next extraction recomputes just those), or, where the manifest itself is
-    wrong, reset the entry; the hash index is rebuilt from the shards that stay. A shard whose
-    bytes match their recorded sha256 is never deleted unless every one of its texts is stored in
-    another shard."""
+    the other texts; the next extraction recomputes just those), and rebuild the manifest's record
+    of every shard that stays, and its hash index and fields (layers, hidden size, dtypes), from the
+    shards themselves. A shard whose bytes match their recorded sha256 is never deleted unless every
+    one of its texts is stored in another shard; an entry whose remaining shards disagree with each
+    other is reset."""
     if not damage:
         return
     root = entry.root
@@ -314,34 +306,62 @@ def repair(entry: Entry, damage: list[Damage]) -> None:
             else:  # the entry becomes incomplete, resumable
                 entry.file("manifest.json").unlink(missing_ok=True)
             return
-        if kinds - {"index"}:
+        m = entry.manifest
+        # A duplicate shard's other texts are stored nowhere else, a record is fixed: they stay.
+        bad = {d.shard for d in damage if d.kind not in ("duplicate", "record", "index")}
+        fixed = _rebuilt(entry, m, [s for s in m.shards if s.index not in bad])
+        if fixed is None:  # the shards disagree with each other: nothing to rebuild from
             _remove_tree(root, entry.path)
             return
-        m = entry.manifest
-        # A duplicate shard's other texts are stored nowhere else: it stays.
-        bad = {d.shard for d in damage if d.shard is not None and d.kind != "duplicate"}
-        kept = [s for s in m.shards if s.index not in bad]
-        hashes = []
-        for shard in kept:
-            with entry._open(shard) as f:
-                hashes.append((shard.index, f.text_hashes()))
-        index_name = f"index-{max([s.index for s in kept], default=0):05d}r.h5"
-        data = build_index(hashes)
+        manifest, index_name, data = fixed
         write_bytes_atomic(entry.file(index_name), data, root=root)
-        fixed = dataclasses.replace(
-            m,
-            shards=tuple(kept),
-            indexes=(IndexInfo(index_name, sum(s.rows for s in kept), sha256_hex(data)),),
-        )
         fsync_dir(entry.path)
-        # first: readers stop using them
-        write_json_atomic(entry.file("manifest.json"), fixed.to_json(), root=root)
+        # first: readers stop using the dropped shards
+        write_json_atomic(entry.file("manifest.json"), manifest.to_json(), root=root)
         for info in m.indexes:
             if info.file != index_name:
                 entry.file(info.file).unlink(missing_ok=True)
         for index in bad:
             for suffix in (".h5", ".json"):
                 entry.file(shard_name(index) + suffix).unlink(missing_ok=True)
+
+
+def _rebuilt(entry: Entry, m: Manifest, kept: list):
+    """(the manifest listing `kept` as the shards record themselves, its index's name and bytes),
+    or None where the shards disagree on what the entry stores."""
+    records, hashes, facts = [], [], set()
+    for shard in kept:
+        with open_shard(entry.path / shard.file) as f:
+            seal = seal_of(f.attrs)
+            f.check_seal(seal)  # the chunks are checked against the shard's own record
+            records.append(dataclasses.replace(shard, rows=f.attrs["rows"], seal=seal, wide=f.wide))
+            hashes.append((shard.index, f.text_hashes()))
+            pooled = tuple(sorted((p, tuple(v)) for p, v in f.poolings.items()))
+            facts.add((f.attrs["num_layers"], f.attrs["hidden_size"], pooled))
+    if len(facts) > 1:
+        return None
+    fields = {}
+    if facts:
+        num_layers, hidden_size, pooled = facts.pop()
+        wide = {p for r in records for p in r.wide} | {
+            p for p, info in m.poolings.items() if info.dtype == "float32"
+        }
+        store = entry.spec.store_dtype
+        fields = {
+            "num_layers": num_layers,
+            "hidden_size": hidden_size,
+            "poolings": {p: PoolingInfo(v, "float32" if p in wide else store) for p, v in pooled},
+            "layers": next((v for p, v in pooled if p != "pooler"), m.layers),
+        }
+    name = f"index-{max([s.index for s in kept], default=0):05d}r.h5"
+    data = build_index(hashes)
+    manifest = dataclasses.replace(
+        m,
+        shards=tuple(records),
+        indexes=(IndexInfo(name, sum(r.rows for r in records), sha256_hex(data)),),
+        **fields,
+    )
+    return manifest, name, data
 
 
 def _deduplicated(entry: Entry):

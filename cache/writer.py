@@ -133,8 +133,9 @@ class EntryWriter:
         layers: dict[str, list[int]],
         num_layers: int,
     ) -> ShardInfo:
-        """Write one shard from rows already checked (finite, in their store dtype). The file is
-        built in memory, hashed there and written through a descriptor created exclusively."""
+        """Write one shard from rows already checked (finite, in their store dtype), each pooling's
+        array layer-major (layers, rows, hidden). The file is built in memory, hashed there and
+        written through a descriptor created exclusively."""
         final = self.entry.file(shard_name(index) + ".h5")
         side = self.entry.file(shard_name(index) + ".json")
         try:
@@ -157,6 +158,7 @@ class EntryWriter:
                 bytes=len(image.data),
                 sha256=image.sha256,
                 seal=image.seal,
+                wide=image.wide,
             )
             write_json_atomic(side, info.__dict__, root=self.entry.root)  # now the shard counts
         except BaseException as err:

@@ -320,15 +320,13 @@ def _fill(plan: ExtractPlan, append: Append, request: Request, ranks: Ranks) -> 
         with Meter(gpus, cpu_energy=ranks.is_local_main) as meter:
             if extractor is None:
                 extractor, stats.load_seconds = load_embedder(plan, device)
-            todo, tokens = None, None
+            todo = None
             if ranks.is_main:
                 kept = list(append.kept) if w == 0 else []
-                todo, tokens, index = _plan_window(
-                    plan, extractor, writer, request, kept, part, index
-                )
+                todo, index = _plan_window(plan, extractor, writer, request, kept, part, index)
             todo, extractor.token_budget = ranks.broadcast((todo, extractor.token_budget))
             mine = todo[ranks.index :: ranks.count]
-            stats.add(_compute(plan, writer, extractor, mine, request, tokens))
+            stats.add(_compute(plan, writer, extractor, mine, request))
         parts = ranks.gather((stats, meter.figures()))
         window = EmbedStats()
         for part_stats, _ in parts:
@@ -338,9 +336,10 @@ def _fill(plan: ExtractPlan, append: Append, request: Request, ranks: Ranks) -> 
         if ranks.is_main:
             entry = writer.entry
             base = entry.manifest if entry.complete else None
+            wide = {p for info in writer.done().values() for p in info.wide}
             writer.commit(
                 base=base,
-                fields=_manifest_fields(plan, base, work.widened),
+                fields=_manifest_fields(plan, base, wide),
                 extraction=_extraction_record(
                     window, device, request.name, combine([f for _, f in parts])
                 ),
@@ -349,45 +348,47 @@ def _fill(plan: ExtractPlan, append: Append, request: Request, ranks: Ranks) -> 
     return work
 
 
+# Texts tokenized at once while planning: only their lengths are kept, so planning a window costs
+# a few bytes a text, not its tokens (those are made again shard by shard, ahead of the model).
+PLAN_CHUNK = 8192
+
+
 def _plan_window(plan, extractor, writer, request, kept, part, index):
     """The window's shards (the kept ones first), written as the pending plan before any forward
-    pass; those still to compute; the window's tokens (positions as in `part`); the next index."""
-    tokens = extractor.tokenize([request.texts[i] for i in part])
+    pass; those still to compute; the next shard index."""
+    lengths = np.zeros(len(part), dtype=np.int64)
+    for start in range(0, len(part), PLAN_CHUNK):
+        chunk = part[start : start + PLAN_CHUNK]
+        lengths[start : start + len(chunk)] = extractor.tokenize(
+            [request.texts[i] for i in chunk]
+        ).lengths
     extractor.token_budget = resolve_token_budget(
         plan.token_budget,
         extractor.device,
         plan.info,
         row_bytes=plan.bytes_per_row(float32=True),
-        mean_tokens=float(tokens.lengths.mean()) if len(tokens) else 1.0,
+        mean_tokens=float(lengths.mean()) if len(lengths) else 1.0,
     )
-    batches = plan_batches(tokens.lengths, extractor.token_budget)
+    batches = plan_batches(lengths, extractor.token_budget, extractor.max_padding)
     per_shard = max(1, int(shard_bytes(plan.shard_mb, extractor.device)) // plan.bytes_per_row())
     shards = list(kept)
-    rows_of: dict[int, np.ndarray] = {}
     for numbers in cut_shards([len(b) for b in batches], per_shard):
         rows = np.concatenate([batches[b] for b in numbers])
         shards.append(
             PlannedShard(index, request.hashes[part[rows]], tuple(len(batches[b]) for b in numbers))
         )
-        rows_of[index] = rows
         index += 1
     writer.set_pending(shards)
     done = writer.done()
-    todo = [s for s in shards if s.index not in done]
-    return todo, (tokens, rows_of), index
+    return [s for s in shards if s.index not in done], index
 
 
-def _compute(plan, writer, extractor, shards, request: Request, tokens) -> EmbedStats:
+def _compute(plan, writer, extractor, shards, request: Request) -> EmbedStats:
     """Run the model over this process's shards of a window and write each as it finishes."""
     from llmembed.extract.stream import Stream  # torch: imported only when computing
 
-    window, rows_of = tokens if tokens is not None else (None, {})
-
     def tokens_of(i: int) -> Tokens:
-        shard = shards[i]
-        if shard.index in rows_of:
-            return window.take(rows_of[shard.index])
-        return extractor.tokenize(request.texts_of(shard.hashes))
+        return extractor.tokenize(request.texts_of(shards[i].hashes))
 
     def write(shard: PlannedShard, arrays: dict[str, np.ndarray]) -> None:
         writer.write_shard(
@@ -414,13 +415,7 @@ def _compute(plan, writer, extractor, shards, request: Request, tokens) -> Embed
             bar.update(n)
             request.stop_here()
 
-        stream = Stream(
-            extractor,
-            extractor.out_dtype,
-            write,
-            on_batch=on_batch,
-            widened={p for p, info in _stored_dtypes(writer).items() if info == "float32"},
-        )
+        stream = Stream(extractor, extractor.out_dtype, write, on_batch=on_batch)
         try:
             request.stop_here()
             stats = stream.run(shards, tokens_of)
@@ -445,15 +440,9 @@ def _compute(plan, writer, extractor, shards, request: Request, tokens) -> Embed
     return stats
 
 
-def _stored_dtypes(writer: EntryWriter) -> dict[str, str]:
-    """Per pooling the dtype the entry stores so far (float32 where values went beyond float16)."""
-    entry = writer.entry
-    return {p: info.dtype for p, info in entry.manifest.poolings.items()} if entry.complete else {}
-
-
 def _manifest_fields(plan: ExtractPlan, base: Manifest | None, widened: set[str]) -> dict:
-    """Per pooling its dtype: float32 where any shard holds values beyond the store dtype's range
-    (widened by the extractor in this append or an earlier one), else the store dtype."""
+    """Per pooling its dtype: float32 where any shard stores it so (values beyond the store dtype's
+    range in a shard of this append, `widened`, or of an earlier one), else the store dtype."""
     dtype = plan.spec.store_dtype
     poolings = {}
     for p, layers in plan.stored.items():

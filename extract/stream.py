@@ -3,12 +3,16 @@ and copied to host buffers without blocking the next, each shard written by a th
 
 Per batch, on the device: the forward pass pools every stored layer (float32), the pooled values
 are checked (finite, within the store dtype's range) and cast to the store dtype; a side stream
-copies them into a pinned host buffer, at the batch's rows of its shard, while the model already
-computes the next batch. The feeding thread waits only for the oldest of `depth` batches in flight.
-A shard whose last batch has arrived goes to a writer thread (which hashes and writes without
-holding the GIL, see `llmembed.cache.files`); shard buffers are reused in a ring, so host memory
-holds at most `buffers` shards whatever the number of texts. On a CPU the same code runs
-synchronously.
+copies them into a pinned host buffer, layer by layer at the batch's rows of its shard, while the
+model already computes the next batch. The feeding thread waits only for the oldest of `depth`
+batches in flight. A shard whose last batch has arrived goes to the writer thread (which hashes and
+writes without holding the GIL, see `llmembed.cache.files`); shard buffers are reused in a ring of
+two, so host memory holds two shard buffers and the file image of the shard being written,
+whatever the number of texts. On a CPU the same code runs synchronously.
+
+A pooling whose values in a shard go beyond the store dtype's range is stored in float32 in that
+shard (its earlier rows as the store dtype rounded them), so what a shard stores depends on its
+planned batches alone: not on a resume, nor on how many processes share the work.
 """
 
 from __future__ import annotations
@@ -24,17 +28,23 @@ import numpy as np
 import torch
 
 from llmembed.cache.format import PlannedShard
+from llmembed.errors import UserError
 from llmembed.extract.batching import Tokens, plan_batches
 from llmembed.extract.stats import EmbedStats
 
 log = logging.getLogger(__name__)
 
-# Host arrays of a finished shard, {pooling: (rows, layers, hidden)}, valid until `write` returns.
+# Host arrays of a finished shard, {pooling: (layers, rows, hidden)} (layer-major: each layer's
+# rows are one contiguous chunk of the file), valid until `write` returns.
 WriteFn = Callable[[PlannedShard, dict[str, np.ndarray]], None]
 
 
-class NotFiniteError(OverflowError):
+class NotFiniteError(UserError, OverflowError):
     """The model's own computation overflowed (NaN or inf in a pooled embedding)."""
+
+
+class DeviceMemoryError(UserError, RuntimeError):
+    """A single text does not fit on the device."""
 
 
 @dataclass
@@ -49,14 +59,17 @@ class _Batch:
     last: bool  # the shard's last batch
 
 
+_NUMPY = {torch.float16: np.float16, torch.float32: np.float32}
+
+
 @dataclass
 class _Buffer:
-    """One shard's host arrays, {pooling: (rows, layers, H)}: on a GPU host pinned tensors that the
+    """One shard's host arrays, {pooling: (layers, rows, H)}: on a GPU host pinned tensors that the
     copies fill (`pinned`) and numpy views of them; else numpy arrays, outside torch's allocator
     (so that they never count as activations)."""
 
-    arrays: dict[str, np.ndarray]
-    pinned: dict[str, torch.Tensor]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    pinned: dict[str, torch.Tensor] = field(default_factory=dict)
     writing: Future | None = None
 
     def allocate(self, name: str, shape, dtype: torch.dtype, gpu: bool) -> None:
@@ -66,23 +79,24 @@ class _Buffer:
         else:
             self.arrays[name] = np.empty(shape, dtype=_NUMPY[dtype])
 
-
-_NUMPY = {torch.float16: np.float16, torch.float32: np.float32}
+    def settle(self) -> None:
+        """Wait for the write of the shard this buffer held (raising its error)."""
+        writing, self.writing = self.writing, None
+        if writing is not None:
+            writing.result()
 
 
 @dataclass
 class Stream:
-    """Runs an extractor over planned shards. `write(shard, arrays)` is called on a writer thread
-    (inline where `writers` is 0) for each finished shard, in order."""
+    """Runs an extractor over planned shards. `write(shard, arrays)` is called for each finished
+    shard, in order, on the writer thread (or inline with `write_inline`)."""
 
     extractor: object  # llmembed.extract.embedder.Extractor
     out_dtype: torch.dtype  # the store dtype
     write: WriteFn
     depth: int = 3  # batches in flight between the device and the host
-    buffers: int = 2  # shards held on the host: one filling, the others being written
-    writers: int = 1
+    write_inline: bool = False  # write on the feeding thread (to collect results in memory)
     on_batch: Callable[[int, int], None] | None = None  # (texts, real tokens) per batch
-    widened: set[str] = field(default_factory=set)  # poolings stored in float32 from now on
     replanned: dict[int, tuple[int, ...]] = field(default_factory=dict)  # shard index -> batches
 
     def __post_init__(self) -> None:
@@ -91,8 +105,9 @@ class Stream:
         self._copy = torch.cuda.Stream(self.device) if self.gpu else None
         self._flight: deque[_Batch] = deque()
         self._ring: list[_Buffer] = []
-        self._pool = ThreadPoolExecutor(max(self.writers, 1), thread_name_prefix="llmembed-write")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="llmembed-write")
         self._failed = False  # a write failed: no later shard is written, the run stops
+        self._cap: int | None = None  # padded tokens a batch may hold, after an out-of-memory
         self.stats = EmbedStats()
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -101,7 +116,9 @@ class Stream:
         called one shard ahead, on a thread, so tokenizing overlaps the forward passes)."""
         self._shards = list(shards)
         rows = max((s.rows for s in self._shards), default=0)
-        self._ring = [self._buffer(rows) for _ in range(min(self.buffers, len(self._shards)))]
+        self._ring = [_Buffer() for _ in range(min(2, len(self._shards)))]
+        for buf in self._ring:
+            self._reset(buf, rows)
         start = time.perf_counter()
         with (
             torch.inference_mode(),
@@ -114,15 +131,16 @@ class Stream:
                     nxt = ahead.submit(tokens_of, i + 1)
                 assert len(tokens) == shard.rows, (len(tokens), shard.rows)
                 self._run_shard(i, shard, tokens)
-            self._drain()
-            self._wait_writes()
+            while self._flight:
+                self._retire()
+            for buf in self._ring:
+                buf.settle()
         self.stats.seconds += time.perf_counter() - start
-        self.stats.widened = set(self.widened)
         return self.stats
 
     def close(self) -> None:
-        """Let writes in flight end (a second Ctrl-C meanwhile is absorbed, so a shard being written
-        is kept whole) and stop the writer threads. Errors of those writes are not raised here."""
+        """Let the write in flight end (a second Ctrl-C meanwhile is absorbed, so a shard being
+        written is kept whole) and stop the writer thread. Its error is not raised here."""
         for buf in self._ring:
             while buf.writing is not None and not buf.writing.done():
                 try:
@@ -133,31 +151,34 @@ class Stream:
 
     def _run_shard(self, i: int, shard: PlannedShard, tokens: Tokens) -> None:
         buf = self._ring[i % len(self._ring)]
-        # The shard that used this buffer `buffers` shards ago: its batches arrived, its write ended.
+        # The shard that used this buffer two shards ago: its batches arrived, its write ended.
         while self._flight and self._flight[0].shard <= i - len(self._ring):
             self._retire()
-        if buf.writing is not None:
-            buf.writing.result()
-            buf.writing = None
+        buf.settle()
+        self._reset(buf, max(s.rows for s in self._shards))
         self.stats.texts += shard.rows
         self.stats.truncated += int(tokens.truncated.sum())
-        spans = shard.spans()
+        spans = self._fit(shard, shard.spans(), tokens)
         k = 0
         while k < len(spans):
             self._raise_failed_write()
             span = spans[k]
-            rows = np.arange(span.start, span.stop)
+            out_of_memory = False
             try:
-                pooled = self._forward(tokens, rows)
+                pooled = self._forward(tokens, span)
+                self._send(i, span, pooled, buf, last=k == len(spans) - 1)
             except torch.OutOfMemoryError:
-                spans[k : k + 1] = self._split(shard, spans, k, tokens)
+                out_of_memory = True  # handled below, once the failed batch's tensors are freed
+            pooled = None  # held by the batch in flight only: freed when it reaches the host
+            if out_of_memory:
+                self._out_of_memory(span, tokens)
+                spans[k:] = self._fit(shard, spans[k:], tokens, prefix=spans[:k])
                 continue
-            self._send(i, span, pooled, buf, last=k == len(spans) - 1)
-            del pooled  # held by the batch in flight only: freed when it reaches the host
             k += 1
 
-    def _forward(self, tokens: Tokens, rows: np.ndarray) -> dict[str, torch.Tensor]:
+    def _forward(self, tokens: Tokens, span: slice) -> dict[str, torch.Tensor]:
         ex = self.extractor
+        rows = np.arange(span.start, span.stop)
         ids, mask = tokens.padded(rows, ex.padding_side, ex.tokenizer.pad_token_id)
         ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
         if self.gpu:
@@ -172,48 +193,54 @@ class Stream:
             self.on_batch(len(rows), real)
         return pooled
 
-    def _split(
-        self, shard: PlannedShard, spans: list[slice], k: int, tokens: Tokens
-    ) -> list[slice]:
-        """Out of memory on batch k: re-plan its rows at half the budget, record the shard's new
-        batches and say so."""
-        span = spans[k]
-        if span.stop - span.start == 1:
-            width = int(tokens.lengths[span.start])
-            raise RuntimeError(
+    # --- out of memory -----------------------------------------------------------------------------
+    def _out_of_memory(self, span: slice, tokens: Tokens) -> None:
+        """A batch did not fit: from now on a batch holds at most half of its padded tokens."""
+        rows = span.stop - span.start
+        width = int(tokens.lengths[span].max())
+        if rows == 1:
+            raise DeviceMemoryError(
                 f"out of memory on a single text of {width} tokens; lower extract.max_length or "
                 "use a device with more memory"
-            ) from None
+            )
         self.stats.oom_retries += 1
         if self.gpu:
             torch.cuda.empty_cache()
-        ex = self.extractor
-        ex.token_budget = max(1, ex.token_budget // 2)
-        part = plan_batches(tokens.lengths[span.start : span.stop], ex.token_budget, ex.max_padding)
-        # plan_batches keeps the length order of rows already sorted longest first.
-        new = [slice(span.start + int(b[0]), span.start + int(b[-1]) + 1) for b in part]
-        assert sum(s.stop - s.start for s in new) == span.stop - span.start
-        batches = [s.stop - s.start for s in spans[:k] + new + spans[k + 1 :]]
-        self.replanned[shard.index] = tuple(batches)
+        self._cap = max(width, rows * width // 2)
         log.warning(
-            "out of memory on a batch of %d texts of up to %d tokens: token budget halved to %d; "
-            "shard %d re-planned into %d batches",
-            span.stop - span.start,
-            int(tokens.lengths[span].max()),
-            ex.token_budget,
-            shard.index,
-            len(batches),
+            "out of memory on a batch of %d texts of up to %d tokens: batches of at most %d "
+            "padded tokens from now on",
+            rows,
+            width,
+            self._cap,
         )
-        return new
+
+    def _fit(self, shard: PlannedShard, spans: list[slice], tokens: Tokens, prefix=()):
+        """`spans`, each split to the padded-token cap an out-of-memory set (none before one); a
+        shard whose batches changed is recorded with its new batches."""
+        if self._cap is None:
+            return spans
+        out = []
+        for span in spans:
+            lengths = tokens.lengths[span]
+            if len(lengths) * int(lengths.max()) <= self._cap:
+                out.append(span)
+                continue
+            # The rows are sorted longest first: plan_batches keeps them in order.
+            for part in plan_batches(lengths, self._cap, self.extractor.max_padding):
+                out.append(slice(span.start + int(part[0]), span.start + int(part[-1]) + 1))
+        if len(out) != len(spans):
+            self.replanned[shard.index] = tuple(s.stop - s.start for s in [*prefix, *out])
+        return out
 
     # --- device to host ----------------------------------------------------------------------------
-    def _buffer(self, rows: int) -> _Buffer:
+    def _reset(self, buf: _Buffer, rows: int) -> None:
+        """A buffer for the next shard: every pooling in the store dtype again."""
         ex = self.extractor
-        buf = _Buffer({}, {})
         for name, count in ex.layer_counts().items():
-            dtype = torch.float32 if name in self.widened else self.out_dtype
-            buf.allocate(name, (rows, count, ex.hidden_size), dtype, self.gpu)
-        return buf
+            have = buf.arrays.get(name)
+            if have is None or have.dtype != _NUMPY[self.out_dtype] or have.shape[1] < rows:
+                buf.allocate(name, (count, rows, ex.hidden_size), self.out_dtype, self.gpu)
 
     def _send(self, i: int, span: slice, pooled: dict[str, torch.Tensor], buf: _Buffer, last: bool):
         """Finish a batch on the device and start its copy into the shard's host buffer."""
@@ -244,67 +271,62 @@ class Stream:
             self._retire()
 
     def _copy_batch(self, batch: _Batch, buf: _Buffer) -> None:
+        """Into the buffer's rows of the batch, layer by layer (layer-major on the host)."""
         for name, x in batch.pooled.items():
-            dtype = torch.float32 if name in self.widened else self.out_dtype
-            y = x if x.dtype == dtype else x.to(dtype)
+            dtype = torch.float32 if buf.arrays[name].dtype == np.float32 else self.out_dtype
+            y = (x if x.dtype == dtype else x.to(dtype)).transpose(0, 1)  # (layers, B, H)
             if self.gpu:
-                y.record_stream(self._copy)  # not reused by the allocator before the copy ends
-                buf.pinned[name][batch.span].copy_(y, non_blocking=True)
+                y = y.contiguous()
+                y.record_stream(self._copy)  # not reused by the allocator before the copies end
+                dest = buf.pinned[name]
+                for j in range(y.shape[0]):
+                    dest[j, batch.span].copy_(y[j], non_blocking=True)
             else:
-                buf.arrays[name][batch.span] = y.numpy()
+                buf.arrays[name][:, batch.span] = y.numpy()
 
     def _retire(self) -> None:
-        """The oldest batch has reached the host: check its flags; hand its shard to a writer when
-        it was the shard's last batch."""
+        """The oldest batch has reached the host: check its flags; hand its shard to the writer
+        when it was the shard's last batch."""
         batch = self._flight.popleft()
         if batch.done is not None:
             batch.done.synchronize()
-        flags = batch.flags.tolist()
-        for name, (not_finite, beyond) in zip(batch.pooled, flags, strict=True):
+        buf = self._ring[batch.shard % len(self._ring)]
+        for name, (not_finite, beyond) in zip(batch.pooled, batch.flags.tolist(), strict=True):
             if not_finite:
                 raise NotFiniteError(
                     f"{name} embeddings hold NaN or infinite values: the model's own computation "
                     "overflowed; extract with `extract.dtype=float32` and `extract.store_dtype=float32`"
                 )
-            if beyond and name not in self.widened:
-                self._widen(name, batch)
+            if beyond and buf.arrays[name].dtype != np.float32:
+                self._widen(name, batch, buf)
         if batch.last:
-            self._hand_over(batch.shard)
+            self._hand_over(batch.shard, buf)
 
-    def _widen(self, name: str, batch: _Batch) -> None:
+    def _widen(self, name: str, batch: _Batch, buf: _Buffer) -> None:
         """Values beyond the store dtype's range ("massive activations", often 1e5 and more in the
-        BOS state of LLMs, past float16's 65,504) would become inf: keep this pooling in float32 for
-        the rest of the run, so that every later shard stores it the same way. Rare: the batches
-        in flight are copied again from their float32 values."""
-        self.widened.add(name)
+        BOS state of LLMs, past float16's 65,504) would become inf: this shard stores the pooling in
+        float32. Rare: its batches still in flight are copied again from their float32 values."""
         log.warning(
-            "%s embeddings reach %.3g, beyond %s's range: storing them in float32",
+            "%s embeddings reach %.3g, beyond %s's range: shard %d stores them in float32",
             name,
             float(batch.pooled[name].abs().max()),
             str(self.out_dtype).removeprefix("torch."),
+            self._shards[batch.shard].index,
         )
+        self.stats.widened.add(name)
         if self.gpu:
             torch.cuda.synchronize(self.device)
-        for buf in self._ring:
-            if buf.writing is not None:
-                buf.writing.result()
-                buf.writing = None
-            narrow = buf.arrays[name]
-            buf.allocate(name, narrow.shape, torch.float32, self.gpu)
-            buf.arrays[name][:] = narrow  # rows so far: exact
-        for b in [batch, *self._flight]:
-            dest = self._ring[b.shard % len(self._ring)].arrays[name]
-            dest[b.span] = b.pooled[name].cpu().numpy()
+        narrow = buf.arrays[name]
+        buf.allocate(name, narrow.shape, torch.float32, self.gpu)
+        buf.arrays[name][:] = narrow  # earlier rows: as the store dtype rounded them
+        for b in (batch, *self._flight):
+            if b.shard == batch.shard:
+                buf.arrays[name][:, b.span] = b.pooled[name].transpose(0, 1).cpu().numpy()
 
-    def _drain(self) -> None:
-        while self._flight:
-            self._retire()
-
-    def _hand_over(self, i: int) -> None:
+    def _hand_over(self, i: int, buf: _Buffer) -> None:
         shard = self._shards[i]
-        buf = self._ring[i % len(self._ring)]
-        arrays = {name: a[: shard.rows] for name, a in buf.arrays.items()}
-        if self.writers == 0:
+        arrays = {name: a[:, : shard.rows] for name, a in buf.arrays.items()}
+        if self.write_inline:
             self.write(shard, arrays)
         else:
             buf.writing = self._pool.submit(self._write, shard, arrays)
@@ -322,13 +344,7 @@ class Stream:
         """A write's error reaches the feeding thread at the next batch, not a shard later."""
         for buf in self._ring:
             if buf.writing is not None and buf.writing.done() and buf.writing.exception():
-                buf.writing.result()
-
-    def _wait_writes(self) -> None:
-        for buf in self._ring:
-            if buf.writing is not None:
-                buf.writing.result()
-                buf.writing = None
+                buf.settle()
 
 
 def embed_all(extractor, tokens: Tokens, out_dtype: torch.dtype, on_batch=None):
@@ -340,11 +356,11 @@ def embed_all(extractor, tokens: Tokens, out_dtype: torch.dtype, on_batch=None):
     out: dict[str, np.ndarray] = {}
 
     def keep(_, arrays):
-        for name, values in arrays.items():
-            out[name] = np.empty_like(values)
-            out[name][order] = values  # back to the order of the texts
+        for name, values in arrays.items():  # (layers, rows, hidden) in batch order
+            out[name] = np.empty((len(order), *values.shape[::2]), dtype=values.dtype)
+            out[name][order] = values.transpose(1, 0, 2)  # back to the order of the texts
 
-    stream = Stream(extractor, out_dtype, keep, writers=0, on_batch=on_batch)
+    stream = Stream(extractor, out_dtype, keep, write_inline=True, on_batch=on_batch)
     try:
         stats = stream.run([shard] if len(order) else [], lambda _: tokens.take(order))
     finally:

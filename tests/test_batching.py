@@ -100,7 +100,13 @@ def test_the_plan_is_binary_and_small_and_resumes_with_its_batches(
     assert sum(s.rows for s in plan) == 120 and size < 32 * 120 + 16384
     # Resumed with another token budget: the plan's batches are replayed, not the budget's.
     resumed = extract(
-        _cfg(tmp_path / "c", many_csv, tiny_llama, "extract.shard_mb=0.002"),
+        _cfg(
+            tmp_path / "c",
+            many_csv,
+            tiny_llama,
+            "extract.shard_mb=0.002",
+            "extract.token_budget=16",
+        )
     )
     reference = extract(_cfg(tmp_path / "ref", many_csv, tiny_llama, "extract.shard_mb=0.002"))
     layers = list(reference.entry.manifest.layers)
@@ -173,3 +179,90 @@ def test_a_large_append_is_planned_and_committed_window_by_window(
     np.testing.assert_allclose(
         res.read("mean", layers), whole.read("mean", layers), rtol=2e-3, atol=2e-3
     )
+
+
+def test_out_of_memory_lowers_the_budget_once_for_the_rest_of_the_run(
+    tmp_path, tiny_llama, many_csv, monkeypatch
+):
+    """A device that holds 40 padded tokens against a plan of 64: one out-of-memory, then every
+    later batch is cut to the new cap before it runs, and the new batches are recorded."""
+    import torch
+
+    from llmembed.extract.embedder import Extractor
+
+    real = Extractor.forward
+    calls = []
+
+    def small_device(self, ids, mask):
+        calls.append(ids.numel())
+        if ids.numel() > 40:
+            raise torch.OutOfMemoryError("simulated")
+        return real(self, ids, mask)
+
+    monkeypatch.setattr(Extractor, "forward", small_device)
+    res = extract(_cfg(tmp_path / "c", many_csv, tiny_llama, "extract.shard_mb=0.002"))
+    record = res.entry.manifest.extractions[-1]
+    assert record["oom_retries"] == 1 and sum(c > 40 for c in calls) == 1
+    assert record["replanned_batches"]  # the shards whose batches changed, with their batches
+    reference = extract(_cfg(tmp_path / "ref", many_csv, tiny_llama, "extract.shard_mb=0.002"))
+    layers = list(res.entry.manifest.layers)
+    np.testing.assert_allclose(
+        res.read("mean", layers), reference.read("mean", layers), rtol=2e-3, atol=2e-3
+    )
+
+
+def _loud_llama(src, dst, word):
+    """The tiny Llama with one word's embedding at 1e7: texts holding it pool beyond float16."""
+    import torch
+    from transformers import AutoTokenizer, LlamaModel
+
+    shutil.copytree(src, dst)
+    model = LlamaModel.from_pretrained(dst)
+    tok = AutoTokenizer.from_pretrained(dst)
+    with torch.no_grad():
+        model.embed_tokens.weight[tok.convert_tokens_to_ids(word)] = 1e7
+    model.save_pretrained(dst)
+    return dst
+
+
+def test_a_shard_with_values_beyond_float16_stores_the_same_after_a_resume(
+    tmp_path, tiny_llama, monkeypatch
+):
+    """The shard whose batch holds a loud text stores that pooling in float32 (the others stay
+    float16), so a run killed right after it and resumed stores what an uninterrupted one does,
+    and the manifest says float32 for that pooling."""
+    import random
+
+    from llmembed.cache.keys import text_hashes
+    from tests.conftest import WORDS
+
+    model = _loud_llama(tiny_llama, tmp_path / "loud", "scene")
+    rng = random.Random(3)
+    vocab = [w for w in WORDS if w != "scene"]
+    rows = [
+        (" ".join(rng.choice(vocab) for _ in range(rng.randint(2, 24))), "x") for _ in range(120)
+    ]
+    rows[5] = ("scene " + " ".join(["film"] * 19), "x")  # long: early in the length order
+    data = write_csv(tmp_path / "d.csv", rows)
+    ref = extract(_cfg(tmp_path / "ref", data, model, "extract.shard_mb=0.002"))
+    idx = ref.entry.index()
+    at = int(np.searchsorted(idx.sorted_hashes, text_hashes([rows[5][0]])[0]))
+    loud = idx.shards[idx.shard_pos[at]]
+    assert loud.wide == ("mean",) and ref.entry.manifest.poolings["mean"].dtype == "float32"
+    assert sum(bool(s.wide) for s in ref.entry.shards()) == 1  # only that shard
+
+    real = EntryWriter.write_shard
+
+    def die(self, index, **kw):
+        if index == loud.index + 1:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, index, **kw)
+
+    monkeypatch.setattr(EntryWriter, "write_shard", die)
+    with pytest.raises(KeyboardInterrupt):
+        extract(_cfg(tmp_path / "c", data, model, "extract.shard_mb=0.002"))
+    monkeypatch.setattr(EntryWriter, "write_shard", real)
+    resumed = extract(_cfg(tmp_path / "c", data, model, "extract.shard_mb=0.002"))
+    layers = list(ref.entry.manifest.layers)
+    np.testing.assert_array_equal(ref.read("mean", layers), resumed.read("mean", layers))
+    assert resumed.entry.manifest.poolings["mean"].dtype == "float32"

@@ -134,28 +134,28 @@ def test_a_manifest_listing_a_shard_twice_is_refused(made, tmp_path):
 def test_a_commit_killed_before_removing_its_plan_is_finished_not_appended_twice(
     made, make_cfg, monkeypatch
 ):
-    """kill -9 between the manifest's rename and the plan's removal: the next append sees a plan
-    whose shards the manifest lists, drops it, and appends only what is new."""
+    """kill -9 between the manifest's rename and the plan's removal: the next append (a miss)
+    finds a plan whose shards the manifest lists, drops it, and appends only what is new."""
+    from tests.conftest import sentences, write_csv
+
     real = EntryWriter.commit
     kept = {}
 
     def keep_plan(self, **kw):
-        plan = (self.entry.path / "pending.h5").read_bytes()
+        kept["plan"] = (self.entry.path / "pending.h5").read_bytes()
         real(self, **kw)
-        kept["plan"] = plan
 
     monkeypatch.setattr(EntryWriter, "commit", keep_plan)
-    from tests.conftest import sentences, write_csv
-
     more = write_csv(made.entry.root.parent / "more.csv", sentences(80))  # 60 known, 20 new
     extract(make_cfg("extract.shard_mb=0.01", f"dataset.path={more}"))
     monkeypatch.setattr(EntryWriter, "commit", real)
     (made.entry.path / "pending.h5").write_bytes(kept["plan"])  # as a kill there leaves it
-    again = extract(make_cfg("extract.shard_mb=0.01", f"dataset.path={more}"))
-    assert again.hit
+    most = write_csv(made.entry.root.parent / "most.csv", sentences(100))  # 20 new again
+    again = extract(make_cfg("extract.shard_mb=0.01", f"dataset.path={most}"))
+    assert not again.hit and again.stats.texts == 20
     entry = Cache(made.entry.root).entries()[0]
     m = entry.manifest
-    assert m.rows == 80 and len({s.index for s in m.shards}) == len(m.shards)
+    assert m.rows == 100 and len({s.index for s in m.shards}) == len(m.shards)
     assert verify_entry(entry) == []
 
 
@@ -173,3 +173,43 @@ def test_repair_of_a_manifest_listing_a_shard_twice_keeps_every_shard(made):
     assert json.loads(entry.manifest_path.read_text())["shards"] == m["shards"]
     assert verify_entry(entry) == []
     assert _read_all(made)["mean"].shape[0] == m["rows"]
+
+
+def test_a_dataset_rewritten_in_another_byte_order_is_refused(made):
+    """The same raw chunks and the same recorded hashes, read as big-endian: other numbers under
+    the same hashes, so the stored dtype (with its byte order) is part of what is checked."""
+    victim = _shard(made)
+    with h5py.File(victim, "r+") as f:
+        old = f["emb/mean"]
+        chunks = [old.id.read_direct_chunk((0, j, 0))[1] for j in range(old.shape[1])]
+        record, shape = old.attrs["llmembed"], old.shape
+        del f["emb/mean"]
+        new = f["emb"].create_dataset(
+            "mean", shape=shape, dtype=">f2", chunks=(shape[0], 1, shape[2])
+        )
+        for j, c in enumerate(chunks):
+            new.id.write_direct_chunk((0, j, 0), c)
+        new.attrs["llmembed"] = record
+    with pytest.raises(CacheError, match=r"emb/mean has dtype >f2 .* written with <f2"):
+        made.read("mean", [0])
+
+
+def test_repair_rebuilds_an_edited_manifest_from_the_intact_shards(made):
+    """An edited num_layers or seal is the manifest's fault when the shards' bytes match their
+    sha256: repair rebuilds the records from the shards, deletes nothing, recomputes nothing."""
+    entry = made.entry
+    good = _read_all(made)
+    m = json.loads(entry.manifest_path.read_text())
+    m["num_layers"] -= 1
+    m["layers"] = [x for x in m["layers"] if x <= m["num_layers"]]
+    for info in m["poolings"].values():
+        info["layers"] = [x for x in info["layers"] if x <= m["num_layers"]]
+    m["shards"][1]["seal"] = "0" * 64
+    entry.manifest_path.write_text(json.dumps(m))
+    before = sorted(p.name for p in entry.path.glob("shard-*.h5"))
+    assert {d.kind for d in verify_entry(entry)} == {"record"}
+    assert cache_main(["--root", str(entry.root), "verify", "--repair"]) == 0
+    assert sorted(p.name for p in entry.path.glob("shard-*.h5")) == before
+    assert verify_entry(entry) == []
+    for q, values in _read_all(made).items():
+        np.testing.assert_array_equal(values, good[q])
