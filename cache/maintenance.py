@@ -249,7 +249,10 @@ def _verify_shard(entry: Entry, shard, stored: list[np.ndarray]) -> tuple[str, s
                 )
             if wrong or seal_of(f.attrs) != shard.seal:
                 said = f"records {wrong}" if wrong else "has another seal"
-                return "record", f"its record of {path}, whose bytes are intact, is wrong: it {said}"
+                return (
+                    "record",
+                    f"its record of {path}, whose bytes are intact, is wrong: it {said}",
+                )
             f.check_seal(shard.seal)
             hashes = f.text_hashes()
             for pooling, layers in f.poolings.items():
