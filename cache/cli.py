@@ -155,7 +155,7 @@ def _data_set(args: argparse.Namespace):
     """The data set of a file, split as `llmembed-classify dataset=file` splits it."""
     from hydra import compose, initialize_config_module
 
-    from llmembed.extract.datasets import load_dataset
+    from llmembed.data.datasets import load_dataset
 
     overrides = [
         "dataset=file",

@@ -96,7 +96,7 @@ def read_texts(
     parquet table's text column, with its id and label columns. A column left as None is taken by
     its default name where the table has it; '' turns it off. Texts and labels pass the checks of
     training data (a blank text or a missing label is an error naming the row)."""
-    from llmembed.extract.tables import SUFFIXES, check_texts, read_rows
+    from llmembed.data.tables import SUFFIXES, check_texts, read_rows
 
     if path.is_dir() or not path.exists():
         raise UserError(
@@ -162,7 +162,7 @@ def _optional_column(
 
 
 def _true_labels(raw: list, refs: list[str], path: Path) -> list[str]:
-    from llmembed.extract.tables import DatasetError, normalize_labels
+    from llmembed.data.tables import DatasetError, normalize_labels
 
     try:
         return normalize_labels(raw, refs, path)
@@ -175,7 +175,7 @@ def _score_lines(inp: PredictInput, predicted: list[str], names: list[str]) -> l
     labels. Labels the model was never trained on are named and count as errors: the model cannot
     give them, and leaving those rows out would flatter the score."""
     from llmembed.classify.metrics import evaluate
-    from llmembed.extract.tables import shown
+    from llmembed.data.tables import shown
 
     unknown = sorted(set(inp.labels) - set(names))
     every = list(names) + unknown

@@ -21,9 +21,9 @@ from llmembed.cache.format import SPLITS
 from llmembed.cache.keys import fingerprint, write_json_atomic
 from llmembed.classify.metrics import evaluate, summarize
 from llmembed.classify.saved import save_trained
+from llmembed.data.datasets import TextDataset, load_dataset, resplit
 from llmembed.errors import UserError
 from llmembed.extract.command import extract_command
-from llmembed.extract.datasets import TextDataset, load_dataset, resplit
 from llmembed.extract.pipeline import ExtractResult, extract_texts
 from llmembed.extract.plan import make_plan
 from llmembed.fuse.features import (

@@ -504,8 +504,8 @@ def extract(
     """`extract_texts` for a composed `extract` config: its data set's texts and its backbone.
     `dataset` spares reloading an already loaded data set; `need` (layers, poolings) is what an
     existing entry must store (default: what `cfg.extract` asks for)."""
+    from llmembed.data.datasets import dataset_texts
     from llmembed.extract.command import extract_command
-    from llmembed.extract.datasets import dataset_texts
 
     name, texts = (
         (dataset.name, dataset.texts) if dataset is not None else dataset_texts(cfg.dataset)

@@ -19,8 +19,8 @@ from importlib.resources import files
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from llmembed.data.datasets import TextDataset
 from llmembed.errors import UserError
-from llmembed.extract.datasets import TextDataset
 
 log = logging.getLogger(__name__)
 

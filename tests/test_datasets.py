@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from llmembed.extract.datasets import DatasetError, load_dataset, resplit, text_key
+from llmembed.data.datasets import DatasetError, load_dataset, resplit, text_key
 from tests.conftest import sentences, write_csv
 
 
@@ -234,7 +234,7 @@ def test_duplicates_after_normalization_keep_the_first_copy_and_are_counted(tmp_
         ("A B", "a"),  # case is kept: another text
     ] + [(f"text {i}", "ab"[i % 2]) for i in range(20)]
     path = write_csv(tmp_path / "d.csv", rows)
-    with caplog.at_level(logging.INFO, logger="llmembed.extract.datasets"):
+    with caplog.at_level(logging.INFO, logger="llmembed.data.datasets"):
         ds = load_dataset(cfg(path=str(path)))
     assert ds.duplicates_dropped == 3
     assert ds.texts[:3] == ["café noir", "a  b ", "A B"] and ds.row_ids[:3].tolist() == [0, 1, 5]

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_module
 from llmembed.classify.cli import predict_main
 from llmembed.classify.metrics import evaluate
 from llmembed.classify.train import train
-from llmembed.extract.datasets import (
+from llmembed.data.datasets import (
     DatasetError,
     dataset_from_frame,
     dataset_from_records,

@@ -33,8 +33,8 @@ from threadpoolctl import threadpool_limits
 import llmembed  # noqa: F401  (registers the config resolvers)
 from llmembed.classify.metrics import t_interval
 from llmembed.classify.train import seeds_of, train
+from llmembed.data.datasets import TextDataset, load_dataset, resplit
 from llmembed.errors import UserError
-from llmembed.extract.datasets import TextDataset, load_dataset, resplit
 from llmembed.meter import Meter
 
 log = logging.getLogger("results")

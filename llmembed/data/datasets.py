@@ -53,7 +53,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from llmembed.cache.format import SPLITS
 from llmembed.cache.keys import fingerprint
-from llmembed.extract.tables import (
+from llmembed.data.tables import (
     DatasetError,
     Table,
     canonical_label,

@@ -2,7 +2,7 @@
 `datasets`' `save_to_disk`, for pandas DataFrames, and the rules for single cells.
 
 Every reader returns a `Table` (rows as dicts, and where each row is for messages); the checks on
-columns, texts and labels are made once on it, in `llmembed.extract.datasets`, whatever the format.
+columns, texts and labels are made once on it, in `llmembed.data.datasets`, whatever the format.
 Every rule here turns a quietly mangled file into one `DatasetError` that names the line and the fix:
 a field count that differs from the header's (an unquoted tab or comma inside a text), a broken
 quote, a duplicated column (in a header, a parquet schema or a DataFrame), NUL bytes (UTF-16/32
@@ -13,7 +13,7 @@ line 1); parquet files, DataFrames and `datasets` folders by their 0-based posit
 `datasets` `ClassLabel` feature are read as their class names (in a folder, and in a parquet file
 written by `datasets`, which keeps the feature in its metadata).
 Cells: when a text is blank (`is_blank`), when two texts are one (`text_key`), and a label's
-canonical form (`canonical_label`); the rules are listed in `llmembed.extract.datasets`.
+canonical form (`canonical_label`); the rules are listed in `llmembed.data.datasets`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import numpy as np
 
 from llmembed.errors import UserError
 
-log = logging.getLogger("llmembed.extract.datasets")  # one logger for everything about data sets
+log = logging.getLogger("llmembed.data.datasets")  # one logger for everything about data sets
 
 SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 KINDS = "CSV/TSV/JSONL/JSON/parquet file or a folder written by datasets' save_to_disk"
