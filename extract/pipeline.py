@@ -213,7 +213,7 @@ def _missing_message(cache: Cache, plan: ExtractPlan, request: Request, command)
     return (
         f"no cache entry under {cache.root} holds all {len(request.hashes)} texts of "
         f"{request.name} for {plan.backbone.name} (layers {list(plan.need_layers)}, poolings "
-        f"{list(plan.need_poolings)})" + (f"; make it with:\n  {command}" if command else "")
+        f"{list(plan.need_poolings)})" + (f"; make it with: {command}" if command else "")
     )
 
 
