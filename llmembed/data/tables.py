@@ -99,7 +99,8 @@ def check_path(path: Path) -> Path:
             f"save_to_disk (no dataset_dict.json or state.json); set dataset.path to one {KINDS}"
         )
     if not path.is_file():
-        raise DatasetError(f"dataset file {path} does not exist; set dataset.path to a {KINDS}")
+        what = "does not exist" if not path.exists() else "is not a regular file (a FIFO, device)"
+        raise DatasetError(f"dataset file {path} {what}; set dataset.path to a {KINDS}")
     if path.suffix.lower() not in SUFFIXES:
         raise DatasetError(
             f"{path}: unknown file type {path.suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet"
@@ -225,9 +226,11 @@ def _read_json_lines(text: str, path: Path, needed: Sequence[str]) -> Table:
             raise DatasetError(f"{path}: expected a JSON array of objects")
         entries = [(f"item {i + 1}", item) for i, item in enumerate(items)]
     else:
+        # Lines end at \n only: a raw U+2028, NEL or form feed inside a JSON string is valid JSON
+        # (str.splitlines would cut the object there).
         entries = [
             (f"line {i}", _parse_json(line, path, f"line {i}"))
-            for i, line in enumerate(text.splitlines(), start=1)
+            for i, line in enumerate(text.split("\n"), start=1)
             if line.strip()
         ]
     bad = [ref for ref, obj in entries if not isinstance(obj, dict)]
@@ -474,6 +477,32 @@ def check_texts(texts: Sequence, refs: Sequence[str], where: object) -> None:
             f"{where}: {len(not_text)} texts are not strings ({shown(not_text)}); "
             "write them as strings"
         )
+    check_unicode(texts, refs, where, "texts")
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Where `text` holds a lone surrogate (e.g. JSON's "\\ud800" escape alone), else None: such
+    a string is not Unicode text and has no UTF-8 form to hash, tokenize or write."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
+def check_unicode(values: Sequence, refs: Sequence[str], where: object, what: str) -> None:
+    bad = [
+        f"{r} (U+{ord(v[i]):04X} at character {i})"
+        for v, r in zip(values, refs, strict=True)
+        if isinstance(v, str) and (i := lone_surrogate(v)) is not None
+    ]
+    if bad:
+        raise DatasetError(
+            f"{where}: {len(bad)} {what} hold a lone surrogate, which is not Unicode text "
+            f"({shown(bad)}); fix the escape (\\udXXX) in the source or remove it"
+        )
 
 
 def _is_nan(value: object) -> bool:
@@ -512,6 +541,7 @@ def _number(value: Decimal) -> str:
 
 def normalize_labels(raw: Sequence, refs: Sequence[str], where: object) -> list[str]:
     """Canonical label strings (see `canonical_label`); a missing or unusable label is an error."""
+    check_unicode(raw, refs, where, "labels")
     out, missing, odd = [], [], []
     for value, ref in zip(raw, refs, strict=True):
         try:
