@@ -410,3 +410,17 @@ def test_jsonl_line_separators_inside_strings_and_lone_surrogates(tmp_path, tiny
         run(*args, f"dataset.path={bad}", cwd=tmp_path, root=tmp_path / "cache"), "llmembed-extract"
     )
     assert "1 texts hold a lone surrogate" in line and "line 4 (U+D800" in line
+
+
+def test_labelled_data_has_a_package_of_its_own():
+    """Both stages and the API read data sets: llmembed.data, not a corner of extract/."""
+    import importlib
+
+    root = Path(__file__).resolve().parents[1]
+    assert callable(importlib.import_module("llmembed.data.datasets").load_dataset)
+    assert callable(importlib.import_module("llmembed.data.tables").read_rows)
+    packages = (root / "pyproject.toml").read_text().split("packages = [", 1)[1].split("]", 1)[0]
+    assert '"llmembed.data"' in packages
+    assert not any((root / "extract" / f).exists() for f in ("datasets.py", "tables.py"))
+    for package in ("classify", "fuse", "extract"):
+        assert "arrives with" not in (root / package / "__init__.py").read_text()
