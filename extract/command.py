@@ -55,5 +55,5 @@ def _compose(overrides: list[str]):
 def _cli_value(v) -> str:
     if isinstance(v, (ListConfig, list)):
         return "[" + ",".join(map(str, v)) + "]"
-    text = "null" if v is None else str(v)
+    text = "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
     return f"'{text}'" if any(c in text for c in " {}'\"\\,") else text
