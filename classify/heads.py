@@ -169,6 +169,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             disable=not sys.stderr.isatty(),
             leave=False,
             dynamic_ncols=True,
+            mininterval=0,  # every epoch: an epoch of a small head takes milliseconds
         ) as bar:
             for epoch in range(self.max_epochs):
                 self._train_epoch(opt, xt, yt, gen)
