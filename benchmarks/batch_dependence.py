@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=300)
     parser.add_argument("--results", type=Path)
     args = parser.parse_args()
-    from llmembed.extract.datasets import dataset_texts
+    from llmembed.data.datasets import dataset_texts
 
     with initialize_config_module("llmembed.conf", version_base=None):
         _, texts = dataset_texts(compose("extract", ["dataset=mr"]).dataset)

@@ -96,7 +96,7 @@ def dataset_overrides(n: int) -> list[str]:
 
 
 def load_texts(n: int) -> list[str]:
-    from llmembed.extract.datasets import load_dataset
+    from llmembed.data.datasets import load_dataset
 
     return load_dataset(compose("extract", dataset_overrides(n)).dataset).texts
 
@@ -426,7 +426,7 @@ def probe(model: str, n: int, every: int, device: str) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from llmembed.extract.datasets import load_dataset
+    from llmembed.data.datasets import load_dataset
     from llmembed.extract.pipeline import extract
 
     entries = {}

@@ -70,8 +70,8 @@ def prepare(out: Path) -> None:
     """Texts of the packaged MR and BBC sets, SmolLM2's and MiniLM's tokenizers, into `out`."""
     from hydra import compose, initialize_config_module
 
+    from llmembed.data.datasets import dataset_texts
     from llmembed.extract.backbones import inspect_backbone, load_tokenizer
-    from llmembed.extract.datasets import dataset_texts
 
     out.mkdir(parents=True, exist_ok=True)
     with initialize_config_module("llmembed.conf", version_base=None):

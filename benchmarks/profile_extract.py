@@ -20,8 +20,8 @@ from llmembed.cache.format import EntrySpec
 from llmembed.cache.keys import text_hashes
 from llmembed.cache.root import Cache
 from llmembed.cache.writer import EntryWriter
+from llmembed.data.datasets import load_dataset
 from llmembed.extract.backbones import inspect_backbone, load_model, load_tokenizer
-from llmembed.extract.datasets import load_dataset
 from llmembed.extract.pooling import LayerPooler
 
 # aten ops by what they do in a transformer block.

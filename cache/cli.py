@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from llmembed.cache.export import FORMATS, entry_at, export_columns, write_export
+from llmembed.cache.export import FORMATS, check_target, entry_at, export_columns, write_export
 from llmembed.cache.maintenance import (
     describe,
     describe_link,
@@ -109,6 +109,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{len(removed)} item(s) {'to remove' if args.dry_run else 'removed'}")
         return 0
     if args.command == "export":
+        check_target(args.out)
         data = _data_set(args) if args.data else None
         columns = export_columns(entry_at(cache, args.entry), args.layers, args.pooling, data)
         out = write_export(columns, args.out, args.format)
@@ -152,19 +153,20 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _data_set(args: argparse.Namespace):
-    """The data set of a file, split as `llmembed-classify dataset=file` splits it."""
+    """The data set of a file, split as `llmembed-classify dataset=file` splits it; messages name
+    this command's own flags."""
     from hydra import compose, initialize_config_module
 
-    from llmembed.extract.datasets import load_dataset
+    from llmembed.data.datasets import build_dataset, check_settings, load_file
 
-    overrides = [
-        "dataset=file",
-        f"dataset.path={args.data}",
-        f"dataset.text_column={args.text_column}",
-        f"dataset.label_column={args.label_column}",
-    ]
+    overrides = ["dataset=file", f"dataset.text_column={args.text_column}"]
+    overrides += [f"dataset.label_column={args.label_column}"]
     with initialize_config_module("llmembed.conf", version_base=None):
-        return load_dataset(compose("extract", overrides=overrides).dataset)
+        cfg = compose("extract", overrides=overrides).dataset
+    cfg.path = str(args.data)
+    flags = {"text_column": "--text-column", "label_column": "--label-column"}
+    source = load_file(cfg, options=flags)
+    return build_dataset(source, cfg.name, cfg.path, check_settings(cfg))
 
 
 if __name__ == "__main__":

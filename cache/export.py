@@ -58,12 +58,20 @@ def export_columns(entry: Entry, layers: list[int], pooling: str, data=None) -> 
     return out
 
 
-def write_export(columns: dict[str, list], out: Path, fmt: str) -> Path:
-    if fmt not in FORMATS:
-        raise UserError(f"--format must be one of {FORMATS}, got {fmt!r}")
+def check_target(out: Path) -> Path:
+    """Where an export may go: a new name in an existing folder (checked before any reading)."""
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} exists; choose another --out (an export never overwrites)")
+    if not out.parent.is_dir():
+        raise UserError(f"{out.parent} does not exist; create it first or choose another --out")
+    return out
+
+
+def write_export(columns: dict[str, list], out: Path, fmt: str) -> Path:
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    out = check_target(out)
     try:
         if fmt == "parquet":
             import pyarrow as pa

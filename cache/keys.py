@@ -14,7 +14,8 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -75,11 +76,42 @@ def fingerprint(value: object, *, length: int = 32) -> str:
     return h.hexdigest()[:length]
 
 
+def short_identity(identity: Mapping) -> str:
+    """A backbone identity (`EntrySpec.backbone`) in a few characters, for listings and model
+    cards: a hub commit, a GGUF file's sha256, or a hash over a local folder's file hashes (two
+    copies of the same weights read alike), with the tokenizer's when another one is set."""
+    if "commit" in identity:
+        text = f"commit {str(identity['commit'])[:12]}"
+    elif "gguf_sha256" in identity:
+        text = f"sha256 {str(identity['gguf_sha256'])[:12]}"
+    elif "files" in identity:
+        text = f"files {fingerprint(identity['files'], length=12)}"
+    else:
+        text = fingerprint(dict(identity), length=12)
+    if isinstance(identity.get("tokenizer"), Mapping):
+        text += f" + tokenizer {short_identity(identity['tokenizer'])}"
+    return text
+
+
 def text_hashes(texts: Sequence[str]) -> np.ndarray:
     """(n,) `S32`: the sha256 digest of each text's UTF-8 bytes, exactly as given (before any prompt
     template is applied; the template is part of the entry's key instead). This is how rows are
     addressed inside a cache entry: the same string is the same row in every data set."""
     return np.array([hashlib.sha256(t.encode("utf-8")).digest() for t in texts], dtype="S32")
+
+
+# Set by `memo_read_only`: memos are read but never written (`llmembed.encode(cache=False)`).
+_MEMO_READ_ONLY: ContextVar[bool] = ContextVar("llmembed_memo_read_only", default=False)
+
+
+@contextlib.contextmanager
+def memo_read_only() -> Iterator[None]:
+    """Inside, `JsonMemo.put` writes nothing: what runs there leaves the cache root untouched."""
+    token = _MEMO_READ_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _MEMO_READ_ONLY.reset(token)
 
 
 class JsonMemo:
@@ -115,7 +147,7 @@ class JsonMemo:
         return self._load().get(key)
 
     def put(self, key: str, value) -> None:
-        if self.path is None:
+        if self.path is None or _MEMO_READ_ONLY.get():
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from llmembed.cache.keys import (
     file_sha256,
     fsync_dir,
     inside,
+    short_identity,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 class EntryRow:
     path: Path
     backbone: str
+    model: str  # the backbone's path or hub id when it was extracted
+    identity: str  # what pins its weights: commit, sha256, or a hash over its files' hashes
+    hidden: int | None  # hidden size
     settings: str  # compute/store dtype, max length, prompt
     rows: int | None  # texts stored
     layers: str
@@ -74,8 +78,9 @@ def describe(entry: Entry) -> EntryRow:
         return _describe(entry)
     except OSError as err:
         return EntryRow(
-            entry.path, "?", "?", None, "?", "?", 0.0, "", "", f"unreadable: {err.strerror}"
-        )
+            entry.path, "?", "?", "?", None, "?", None, "?", "?", 0.0, "", "",
+            f"unreadable: {err.strerror}",
+        )  # fmt: skip
 
 
 def _describe(entry: Entry) -> EntryRow:
@@ -85,8 +90,9 @@ def _describe(entry: Entry) -> EntryRow:
         settings = f"{s.compute_dtype}/{s.store_dtype} len {s.max_length} {s.truncation_side}"
         if s.prompt != "{text}":
             settings += f" prompt {s.prompt!r}"
-    except (OSError, ValueError, KeyError, CacheError):
-        settings = "?"
+        identity = short_identity(s.backbone)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, CacheError):
+        settings = identity = "?"
     datasets = ",".join(sorted(usage.datasets))
     note = f"; usage.json damaged: {usage.damage}" if usage.damage else ""
     if entry.complete:
@@ -94,13 +100,16 @@ def _describe(entry: Entry) -> EntryRow:
             m = entry.manifest
         except CacheError as err:  # one damaged entry is named, the others are listed
             return EntryRow(
-                entry.path, "?", settings, None, "?", "?", entry.size_bytes() / 2**20, "",
-                datasets, f"damaged: {err}",
+                entry.path, "?", "?", identity, None, settings, None, "?", "?",
+                entry.size_bytes() / 2**20, "", datasets, f"damaged: {err}",
             )  # fmt: skip
         pending = (entry.path / "pending.h5").is_file()
         return EntryRow(
             entry.path,
             m.backbone["name"],
+            str(m.backbone.get("path", "?")),
+            identity,
+            m.hidden_size,
             settings,
             m.rows,
             _layer_span(m.layers),
@@ -112,14 +121,14 @@ def _describe(entry: Entry) -> EntryRow:
         )
     done = len(list(entry.path.glob("shard-*.json")))
     return EntryRow(
-        entry.path, "?", settings, None, "?", "?", entry.size_bytes() / 2**20, "", datasets,
-        f"incomplete ({done} shards, resumable){note}",
+        entry.path, "?", "?", identity, None, settings, None, "?", "?",
+        entry.size_bytes() / 2**20, "", datasets, f"incomplete ({done} shards, resumable){note}",
     )  # fmt: skip
 
 
 def describe_old(kdir: Path) -> EntryRow:
     return EntryRow(
-        kdir, "?", "?", None, "?", "?", _folder_mb(kdir), "", "",
+        kdir, "?", "?", "?", None, "?", None, "?", "?", _folder_mb(kdir), "", "",
         "old format: ignored, `llmembed-cache gc` removes it",
     )  # fmt: skip
 
@@ -138,13 +147,16 @@ def describe_link(path: Path) -> str:
 
 def format_table(rows: list[EntryRow], root: Path) -> str:
     head = (
-        "entry", "backbone", "settings", "texts", "layers", "poolings", "MB", "last used",
-        "data sets", "status",
+        "entry", "backbone", "model", "identity", "hidden", "settings", "texts", "layers",
+        "poolings", "MB", "last used", "data sets", "status",
     )  # fmt: skip
     body = [
         (
             str(r.path.relative_to(root)),
             r.backbone,
+            r.model,
+            r.identity,
+            "" if r.hidden is None else str(r.hidden),
             r.settings,
             "" if r.rows is None else str(r.rows),
             r.layers,

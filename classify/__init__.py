@@ -1,1 +1,1 @@
-"""Stage two, classifier heads, training, metrics and prediction (arrives with the training stage)."""
+"""Stage two: classifier heads, training, metrics, saved models, prediction and reports."""

@@ -19,8 +19,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from llmembed.clihelp import bars_on_a_terminal_only, maybe_answer
+from llmembed.clihelp import bars_on_a_terminal_only, maybe_answer, print_and_log
 from llmembed.errors import UserError, reported
+from llmembed.overrides import check_command_line
 
 
 def classify_main() -> float | None:
@@ -36,6 +37,8 @@ def classify_main() -> float | None:
         ],
         ["dataset", "features", "head", "experiment", "backbone"],
     )
+    with reported("llmembed-classify"):
+        check_command_line("classify", sys.argv[1:])
     return classify_hydra_main()
 
 
@@ -50,7 +53,7 @@ def classify_hydra_main(cfg: DictConfig) -> float:
         metrics = train(cfg, Path(HydraConfig.get().runtime.output_dir))
     acc, f1 = metrics["test"]["accuracy"], metrics["test"]["macro_f1"]
     lo, hi = acc["ci"]
-    print(
+    print_and_log(
         f"{metrics['head']} on {' + '.join(metrics['features'])}: test accuracy {acc['mean']:.4f}"
         f" (95% CI {lo:.4f}-{hi:.4f}), macro-F1 {f1['mean']:.4f} ({len(metrics['seeds'])} "
         f"seed(s), {metrics['timings']['total_s']:.1f} s)"
@@ -73,15 +76,18 @@ class PredictInput:
 
 
 def _input_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text-column", help="column holding the texts (default: text)")
+    parser.add_argument(
+        "--text-column",
+        help="column holding the texts (default: the one the model was trained on, else text)",
+    )
     parser.add_argument(
         "--id-column",
         help="column of row ids copied to the output (default: id, if the table has one; '' for none)",
     )
     parser.add_argument(
         "--label-column",
-        help="column of true labels: accuracy and macro-F1 go to stderr (default: label, if the "
-        "table has one; '' for none)",
+        help="column of true labels: accuracy and macro-F1 go to stderr (default: the one the "
+        "model was trained on, else label, if the table has one; '' for none)",
     )
 
 
@@ -91,16 +97,19 @@ def read_texts(
     *,
     id_column: str | None = None,
     label_column: str | None = None,
+    trained: dict | None = None,
 ) -> PredictInput:
     """Texts from a .txt file (one per line, blank lines skipped) or from a CSV/TSV/JSONL/JSON/
     parquet table's text column, with its id and label columns. A column left as None is taken by
-    its default name where the table has it; '' turns it off. Texts and labels pass the checks of
+    its default name where the table has it (the text and label columns the model was trained on,
+    from `trained`, else text and label); '' turns it off. Texts and labels pass the checks of
     training data (a blank text or a missing label is an error naming the row)."""
-    from llmembed.extract.tables import SUFFIXES, check_texts, read_rows
+    from llmembed.data.tables import SUFFIXES, check_texts, read_rows
 
-    if path.is_dir() or not path.exists():
+    if not path.is_file():  # missing, a folder, or not a regular file (a FIFO, /dev/zero)
+        what = "does not exist" if not path.exists() else "is not a regular file"
         raise UserError(
-            f"{path} is not a file; give a .txt file (one text per line) or a "
+            f"{path} {what}; give a .txt file (one text per line) or a "
             "CSV/TSV/JSONL/JSON/parquet table"
         )
     if path.suffix.lower() not in SUFFIXES:
@@ -110,18 +119,26 @@ def read_texts(
                 "--text-column, --id-column and --label-column need a CSV/TSV/JSONL/JSON/parquet"
             )
         return _read_lines(path)
-    defaults = {"id": id_column, "label": label_column}
-    needed = [text_column or "text"] + [c or d for d, c in defaults.items() if c != ""]
+    trained = trained or {}
+    default_text = trained.get("text_column") or "text"
+    default_label = trained.get("label_column") or "label"
+    defaults = {"id": id_column, default_label: label_column}
+    needed = [text_column or default_text] + [c or d for d, c in defaults.items() if c != ""]
     table = read_rows(path, needed)
     rows, refs, columns = table.rows, table.refs, table.columns
     if not rows:
         raise UserError(f"{path} holds no texts")
-    text_column = text_column or "text"
+    if text_column is None and default_text not in columns:
+        raise UserError(
+            f"{path} has no column {default_text!r}, the text column the model was trained on; "
+            f"its columns: {columns}. Use --text-column"
+        )
+    text_column = text_column or default_text
     _require_column(columns, text_column, path, "--text-column")
     texts = [r[text_column] for r in rows]
     check_texts(texts, refs, path)
     id_column = _optional_column(columns, id_column, "id", path, "--id-column")
-    label_column = _optional_column(columns, label_column, "label", path, "--label-column")
+    label_column = _optional_column(columns, label_column, default_label, path, "--label-column")
     return PredictInput(
         texts,
         refs,
@@ -132,14 +149,38 @@ def read_texts(
     )
 
 
+# The longest line a .txt input may hold: a text of megabytes is read; a file without line breaks
+# (or a device) is not one text per line.
+MAX_LINE_BYTES = 64 * 2**20
+
+
 def _read_lines(path: Path) -> PredictInput:
+    """One text per line: lines end at `\n` (a `\r` before it is dropped) and nowhere else, so
+    a form feed, U+2028 or NEL stays inside its text; blank lines are skipped."""
+    from llmembed.data.tables import check_texts
+
     texts, refs = [], []
-    for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if line.strip():
-            texts.append(line.rstrip("\n"))
-            refs.append(f"line {i}")
+    with open(path, "rb") as f:
+        for i, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise UserError(
+                    f"{path}, line {i}: longer than {MAX_LINE_BYTES // 2**20} MB; a .txt input "
+                    "holds one text per line (for long documents use a CSV or JSONL table)"
+                )
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(
+                    f"{path}, line {i}: not UTF-8 (byte {err.start}); re-save the file as UTF-8"
+                ) from None
+            line = line.removeprefix("\ufeff") if i == 1 else line
+            line = line.removesuffix("\n").removesuffix("\r")
+            if line.strip():
+                texts.append(line)
+                refs.append(f"line {i}")
     if not texts:
         raise UserError(f"{path} holds no texts")
+    check_texts(texts, refs, path)
     return PredictInput(texts, refs)
 
 
@@ -162,7 +203,7 @@ def _optional_column(
 
 
 def _true_labels(raw: list, refs: list[str], path: Path) -> list[str]:
-    from llmembed.extract.tables import DatasetError, normalize_labels
+    from llmembed.data.tables import DatasetError, normalize_labels
 
     try:
         return normalize_labels(raw, refs, path)
@@ -175,7 +216,7 @@ def _score_lines(inp: PredictInput, predicted: list[str], names: list[str]) -> l
     labels. Labels the model was never trained on are named and count as errors: the model cannot
     give them, and leaving those rows out would flatter the score."""
     from llmembed.classify.metrics import evaluate
-    from llmembed.extract.tables import shown
+    from llmembed.data.tables import shown
 
     unknown = sorted(set(inp.labels) - set(names))
     every = list(names) + unknown
@@ -253,14 +294,21 @@ def predict_main(argv: list[str] | None = None) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from llmembed.classify.hub import locate_model
     from llmembed.classify.predict import predict_texts
+    from llmembed.classify.saved import load_trained
 
     if args.output is not None and args.output.resolve() == args.texts.resolve():
         raise UserError(f"--output {args.output} is the input file; write somewhere else")
+    folder = locate_model(args.model)
+    _, meta = load_trained(folder)
     inp = read_texts(
-        args.texts, args.text_column, id_column=args.id_column, label_column=args.label_column
+        args.texts,
+        args.text_column,
+        id_column=args.id_column,
+        label_column=args.label_column,
+        trained=meta.get("data"),
     )
     labels, proba, names = predict_texts(
-        locate_model(args.model),
+        folder,
         inp.texts,
         device=args.device,
         backbone_paths=_backbone_paths(args.backbone_path),
@@ -280,15 +328,16 @@ def _predict(args: argparse.Namespace) -> int:
 def _write_predictions(
     out, inp: PredictInput, labels: list[str], proba: np.ndarray, names: list[str]
 ) -> None:
-    """One CSV row per text: [id,] label (predicted), p_<class>..., [true_label,] text."""
+    """One CSV row per text, with the columns of llmembed-classify's predictions.csv: [row_id,]
+    [label (the true one),] predicted, p_<class>..., text."""
     w = csv.writer(out)
-    ids = [inp.id_column] if inp.ids is not None else []
-    truth = ["true_label"] if inp.labels is not None else []
-    w.writerow([*ids, "label", *[f"p_{n}" for n in names], *truth, "text"])
+    ids = ["row_id"] if inp.ids is not None else []
+    truth = ["label"] if inp.labels is not None else []
+    w.writerow([*ids, *truth, "predicted", *[f"p_{n}" for n in names], "text"])
     for i, (text, label, p) in enumerate(zip(inp.texts, labels, proba, strict=True)):
         row_id = [inp.ids[i]] if inp.ids is not None else []
         true = [inp.labels[i]] if inp.labels is not None else []
-        w.writerow([*row_id, label, *[f"{x:.6f}" for x in p], *true, text])
+        w.writerow([*row_id, *true, label, *[f"{x:.6f}" for x in p], text])
 
 
 def push_main(argv: list[str] | None = None) -> int:
@@ -325,12 +374,20 @@ def report_main(argv: list[str] | None = None) -> int:
         "runs", type=Path, nargs="+", help="multirun (or run) folders holding metrics.json files"
     )
     parser.add_argument(
-        "--out", type=Path, help="where to write results.* and plots (default: the first folder)"
+        "--out",
+        type=Path,
+        help="where to write results.* and plots (default: the folder, when there is one; "
+        "needed for a report over several folders)",
     )
     args = parser.parse_args(argv)
     from llmembed.classify.report import write_report
 
     with reported("llmembed-report"):
+        if args.out is None and len(args.runs) > 1:
+            raise UserError(
+                f"{len(args.runs)} folders make one combined report: say where it goes with "
+                "--out DIR (the folders' own results stay as they are)"
+            )
         print(write_report(args.runs, args.out or args.runs[0]))
     return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted, check_X_y, validate_data
 from torch import nn
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -159,17 +161,39 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         xv, yv = torch.from_numpy(X_val).to(dev), torch.from_numpy(y_val).long().to(dev)
         gen = torch.Generator().manual_seed(self.random_state)
         best, best_loss, self.best_epoch_, self.history_ = None, float("inf"), -1, []
-        for epoch in range(self.max_epochs):
-            self._train_epoch(opt, xt, yt, gen)
-            val_loss, val_acc = self._validate(xv, yv)
-            self.history_.append({"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc})
-            if self.patience is None:  # fixed epochs: the last one is kept
-                best, best_loss, self.best_epoch_ = self.module_.state_dict(), val_loss, epoch
-            elif val_loss < best_loss - MIN_DELTA:
-                best, best_loss = copy.deepcopy(self.module_.state_dict()), val_loss
-                self.best_epoch_ = epoch
-            elif epoch - self.best_epoch_ >= self.patience:
-                break
+        # Epochs with their validation figures on a terminal (a log file gets the summary only).
+        with tqdm(
+            total=self.max_epochs,
+            unit="epoch",
+            desc=type(self).__name__,
+            disable=not sys.stderr.isatty(),
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=0,  # every epoch: an epoch of a small head takes milliseconds
+        ) as bar:
+            for epoch in range(self.max_epochs):
+                self._train_epoch(opt, xt, yt, gen)
+                val_loss, val_acc = self._validate(xv, yv)
+                self.history_.append(
+                    {"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_acc}
+                )
+                stop = False
+                if self.patience is None:  # fixed epochs: the last one is kept
+                    best, best_loss, self.best_epoch_ = self.module_.state_dict(), val_loss, epoch
+                elif val_loss < best_loss - MIN_DELTA:
+                    best, best_loss = copy.deepcopy(self.module_.state_dict()), val_loss
+                    self.best_epoch_ = epoch
+                elif epoch - self.best_epoch_ >= self.patience:
+                    stop = True
+                bar.set_postfix(
+                    val_loss=f"{val_loss:.4f}",
+                    val_acc=f"{val_acc:.3f}",
+                    best=self.best_epoch_,
+                    refresh=False,
+                )
+                bar.update()
+                if stop:
+                    break
         if best is None:
             raise RuntimeError(
                 f"{type(self).__name__}: validation loss was never finite "

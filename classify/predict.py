@@ -16,14 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from llmembed.cache.format import EntrySpec
 from llmembed.cache.root import Cache
 from llmembed.classify.saved import SavedModelError, load_trained
+from llmembed.configs import ConfigNameError, is_name, named_backbone
 from llmembed.extract.backbones import BackboneError, BackboneInfo, inspect_backbone, resolve_source
 from llmembed.extract.embed import embed_texts
 from llmembed.extract.plan import BackboneRef, ExtractPlan, resolve_device
-from llmembed.fuse.features import FeatureError, backbone_config, fuse_blocks
+from llmembed.fuse.features import fuse_blocks
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +42,16 @@ def resolve_backbone(source: dict, *, paths: dict[str, str], trust_remote_code: 
     name = bb["name"]
     if name in paths:
         bb["path"] = paths[name]
-    elif bb.get("conf"):
+    elif bb.get("conf") is not None:
+        if not is_name(bb["conf"]):
+            raise SavedModelError(
+                f"model.json names backbone {name!r}'s config {bb['conf']!r}, which is not a "
+                "config name (a path is never read from a model); restore the original "
+                f"model.json, or pass --backbone-path {name}=PATH"
+            )
         try:
-            bb["path"] = str(backbone_config(bb["conf"]).path)
-        except (FeatureError, FileNotFoundError) as err:
+            bb["path"] = str(named_backbone(bb["conf"]).path)
+        except (ConfigNameError, FileNotFoundError, OmegaConfBaseException) as err:
             raise SavedModelError(
                 f"backbone {name!r} (conf {bb['conf']!r}) is not available here ({err}); "
                 f"pass --backbone-path {name}=PATH"

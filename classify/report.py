@@ -128,12 +128,15 @@ def data_fields(m: dict) -> dict:
             "fingerprint": None,
         }
     parts = [d.get("name") or m["dataset"]]
-    if d.get("path"):
+    if d.get("path") and Path(d["path"]).stem != parts[0]:
         parts.append(Path(d["path"]).name)
     if d.get("limit") is not None:
         parts.append(f"limit={d['limit']}")
+    # The rows themselves tell one data set from another: the same file written relative or
+    # absolute is one data set (and seeds of one file split it differently).
+    same = {k: d.get(k) for k in ("name", "fingerprint", "seed")} if d.get("fingerprint") else d
     return {
-        "key": json.dumps(d, sort_keys=True),
+        "key": json.dumps(same, sort_keys=True),
         "label": " ".join(parts),
         "seed": d.get("seed"),
         "fingerprint": d.get("fingerprint"),
@@ -331,41 +334,52 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
             groups[(r["dataset"], r["head"])].append(r)
     written = []
     for (dataset, head), members in groups.items():
-        lines = defaultdict(list)
-        for r in members:
-            if r["line"] is not None:
-                lines[r["line"]].append(
-                    (
-                        r["layer"],
-                        r["test_accuracy"],
-                        r["test_accuracy_ci_lo"],
-                        r["test_accuracy_ci_hi"],
-                    )
-                )
-        levels = [r for r in members if r["line"] is None]
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for name, points in sorted(lines.items()):
-            points.sort(key=lambda p: p[0])
-            xs, ys = [p[0] for p in points], [p[1] for p in points]
-            ax.errorbar(xs, ys, yerr=_yerr(points), marker="o", ms=3, capsize=2, label=name)
-        for i, r in enumerate(levels):
-            color = f"C{(len(lines) + i) % 10}"
-            ax.axhline(r["test_accuracy"], ls="--", lw=1, color=color, label=_short(r["features"]))
-            if r["test_accuracy_ci_lo"] is not None:
-                ax.axhspan(
-                    r["test_accuracy_ci_lo"], r["test_accuracy_ci_hi"], color=color, alpha=0.1
-                )
-        ax.set_xlabel("layer (hidden state index; 0 = embeddings)")
-        ax.set_ylabel("test accuracy (95% CI)")
-        ax.set_title(f"{dataset}: {head} head")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
+        fig = figure(dataset, head, members)
         path = out / f"accuracy_vs_layer_{_slug(dataset)}_{_slug(head)}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
     return written
+
+
+# How far apart the lines' points at one layer are drawn, so that every error bar shows.
+LINE_SPREAD = 0.3
+
+
+def figure(dataset: str, head: str, members: list[dict]):
+    """One data identity and head: a line per (backbone, pooling) over integer layer ticks, each
+    line's points shifted a little sideways so that intervals at one layer do not hide each other;
+    fused runs as dashed levels."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    lines = defaultdict(list)
+    for r in members:
+        if r["line"] is not None:
+            lines[r["line"]].append(
+                (r["layer"], r["test_accuracy"], r["test_accuracy_ci_lo"], r["test_accuracy_ci_hi"])
+            )
+    levels = [r for r in members if r["line"] is None]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    step = LINE_SPREAD / (len(lines) - 1) if len(lines) > 1 else 0.0
+    for i, (name, points) in enumerate(sorted(lines.items())):
+        points.sort(key=lambda p: p[0])
+        shift = (i - (len(lines) - 1) / 2) * step
+        xs, ys = [p[0] + shift for p in points], [p[1] for p in points]
+        ax.errorbar(xs, ys, yerr=_yerr(points), marker="o", ms=3, capsize=2, label=name)
+    for i, r in enumerate(levels):
+        color = f"C{(len(lines) + i) % 10}"
+        ax.axhline(r["test_accuracy"], ls="--", lw=1, color=color, label=_short(r["features"]))
+        if r["test_accuracy_ci_lo"] is not None:
+            ax.axhspan(r["test_accuracy_ci_lo"], r["test_accuracy_ci_hi"], color=color, alpha=0.1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer (hidden state index; 0 = embeddings)")
+    ax.set_ylabel("test accuracy (95% CI)")
+    ax.set_title(f"{dataset}: {head} head")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
 
 
 def _short(features: str, limit: int = 60) -> str:

@@ -13,14 +13,19 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from llmembed.cache.keys import short_identity
 from llmembed.classify.heads import HEADS
 from llmembed.errors import UserError
 
 # 2: sources record the backbone's identity, its conf name and role; the weights carry the contract.
-FORMAT = 2
+# 3: the contract covers each source's backbone name, config name and padding side as well.
+FORMAT = 3
+# What of a source's backbone decides the computation (its path and revision may differ per
+# machine: the identity, checked before use, pins the weights).
+CONTRACT_BACKBONE = ("name", "conf", "padding_side")
 CONTRACT_KEY = "llmembed.contract"
 
 
@@ -29,14 +34,18 @@ class SavedModelError(UserError):
 
 
 def _contract(meta: dict) -> dict:
-    """What the weights mean: everything but the backbones' locations, which may differ per machine."""
+    """What the weights mean: everything that decides the computation, but the backbones'
+    locations, which may differ per machine."""
     return {
         "head": meta["head"],
         "params": meta["params"],
         "label_names": meta["label_names"],
         "fusion": meta["fusion"],
         "sources": [
-            {k: s[k] for k in ("identity", "role", "layers", "pooling", "spec")}
+            {
+                **{k: s[k] for k in ("identity", "role", "layers", "pooling", "spec")},
+                "backbone": {k: s["backbone"].get(k) for k in CONTRACT_BACKBONE},
+            }
             for s in meta["sources"]
         ],
     }
@@ -93,10 +102,11 @@ def load_trained(folder: Path):
     if not weights.is_file():
         raise SavedModelError(f"{folder} has no head.safetensors; copy the whole folder")
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, nested beyond reason
+        what = "nested too deeply" if isinstance(err, RecursionError) else str(err)
         raise SavedModelError(
-            f"{meta_path} is not valid JSON ({err}); copy the folder again"
+            f"{meta_path} is not valid JSON ({what}); copy the folder again"
         ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
@@ -108,7 +118,7 @@ def load_trained(folder: Path):
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
     try:
         head = HEADS[meta["head"]](**params).load_state(load_file(str(weights)))
-    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+    except (KeyError, ValueError, RuntimeError, TypeError, SafetensorError) as err:
         raise SavedModelError(f"{weights} does not fit the head in {meta_path} ({err})") from None
     n_classes = len(meta["label_names"])
     if len(set(meta["label_names"])) != n_classes or not np.all(
@@ -127,16 +137,27 @@ def check_contract(meta: dict, weights: Path) -> None:
         with safe_open(str(weights), framework="numpy") as f:
             stored = (f.metadata() or {}).get(CONTRACT_KEY)
         written = _contract(meta)
-    except (OSError, KeyError, TypeError, ValueError) as err:  # unreadable file, missing field
+        stored = None if stored is None else json.loads(stored)
+    except (
+        OSError,
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        RecursionError,
+        SafetensorError,
+    ) as err:
+        # an unreadable, empty or truncated file, a link to something else, a missing field
         raise SavedModelError(
             f"{weights.parent} is damaged or incomplete ({type(err).__name__}: {err}); copy the "
             "whole folder again or train the model again"
         ) from None
     if stored is None:
         raise SavedModelError(f"{weights} carries no llmembed contract; train the model again")
-    stored = json.loads(stored)
     if stored != written:
-        changed = [k for k in written if stored.get(k) != written[k]]
+        changed = [
+            k for k in written if not isinstance(stored, dict) or stored.get(k) != written[k]
+        ]
         raise SavedModelError(
             f"{weights.parent / 'model.json'} was edited after training: {changed} no longer match "
             "the weights in head.safetensors; restore the original model.json"
@@ -169,19 +190,14 @@ def write_model_card(folder: Path, meta: dict, metrics: dict) -> Path:
         f"A `{meta['head']}` head on frozen-backbone features ({meta['fusion']} fusion), trained "
         "with llmembed (LLMEmbed, ACL 2024).",
         "",
-        "| backbone | role | layers | pooling | identity |",
-        "|---|---|---|---|---|",
+        "| backbone | model (path or hub id) | identity | hidden | role | layers | pooling |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in meta["sources"]:
-        ident = s["identity"]
-        pin = (
-            ident.get("commit")
-            or ident.get("gguf_sha256")
-            or f"{len(ident.get('files', {}))} files hashed"
-        )
+        bb = s["backbone"]
         lines.append(
-            f"| {s['backbone']['name']} | {s['role'] or '-'} | {s['layers']} | {s['pooling']} | "
-            f"{str(pin)[:16]} |"
+            f"| {bb['name']} | `{bb.get('path')}` | {short_identity(s['identity'])} | "
+            f"{s.get('hidden_size', '?')} | {s['role'] or '-'} | {s['layers']} | {s['pooling']} |"
         )
     lo, hi = acc["ci"]
     lines += [

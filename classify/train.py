@@ -10,20 +10,23 @@ import csv
 import inspect
 import logging
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from llmembed.cache.format import SPLITS
-from llmembed.cache.keys import fingerprint, write_json_atomic
+from llmembed.cache.keys import fingerprint, text_hashes, write_json_atomic
+from llmembed.cache.root import Cache
 from llmembed.classify.metrics import evaluate, summarize
 from llmembed.classify.saved import save_trained
+from llmembed.data.datasets import TextDataset, load_dataset, resplit
 from llmembed.errors import UserError
 from llmembed.extract.command import extract_command
-from llmembed.extract.datasets import TextDataset, load_dataset, resplit
 from llmembed.extract.pipeline import ExtractResult, extract_texts
 from llmembed.extract.plan import make_plan
 from llmembed.fuse.features import (
@@ -46,17 +49,42 @@ def build_head(cfg: DictConfig, feats, seed: int):
     scikit-learn estimator of your own is a config file (conf/head/*.yaml), not a code change.
     What depends on the features (the paper's head's block sizes and declared block roles) and the
     seed are given to estimators whose constructor takes them."""
-    accepted = inspect.signature(get_class(cfg.head.params._target_)).parameters
+    accepted = inspect.signature(head_class(cfg.head.params._target_)).parameters
     extra = {"random_state": seed}
     if "block_sizes" in accepted:
         extra["block_sizes"] = tuple(feats.block_sizes)
     if "block_roles" in accepted:
         extra["block_roles"] = block_roles(feats.sources, feats.source_of_block)
-    head = instantiate(
-        cfg.head.params, _convert_="all", **{k: v for k, v in extra.items() if k in accepted}
-    )
+    try:
+        head = instantiate(
+            cfg.head.params, _convert_="all", **{k: v for k, v in extra.items() if k in accepted}
+        )
+    except InstantiationException as err:  # e.g. a parameter the class does not take
+        cause = err.__cause__ or err
+        raise UserError(
+            f"head.params do not fit {cfg.head.params._target_} ({type(cause).__name__}: "
+            f"{cause}); see conf/head/*.yaml for the parameters"
+        ) from None
     log.info("head: %r", head)
     return head
+
+
+def head_class(target) -> type:
+    """The estimator class `head.params._target_` names: it must import and have `fit`."""
+    example = "e.g. head.params._target_=sklearn.linear_model.LogisticRegression"
+    try:
+        cls = get_class(str(target))
+    except Exception as err:  # ImportError, AttributeError, ValueError (not a class), ...
+        cause = err.__cause__ or err
+        raise UserError(
+            f"head.params._target_={target}: no such class ({type(cause).__name__}: {cause}); "
+            f"name an estimator class, {example}"
+        ) from None
+    if not callable(getattr(cls, "fit", None)):
+        raise UserError(
+            f"head.params._target_={target} is not an estimator (it has no fit method); {example}"
+        )
+    return cls
 
 
 def fit_head(head, X, y, validation) -> None:
@@ -84,9 +112,30 @@ def stored_rows(cfg: DictConfig, src: Source, ds: TextDataset) -> ExtractResult:
         command = extract_command(
             OmegaConf.create({**section, "extract": cfg.extract, "cache": cfg.cache})
         )
+    if cfg.extract_missing and (missing := missing_texts(plan, ds.texts)):
+        log.info(
+            "%d texts of %s are not in the cache: extracting them with %s (%s)",
+            missing,
+            ds.name,
+            plan.backbone.name,
+            plan.backbone.path,
+        )
     return extract_texts(
         plan, ds.texts, name=ds.name, allow_extract=cfg.extract_missing, fill_command=command
     )
+
+
+def missing_texts(plan, texts: list[str]) -> int:
+    """How many distinct texts no cache entry that could serve the plan holds: what the extraction
+    stage will compute (the entry holding most of them takes the rest)."""
+    hashes = np.unique(text_hashes(texts))
+    cache = Cache(plan.cache_root)
+    held = [
+        int(entry.holds(hashes).sum())
+        for spec in plan.read_specs
+        for entry in cache.selections(spec.key, plan.need_layers, plan.need_poolings)
+    ]
+    return len(hashes) - max(held, default=0)
 
 
 def data_identity(cfg: DictConfig, ds: TextDataset) -> dict:
@@ -142,6 +191,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     seeds = seeds_of(cfg)
     if not cfg.head.params.get("_target_"):
         raise UserError("head.params._target_ must name the estimator class (see conf/head/)")
+    head_class(cfg.head.params._target_)  # before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -227,6 +277,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
             "total_s": round(time.perf_counter() - t0, 3),
         },
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "versions": library_versions(),
     }
     if cfg.save_model and not hasattr(heads[0], "state"):
         log.warning("%s has no state() to save as safetensors: no model saved", type(heads[0]))
@@ -237,9 +288,15 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
             head_name=cfg.head.name,
             info={
                 "label_names": feats.label_names,
+                # what llmembed-predict reads from a table by default
+                "data": {
+                    "text_column": cfg.dataset.get("text_column"),
+                    "label_column": cfg.dataset.get("label_column"),
+                },
+                "versions": metrics["versions"],
                 "fusion": fusion,
                 "sources": [
-                    saved_source(s, feats.layers[i], r.entry.spec.as_dict())
+                    saved_source(s, feats.layers[i], r.entry)
                     for i, (s, r) in enumerate(zip(sources, feats.entries, strict=True))
                 ],
             },
@@ -263,6 +320,11 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     return metrics
 
 
+def library_versions() -> dict[str, str]:
+    """The versions that made the numbers: llmembed, torch, transformers, scikit-learn."""
+    return {p: version(p) for p in ("llmembed", "torch", "transformers", "scikit-learn")}
+
+
 def entry_cost(manifest) -> dict:
     """What making an entry cost, summed over its appends (wall, CPU, energy; rows computed)."""
     records = manifest.extractions
@@ -276,13 +338,13 @@ def entry_cost(manifest) -> dict:
     return out
 
 
-def saved_source(source, layers: list[int], spec: dict) -> dict:
-    """How a saved model finds and checks one source's backbone on another machine: a shipped
-    backbone by its conf name, any other by its path (overridable with --backbone-path), and the
+def saved_source(source, layers: list[int], entry) -> dict:
+    """How a saved model finds and checks one source's backbone on another machine: a named
+    backbone by its config name, any other by its path (overridable with --backbone-path), and the
     weights' identity (hub commit or content hashes), which predict checks before using them."""
     backbone = OmegaConf.to_container(source.backbone, resolve=True)
-    if source.conf_name is not None:
-        backbone["conf"] = source.conf_name
+    backbone["conf"] = source.conf_name
+    spec = entry.spec.as_dict()
     return {
         "backbone": backbone,
         "identity": spec["backbone"],
@@ -290,6 +352,7 @@ def saved_source(source, layers: list[int], spec: dict) -> dict:
         "layers": layers,
         "pooling": source.pooling,
         "spec": spec,  # the computation to reproduce: dtypes, max length, prompt, ...
+        "hidden_size": entry.manifest.hidden_size,
     }
 
 

@@ -15,8 +15,9 @@ from contextlib import contextmanager
 import hydra
 from omegaconf import DictConfig
 
-from llmembed.clihelp import bars_on_a_terminal_only, maybe_answer
+from llmembed.clihelp import bars_on_a_terminal_only, maybe_answer, print_and_log
 from llmembed.errors import reported
+from llmembed.overrides import check_command_line
 
 
 @contextmanager
@@ -71,6 +72,8 @@ def main() -> None:
         ],
         ["dataset", "backbone"],
     )
+    with reported("llmembed-extract"):
+        check_command_line("extract", sys.argv[1:])
     hydra_main()
 
 
@@ -87,7 +90,7 @@ def hydra_main(cfg: DictConfig) -> None:
         print(stop, file=sys.stderr)
         # The shell's convention: 130 for SIGINT, 143 for SIGTERM.
         sys.exit(128 + stop.signal_number)
-    print(result.summary())
+    print_and_log(result.summary())
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -19,23 +22,56 @@ from llmembed.extract.stats import EmbedStats
 log = logging.getLogger(__name__)
 
 
+# Who lends a loaded model to `load_embedder` (an `llmembed.Encoder`, for its own computation).
+_lenders = threading.local()
+
+
+@contextmanager
+def lending(lender: Callable[[ExtractPlan, str], Extractor | None]) -> Iterator[None]:
+    """While inside, `load_embedder(plan, device)` first asks `lender(plan, device)` for an
+    extractor and loads the model only where it returns None: an `llmembed.Encoder` keeps its
+    model loaded across calls of the cache-backed path, which loads through here."""
+    stack = _lenders.__dict__.setdefault("stack", [])
+    stack.append(lender)
+    try:
+        yield
+    finally:
+        stack.remove(lender)
+
+
 def load_embedder(plan: ExtractPlan, device: str) -> tuple[Extractor, float]:
-    """The plan's model (cut after its deepest stored layer) and tokenizer, ready to embed; and the
-    seconds loading took."""
+    """The plan's model (cut after its deepest stored layer) and tokenizer, ready to embed, and
+    the seconds loading took: a model lent by `lending` (0 s), else `fresh_embedder`."""
+    for lender in reversed(_lenders.__dict__.get("stack", [])):
+        if (lent := lender(plan, device)) is not None:
+            return lent, 0.0
+    return fresh_embedder(plan, device)
+
+
+def fresh_embedder(
+    plan: ExtractPlan, device: str, *, keep_converted: bool = True
+) -> tuple[Extractor, float]:
+    """Load the plan's model and tokenizer. `keep_converted=False` writes nothing: a GGUF
+    backbone is de-quantized in memory instead of into the cache root's `converted/`."""
     if not (plan.progress and sys.stderr.isatty()):
         # transformers' own bars (loading weights, de-quantizing GGUF) follow the same rule as ours
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     # A GGUF backbone is de-quantized once into the cache root and read from there afterwards.
-    root = {"cache_root": plan.cache_root, "group_writable": plan.group_writable}
-    model = load_model(
-        plan.backbone,
-        plan.info,
-        depth=plan.depth,
-        dtype=getattr(torch, plan.spec.compute_dtype),
-        device=device,
-        **root,
-    )
+    # None (keep_converted=False): de-quantized in memory, nothing written under the cache root.
+    root = {
+        "cache_root": plan.cache_root if keep_converted else None,
+        "group_writable": plan.group_writable,
+    }
+    with _quiet_load_report():
+        model = load_model(
+            plan.backbone,
+            plan.info,
+            depth=plan.depth,
+            dtype=getattr(torch, plan.spec.compute_dtype),
+            device=device,
+            **root,
+        )
     tokenizer = load_tokenizer(plan.backbone, plan.info, **root)  # after the model
     seconds = time.perf_counter() - t0
     log.info(
@@ -60,6 +96,29 @@ def load_embedder(plan: ExtractPlan, device: str) -> tuple[Extractor, float]:
         out_dtype=getattr(torch, plan.spec.store_dtype),
     )
     return extractor, seconds
+
+
+class _OnlyUnexpected(logging.Filter):
+    """Drops transformers' LOAD REPORT when every key it lists is UNEXPECTED: the layers after
+    the deepest one requested (the model is built cut) and a language-model head (the base model
+    is loaded). A report of missing, mismatched or unconverted weights still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "LOAD REPORT" not in text:
+            return True
+        return any(s in text for s in ("MISSING", "MISMATCH", "CONVERSION", "ERROR"))
+
+
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    logger = logging.getLogger("transformers.modeling_utils")
+    only_unexpected = _OnlyUnexpected()
+    logger.addFilter(only_unexpected)
+    try:
+        yield
+    finally:
+        logger.removeFilter(only_unexpected)
 
 
 def embed_texts(

@@ -213,7 +213,7 @@ def _missing_message(cache: Cache, plan: ExtractPlan, request: Request, command)
     return (
         f"no cache entry under {cache.root} holds all {len(request.hashes)} texts of "
         f"{request.name} for {plan.backbone.name} (layers {list(plan.need_layers)}, poolings "
-        f"{list(plan.need_poolings)})" + (f"; make it with:\n  {command}" if command else "")
+        f"{list(plan.need_poolings)})" + (f"; make it with: {command}" if command else "")
     )
 
 
@@ -493,8 +493,8 @@ def extract(
     """`extract_texts` for a composed `extract` config: its data set's texts and its backbone.
     `dataset` spares reloading an already loaded data set; `need` (layers, poolings) is what an
     existing entry must store (default: what `cfg.extract` asks for)."""
+    from llmembed.data.datasets import dataset_texts
     from llmembed.extract.command import extract_command
-    from llmembed.extract.datasets import dataset_texts
 
     name, texts = (
         (dataset.name, dataset.texts) if dataset is not None else dataset_texts(cfg.dataset)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from llmembed.cache.format import STORE_DTYPES, EntrySpec
 from llmembed.cache.keys import memo_path
+from llmembed.configs import check_backbone
 from llmembed.errors import UserError
 from llmembed.extract.backbones import BackboneInfo, inspect_backbone
 
@@ -376,6 +377,7 @@ def make_plan(extract_cfg, backbone_cfg, cache_cfg, *, need=None) -> ExtractPlan
     `extract` asks to store. A new entry stores the union of both."""
     ex = extract_cfg
     check_settings(ex)  # before anything is read or loaded
+    check_backbone(backbone_cfg)
     bb = BackboneRef.from_config(backbone_cfg)
     root = Path(str(cache_cfg.root)).expanduser()
     info = inspect_backbone(bb, memo_path(root))

@@ -1,1 +1,2 @@
-"""Stage two, fusion of cached layers and backbones into features (arrives with the training stage)."""
+"""Stage two: cached layers of one or more backbones turned into features (select, concatenate,
+average); it only reads the cache."""

@@ -19,8 +19,9 @@ from importlib.resources import files
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from llmembed.configs import ConfigNameError, named_backbone
+from llmembed.data.datasets import TextDataset
 from llmembed.errors import UserError
-from llmembed.extract.datasets import TextDataset
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,13 @@ class Source:
 
 
 def backbone_config(ref) -> DictConfig:
-    """A source's backbone: the name of a file in conf/backbone/, or an inline mapping."""
+    """A source's backbone: a config name (shipped or the user's, as `backbone=NAME` on the
+    command line), or an inline mapping {name, path, ...}."""
     if isinstance(ref, str):
-        path = files("llmembed.conf") / "backbone" / f"{ref}.yaml"
-        if not path.is_file():
-            shipped = sorted(p.name[:-5] for p in (files("llmembed.conf") / "backbone").iterdir())
-            raise FeatureError(f"no backbone config {ref!r}; shipped: {shipped}, or give a mapping")
-        return OmegaConf.load(str(path))
+        try:
+            return named_backbone(ref)
+        except ConfigNameError as err:
+            raise FeatureError(str(err)) from None
     base = OmegaConf.load(str(files("llmembed.conf") / "backbone" / "local.yaml"))
     return OmegaConf.merge(base, ref)
 
@@ -63,10 +64,16 @@ def parse_sources(spec: DictConfig) -> list[Source]:
     out = []
     for i, src in enumerate(spec.sources):
         layers = src.layers
-        layers = [layers] if isinstance(layers, int) else layers
+        layers = [layers] if _is_int(layers) else layers
         if not isinstance(layers, (list, ListConfig)) or not layers:
             raise FeatureError(
                 f"features.sources[{i}].layers must be a layer or a list, got {layers!r}"
+            )
+        odd = [x for x in layers if not _is_int(x)]
+        if odd:  # 1.5 is not layer 1, True is not layer 1, '46' is not 46
+            raise FeatureError(
+                f"features.sources[{i}].layers must be whole layer indices, got {odd[0]!r} in "
+                f"{list(layers)}; e.g. layer=4 or features.sources.{i}.layers=[4,-1]"
             )
         role = src.get("role")
         if role is not None and role not in ROLES:
@@ -81,6 +88,10 @@ def parse_sources(spec: DictConfig) -> list[Source]:
             )
         )
     return out
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def block_roles(sources: list[Source], source_of_block: list[int]) -> tuple[str, ...]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -22,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from llmembed.configs import backbone_names, named_backbone
+from llmembed.data.tables import lone_surrogate
 from llmembed.errors import UserError
 
 # Extraction settings `encode` and `Cache.find` take by name: conf/extract/default.yaml's fields
@@ -58,15 +59,10 @@ def _conf(*parts: str):
     return OmegaConf.load(str(files("llmembed.conf").joinpath(*parts)))
 
 
-def backbone_names() -> list[str]:
-    """The backbones shipped in conf/backbone/ (`local` takes a path)."""
-    folder = files("llmembed.conf") / "backbone"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
 def _backbone(backbone: str | Mapping | os.PathLike, settings: dict):
-    """A backbone config: a conf/backbone/ name, an inline mapping ({name, path, ...}), a model
-    folder, a .gguf file or a hub id (anything with a `/`)."""
+    """A backbone config: a config name (conf/backbone/ or $LLMEMBED_CONFIG_DIR/backbone/, as for
+    the command lines), an inline mapping ({name, path, ...}), a model folder, a .gguf file or a
+    hub id (anything with a `/`)."""
     from omegaconf import OmegaConf
 
     base = _conf("backbone", "local.yaml")
@@ -74,8 +70,8 @@ def _backbone(backbone: str | Mapping | os.PathLike, settings: dict):
         cfg = OmegaConf.merge(base, dict(backbone))
     elif isinstance(backbone, (str, os.PathLike)):
         ref = os.fspath(backbone)
-        if ref in backbone_names() and ref != "local":
-            cfg = _conf("backbone", f"{ref}.yaml")
+        if ref in backbone_names():
+            cfg = named_backbone(ref)
         elif ref.startswith(("/", ".", "~")) and not Path(ref).expanduser().exists():
             raise BackboneNotFoundError(
                 f"backbone {ref!r}: no such model folder or .gguf file; check the path"
@@ -138,25 +134,54 @@ def make_api_plan(
     return make_plan(ex, _backbone(backbone, settings), cache, need=need)
 
 
-def _texts(texts) -> list[str]:
+def check_texts(texts) -> list[str]:
+    """`texts` as a list of strings, each valid Unicode (a lone surrogate such as "\\ud800" has
+    no UTF-8 form, so it cannot be hashed, tokenized or stored)."""
     if isinstance(texts, str):
         raise SettingsError("texts must be a list of strings, got one str; pass [text]")
-    texts = list(texts)
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-    if bad:
+    if texts is None or isinstance(texts, (bytes, Mapping)) or not hasattr(texts, "__iter__"):
         raise SettingsError(
-            f"texts must be strings; item {bad[0]} is {type(texts[bad[0]]).__name__}"
+            f"texts must be a list of strings, got {type(texts).__name__}; e.g. encode(['a text'])"
         )
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise SettingsError(f"texts must be strings; item {i} is {type(t).__name__}")
+        if (at := lone_surrogate(t)) is not None:
+            raise SettingsError(
+                f"text {i} holds a lone surrogate (U+{ord(t[at]):04X} at character {at}), which "
+                "is not Unicode text; decode its source with errors='replace' or remove it"
+            )
     return texts
 
 
-def _layer_list(layers) -> list[int]:
-    if isinstance(layers, (int, np.integer)):
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def layer_list(layers) -> list[int]:
+    """`layers` as a non-empty list of layer indices: an integer or a list of integers. A float
+    (1.5), a bool, a string ("46" is not [4, 6]) or None is refused, never truncated or split."""
+    if _is_int(layers):
         return [int(layers)]
-    layers = [int(x) for x in layers]
+    example = "e.g. layers=[4, -1] (negative count from the end)"
+    if (
+        layers is None
+        or isinstance(layers, (str, bytes, float, bool, Mapping))
+        or not hasattr(layers, "__iter__")
+    ):
+        raise SettingsError(
+            f"layers must be an integer or a list of integers, got {layers!r}; {example}"
+        )
+    layers = list(layers)
+    odd = [x for x in layers if not _is_int(x)]
+    if odd:
+        raise SettingsError(
+            f"layers must be whole layer indices; {odd[0]!r} in {layers} is not; {example}"
+        )
     if not layers:
         raise SettingsError("layers is empty: name at least one layer, e.g. layers=[-1]")
-    return layers
+    return [int(x) for x in layers]
 
 
 def absolute_layers(layers: Sequence[int], num_layers: int) -> list[int]:
@@ -176,47 +201,21 @@ def encode(
 ) -> np.ndarray:
     """Embeddings `(len(texts), len(layers), hidden)` float32, in the order of `texts`.
 
-    `backbone`: a conf/backbone/ name, a model folder, a GGUF file, a hub id or a mapping
-    ({name, path, ...}). `layers`: hidden states (0 = embeddings; negative count from the end).
-    `pooling`: mean, last, first or pooler. `settings`: extraction settings by name (`SETTINGS`:
-    dtype, max_length, prompt, store_dtype, truncation_side, device, token_budget, cache_root, ...).
-    With `cache=True` the cache of the command lines is read and filled (only missing texts run the
-    model); `cache=False` computes in memory. `show_progress_bar`: None shows it on a terminal."""
-    texts = _texts(texts)
-    layers = _layer_list(layers)
-    if show_progress_bar is None:
-        show_progress_bar = sys.stderr.isatty() and len(texts) > 256
-    plan = make_api_plan(backbone, layers, pooling, settings, progress=bool(show_progress_bar))
-    wanted = absolute_layers(layers, plan.info.num_layers)
-    if pooling == "pooler" and wanted != [plan.info.num_layers] * len(wanted):
-        raise SettingsError(
-            f"the pooler exists for the last layer only ({plan.info.num_layers}); use layers=[-1]"
-        )
-    if not texts:
-        return np.zeros((0, len(wanted), plan.info.hidden_size), dtype=np.float32)
-    if cache:
-        from llmembed.extract.pipeline import extract_texts
+    One call of `llmembed.Encoder(backbone, layers, pooling, cache=..., **settings)`, which keeps
+    its model loaded between calls: use it to encode many times. `backbone`: a config name, a model
+    folder, a GGUF file, a hub id or a mapping ({name, path, ...}). `layers`: hidden states (0 =
+    embeddings; negative count from the end). `pooling`: mean, last, first or pooler. `settings`:
+    extraction settings by name (`SETTINGS`: dtype, max_length, prompt, store_dtype,
+    truncation_side, device, token_budget, cache_root, ...). With `cache=True` the cache of the
+    command lines is read and filled (only missing texts run the model); `cache=False` computes in
+    memory and writes nothing. `show_progress_bar`: None shows it on a terminal."""
+    from llmembed.encoder import Encoder
 
-        return extract_texts(plan, texts, name="llmembed.encode").read(pooling, wanted)
-    return _encode_in_memory(plan, texts, wanted, pooling, bool(show_progress_bar))
-
-
-def _encode_in_memory(plan, texts, wanted, pooling, progress: bool) -> np.ndarray:
-    from tqdm.auto import tqdm
-
-    from llmembed.extract.embed import load_embedder
-    from llmembed.extract.plan import resolve_device
-
-    stored = sorted(set(wanted))
-    plan = plan.storing(stored, [pooling])
-    extractor, _ = load_embedder(plan, resolve_device(plan.device))
-    with tqdm(total=len(texts), unit="text", disable=not progress) as bar:
-        emb, _ = extractor.embed(texts, lambda n, _tokens: bar.update(n))
-    values = emb[pooling]  # (n, stored layers, hidden)
-    if pooling == "pooler":
-        values = values[:, -1:]
-        return np.repeat(values, len(wanted), axis=1).astype(np.float32)
-    return values[:, [stored.index(x) for x in wanted]].astype(np.float32)
+    texts = check_texts(texts)
+    encoder = Encoder(
+        backbone, layers, pooling, cache=cache, show_progress_bar=show_progress_bar, **settings
+    )
+    return encoder.encode(texts)
 
 
 # Reading what the cache holds.
@@ -242,6 +241,20 @@ class CachedEntry:
         return self.entry.manifest.backbone["name"]
 
     @property
+    def model(self) -> str:
+        """The backbone's path or hub id when it was extracted."""
+        return str(self.entry.manifest.backbone.get("path"))
+
+    @property
+    def identity(self) -> dict:
+        """What pins the backbone's weights: a hub commit, or the sha256 of its files."""
+        return dict(self.entry.spec.backbone)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.entry.manifest.hidden_size
+
+    @property
     def spec(self) -> dict:
         return self.entry.spec.as_dict()
 
@@ -261,7 +274,7 @@ class CachedEntry:
         """(n,) bool: which texts the entry stores."""
         from llmembed.cache.keys import text_hashes
 
-        return self.entry.holds(text_hashes(_texts(texts)))
+        return self.entry.holds(text_hashes(check_texts(texts)))
 
     def read(
         self,
@@ -280,14 +293,17 @@ class CachedEntry:
         elif isinstance(texts, np.ndarray) and texts.dtype.kind == "S":
             hashes = texts
         else:
-            hashes = text_hashes(_texts(texts))
-        wanted = absolute_layers(_layer_list(layers), self.entry.manifest.num_layers)
+            hashes = text_hashes(check_texts(texts))
+        wanted = absolute_layers(layer_list(layers), self.entry.manifest.num_layers)
         return self.entry.read(pooling, wanted, hashes)
 
     def __repr__(self) -> str:
+        from llmembed.cache.keys import short_identity
+
         return (
-            f"CachedEntry({self.backbone}, rows={self.rows}, layers={self.layers}, "
-            f"poolings={self.poolings}, path={str(self.path)!r})"
+            f"CachedEntry({self.backbone}, model={self.model!r}, identity="
+            f"{short_identity(self.identity)!r}, hidden_size={self.hidden_size}, rows={self.rows}, "
+            f"layers={self.layers}, poolings={self.poolings}, path={str(self.path)!r})"
         )
 
 

@@ -7,6 +7,7 @@ each file's comment. `--hydra-help` stays Hydra's own.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -40,7 +41,7 @@ def search_path_entry() -> str:
 
         raise UserError(
             f"{CONFIG_DIR_ENV}={folder} is not a folder; point it at a folder holding "
-            "dataset/*.yaml, features/*.yaml or head/*.yaml, or unset it"
+            "dataset/*.yaml, backbone/*.yaml, features/*.yaml or head/*.yaml, or unset it"
         )
     return f"file://{folder.resolve()}"
 
@@ -101,8 +102,9 @@ def render(prog: str, summary: str, usage: list[str], groups: list[str]) -> str:
         "  -m, --multirun        sweep over comma-separated values (dataset=a,b)",
         "  --hydra-help          Hydra's own help (tab completion: --hydra-help, -sc install=bash)",
         "",
-        "Every setting is a key=value override (misspelled keys are rejected). Your own",
-        f"dataset/, features/ and head/ YAML files: {CONFIG_DIR_ENV}=/path/to/folder, or",
+        "Every setting is a key=value override (a key no config defines is refused, with or",
+        "without +). Your own dataset/, backbone/, features/ and head/ YAML files:",
+        f"{CONFIG_DIR_ENV}=/path/to/folder, or",
         "hydra.searchpath=[file:///path/to/folder].",
     ]
     return "\n".join(lines)
@@ -124,3 +126,13 @@ def bars_on_a_terminal_only(cfg) -> None:
     output gets the summary lines, not thousands of bar refreshes."""
     if not sys.stderr.isatty():
         cfg.extract.progress = False
+
+
+def print_and_log(message: str) -> None:
+    """`message` on stdout, plain, and in the run folder's log file (Hydra's file handler), so
+    the log of a run says what it did, not only its progress."""
+    print(message)
+    record = logging.LogRecord("llmembed", logging.INFO, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

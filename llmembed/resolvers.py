@@ -28,6 +28,13 @@ def path_part(name: object) -> str:
     return safe or "_"
 
 
+def file_stem(path: object) -> str:
+    """A data file's name without its suffix (`reviews` for /data/reviews.csv; a save_to_disk
+    folder's own name): what `dataset=file` calls the data set unless `dataset.name` is set."""
+    p = Path(str(path).rstrip("/"))
+    return p.name if p.is_dir() else p.stem
+
+
 def config_dir() -> str:
     """`hydra.searchpath` entry of the Hydra apps: the folder `$LLMEMBED_CONFIG_DIR` names."""
     from llmembed.clihelp import search_path_entry
@@ -40,5 +47,7 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("llmembed_asset", asset_path)
     if not OmegaConf.has_resolver("llmembed_path_part"):
         OmegaConf.register_new_resolver("llmembed_path_part", path_part)
+    if not OmegaConf.has_resolver("llmembed_stem"):
+        OmegaConf.register_new_resolver("llmembed_stem", file_stem)
     if not OmegaConf.has_resolver("llmembed_config_dir"):
         OmegaConf.register_new_resolver("llmembed_config_dir", config_dir)

@@ -78,7 +78,7 @@ def test_a_text_encoded_in_python_is_a_hit_for_the_cli(tmp_path, tiny_bert, data
     texts = [r["text"] for r in read_rows(data_csv)]
     llmembed.encode(texts, str(tiny_bert), [1], cache_root=root, dtype="float32")
     out = cli_extract(tmp_path, root, data_csv, tiny_bert)
-    assert "\ncache hit: all 60 texts of file" in out.stdout, out.stdout
+    assert "\ncache hit: all 60 texts of data" in out.stdout, out.stdout
 
 
 def test_encode_then_the_clis_extraction_runs_no_forward_pass(

@@ -74,10 +74,10 @@ def test_any_scikit_learn_estimator_is_a_head_config(classify_cfg, tmp_path, for
 
 def test_missing_entry_without_extraction_names_the_command(classify_cfg, tmp_path, forward_calls):
     cfg = classify_cfg([("llama", [1], "mean")], "extract_missing=false", "dataset.limit=40")
-    with pytest.raises(MissingEntryError, match=r"make it with:\n  llmembed-extract ") as err:
+    with pytest.raises(MissingEntryError, match=r"make it with: llmembed-extract ") as err:
         train(cfg, tmp_path / "run")
     assert forward_calls == []
-    command = str(err.value).split("make it with:\n  ")[1]
+    command = str(err.value).split("make it with: ")[1]
     assert "dataset.limit=40" in command and "backbone.path=" in command
     # The command, run as written, fills exactly the entry the training run needs.
     root = Path(cfg.cache.root)
@@ -168,7 +168,7 @@ def test_predict_on_test_texts_equals_training_predictions(
     txt.write_text("\n".join(texts[int(r["row_id"])] for r in test[:3]) + "\n")
     assert predict_main([str(tmp_path / "run" / "model"), str(txt)]) == 0
     out = list(csv.reader(capsys.readouterr().out.splitlines()))
-    assert out[0][:3] == ["label", "p_neg", "p_pos"] and [o[0] for o in out[1:]] == labels[:3]
+    assert out[0][:3] == ["predicted", "p_neg", "p_pos"] and [o[0] for o in out[1:]] == labels[:3]
 
 
 def test_report_table_and_plot(classify_cfg, tmp_path, capsys):
@@ -188,7 +188,7 @@ def test_report_table_and_plot(classify_cfg, tmp_path, capsys):
     assert val == sorted(val, reverse=True)  # best validation accuracy first
     rows = read_rows(tmp_path / "sweep" / "results.csv")
     assert len(rows) == 5 and {"test_accuracy", "test_macro_f1", "val_accuracy"} <= set(rows[0])
-    png = tmp_path / "sweep" / "accuracy_vs_layer_file_data_csv_logreg.png"
+    png = tmp_path / "sweep" / "accuracy_vs_layer_data_logreg.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -320,7 +320,7 @@ def test_metrics_name_the_data_and_the_resolved_layers(classify_cfg, tmp_path):
     )
     assert m["sources"][0]["layers"] == [3, 0] and m["sources"][0]["requested_layers"] == [-1, 0]
     data = m["data"]
-    assert data["name"] == "file" and data["limit"] == 50 and data["rows"] == 50
+    assert data["name"] == "data" and data["limit"] == 50 and data["rows"] == 50
     assert data["path"].endswith("data.csv") and len(data["fingerprint"]) == 12
     whole = train(classify_cfg([("llama", [0], "mean")], "save_model=false"), tmp_path / "all")
     assert whole["data"]["fingerprint"] != data["fingerprint"]

@@ -112,7 +112,7 @@ def test_gc_removes_incomplete_old_and_unused_entries_and_rm_one(make_cfg, tmp_p
     cache_main(["--root", root, "ls"])
     out = capsys.readouterr().out
     assert "incomplete (0 shards, resumable)" in out and "old format" in out
-    assert "file" in out and "float32/float16" in out  # the data set that used it, the settings
+    assert " data " in out and "float32/float16" in out  # the data set that used it, the settings
     assert cache_main(["--root", root, "gc", "--dry-run"]) == 0
     assert partial.path.exists() and old.exists()
     assert cache_main(["--root", root, "gc"]) == 0
@@ -148,7 +148,7 @@ def test_classify_without_extraction_prints_the_extract_command(tmp_path, tiny_l
     res = run(*args, cwd=tmp_path, env_root=tmp_path / "cache")
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and "GlobalHydra" not in res.stderr
-    command = res.stderr.split("make it with:\n  ")[1].strip()
+    command = res.stderr.split("make it with: ")[1].strip()
     assert command.startswith("llmembed-extract ") and f"backbone.path={tiny_llama}" in command
     filled = subprocess.run(
         command.replace("llmembed-extract", str(BIN / "llmembed-extract"), 1),

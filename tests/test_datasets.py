@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from llmembed.extract.datasets import DatasetError, load_dataset, resplit, text_key
+from llmembed.data.datasets import DatasetError, load_dataset, resplit, text_key
 from tests.conftest import sentences, write_csv
 
 
@@ -234,7 +234,7 @@ def test_duplicates_after_normalization_keep_the_first_copy_and_are_counted(tmp_
         ("A B", "a"),  # case is kept: another text
     ] + [(f"text {i}", "ab"[i % 2]) for i in range(20)]
     path = write_csv(tmp_path / "d.csv", rows)
-    with caplog.at_level(logging.INFO, logger="llmembed.extract.datasets"):
+    with caplog.at_level(logging.INFO, logger="llmembed.data.datasets"):
         ds = load_dataset(cfg(path=str(path)))
     assert ds.duplicates_dropped == 3
     assert ds.texts[:3] == ["café noir", "a  b ", "A B"] and ds.row_ids[:3].tolist() == [0, 1, 5]
@@ -497,12 +497,22 @@ def test_hidden_hub_labels_are_refused_not_read_as_the_last_class(monkeypatch):
         load_dataset(hub_cfg(hub_splits={"train": "train", "test": "test"}))
 
 
-def test_non_integer_ids_are_named(tmp_path):
-    path = write(tmp_path, "i.csv", "text,label,id\na,pos,1\nb,neg,x2\n")
-    with pytest.raises(
-        DatasetError, match=r"1 values of the id column 'id' are not integers \(line 3 \('x2'\)\)"
-    ):
-        load_dataset(cfg(path=path, id_column="id"))
+def test_string_ids_pass_through_and_missing_or_repeated_ids_are_named(tmp_path):
+    ids = ["007", "x2", "r-3", "4", "5", "6", "7", "8", "9", "10"]
+    rows = "".join(f"text {i},{'ab'[i % 2]},{x}\n" for i, x in enumerate(ids))
+    path = write(tmp_path, "i.csv", "text,label,id\n" + rows)
+    ds = load_dataset(cfg(path=path, id_column="id"))
+    assert ds.row_ids.tolist() == ids  # as given, none read as a number
+    assert load_dataset(cfg(path=path, id_column="id")).fingerprint() == ds.fingerprint()
+    rows = "".join(f"text {i},{'ab'[i % 2]}, {i + 7} \n" for i in range(10))
+    numbers = write(tmp_path, "n.csv", "text,label,id\n" + rows)
+    assert load_dataset(cfg(path=numbers, id_column="id")).row_ids.tolist() == list(range(7, 17))
+    gap = write(tmp_path, "g.csv", "text,label,id\na,pos,x\nb,neg,\n")
+    with pytest.raises(DatasetError, match=r"1 rows have no id in 'id' \(line 3\)"):
+        load_dataset(cfg(path=gap, id_column="id"))
+    twice = write(tmp_path, "t.csv", "text,label,id\na,pos,x\nb,neg,x\n")
+    with pytest.raises(DatasetError, match=r"row id 'x' appears more than once"):
+        load_dataset(cfg(path=twice, id_column="id"))
 
 
 def test_a_hub_text_in_train_and_test_keeps_its_test_copy(monkeypatch):

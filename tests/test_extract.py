@@ -223,7 +223,8 @@ def test_new_splits_subsets_relabelled_and_extended_files_run_only_new_texts(
     np.testing.assert_array_equal(
         extract(make_cfg(f"dataset.path={extended}")).read("mean", [0, 3])[:60], reference
     )
-    assert {"file"} == set(full.entry.usage.datasets)
+    # Each data set named after its file (data.csv, relabelled.csv, extended.csv).
+    assert {"data", "relabelled", "extended"} == set(full.entry.usage.datasets)
 
 
 def test_a_plain_list_of_texts_and_duplicates_are_served_by_text(make_cfg, forward_calls):
@@ -243,7 +244,7 @@ def test_a_plain_list_of_texts_and_duplicates_are_served_by_text(make_cfg, forwa
     assert res.stats.texts == 2 and sum(forward_calls) == 2  # each distinct new text once
     got = res.read("mean", [3])
     np.testing.assert_array_equal(got[0], got[2])
-    assert res.entry.usage.datasets.keys() == {"file", "mine"}
+    assert res.entry.usage.datasets.keys() == {"data", "mine"}
 
 
 def test_a_shard_from_another_entry_fails_with_a_clear_error(make_cfg, tmp_path):

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_module
 from llmembed.classify.cli import predict_main
 from llmembed.classify.metrics import evaluate
 from llmembed.classify.train import train
-from llmembed.extract.datasets import (
+from llmembed.data.datasets import (
     DatasetError,
     dataset_from_frame,
     dataset_from_records,
@@ -319,12 +319,15 @@ def test_predict_reads_tables_keeps_ids_and_scores_labels(model, tmp_path, capsy
         outputs[name] = read_rows(out)
         err = capsys.readouterr().err
     rows = outputs["new.csv"]
-    assert list(rows[0]) == ["id", "label", "p_neg", "p_pos", "true_label", "text"]
-    assert [r["id"] for r in rows] == list(df.id) and [r["text"] for r in rows] == list(df.text)
+    # The columns of llmembed-classify's predictions.csv (without its split column).
+    trained = read_rows(model.parent / "predictions.csv")
+    assert list(rows[0]) == [c for c in trained[0] if c != "split"]
+    assert list(rows[0]) == ["row_id", "label", "predicted", "p_neg", "p_pos", "text"]
+    assert [r["row_id"] for r in rows] == list(df.id) and [r["text"] for r in rows] == list(df.text)
     assert all(o == rows for o in outputs.values())  # one reading, whatever the format
     names = ["neg", "pos"]
     m = evaluate(
-        [names.index(r["true_label"]) for r in rows], [names.index(r["label"]) for r in rows], names
+        [names.index(r["label"]) for r in rows], [names.index(r["predicted"]) for r in rows], names
     )
     lo, hi = m["accuracy_ci"]
     assert (
@@ -345,7 +348,7 @@ def test_predict_names_labels_the_model_does_not_know(model, tmp_path, capsys):
         "warning: 2 of 10 texts have labels the model was not trained on (['neutral']: "
         "line 4, line 7); its classes are ['neg', 'pos']. They count as errors below"
     ) in captured.err
-    right = sum(r["label"] == r["true_label"] for r in rows)
+    right = sum(r["label"] == r["predicted"] for r in rows)
     assert f"accuracy {right / 10:.4f}" in captured.err  # the two unknown rows count as wrong
     df["label"] = df.label.map({"neg": 0, "pos": 1, "neutral": 2})  # the wrong coding of labels
     df.to_csv(tmp_path / "coded.csv", index=False)
@@ -359,16 +362,20 @@ def test_predict_column_options(model, tmp_path, capsys):
     args = [str(model), str(tmp_path / "r.csv"), "--text-column", "review"]
     assert predict_main([*args, "--id-column", "key", "--label-column", "gold"]) == 0
     captured = capsys.readouterr()
-    assert next(csv.reader(captured.out.splitlines()))[:2] == ["key", "label"]
+    assert next(csv.reader(captured.out.splitlines()))[:3] == ["row_id", "label", "predicted"]
     assert "labelled in column 'gold'" in captured.err
     # defaults: no `id` or `label` column here, so neither ids nor scores
     assert predict_main(args) == 0
     captured = capsys.readouterr()
-    assert next(csv.reader(captured.out.splitlines()))[:3] == ["label", "p_neg", "p_pos"]
+    assert next(csv.reader(captured.out.splitlines()))[:3] == ["predicted", "p_neg", "p_pos"]
     assert "accuracy" not in captured.err
     for argv, message in (
         ([*args, "--label-column", "stars"], "has no column 'stars'; its columns: "),
-        (args[:2], "has no column 'text'; its columns: ['review', 'gold', 'key']. Use --text"),
+        (
+            args[:2],
+            "has no column 'text', the text column the model was trained on; its columns: "
+            "['review', 'gold', 'key']. Use --text-column",
+        ),
     ):
         with pytest.raises(SystemExit) as stop:
             predict_main(argv)
@@ -400,7 +407,7 @@ def test_the_installed_predict_command_on_parquet(model, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(done.stdout.splitlines()))
-    assert [r["id"] for r in rows] == [f"doc-{i}" for i in range(8)]
+    assert [r["row_id"] for r in rows] == [f"doc-{i}" for i in range(8)]
     assert "on 8 texts labelled in column 'label'" in done.stderr
     bad = subprocess.run(
         [str(command), str(model), str(tmp_path / "absent.csv")],
@@ -410,4 +417,4 @@ def test_the_installed_predict_command_on_parquet(model, tmp_path):
         timeout=300,
         check=False,
     )
-    assert bad.returncode == 2 and "is not a file" in bad.stderr
+    assert bad.returncode == 2 and "absent.csv does not exist" in bad.stderr

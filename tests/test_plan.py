@@ -34,6 +34,7 @@ def no_model(monkeypatch):
             "extract.shard_mb=-1",
             r"extract.shard_mb must be auto or a positive number of MB, got -1",
         ),
+        ("extract.shard_mb=inf", r"must be auto or a positive number of MB, got inf"),
         ("extract.poolings=[]", r"extract.poolings is empty"),
         ("extract.token_budget=1.5", r"token_budget must be auto or a positive integer, got 1.5"),
         (

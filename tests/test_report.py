@@ -192,3 +192,51 @@ def test_macro_f1_over_fewer_labels_is_said(tmp_path):
     assert cells["smollm2:mean:L2"].endswith("(1 absent label(s) counted as 0)")
     rows = {Path(r["run"]).name: r for r in read_csv(tmp_path / "results.csv")}
     assert rows["a"]["test_macro_f1_absent_labels"] == "neutral"
+
+
+def test_one_file_named_relative_or_absolute_is_one_data_set(tmp_path, drawn):
+    same = {"name": "reviews", "source": "file", "fingerprint": "cafe12345678"}
+    write(
+        tmp_path / "rel", metrics(layers=[1], requested=[1], data=data(path="reviews.csv", **same))
+    )
+    write(
+        tmp_path / "abs",
+        metrics(layers=[2], requested=[2], data=data(path="/d/reviews.csv", **same)),
+    )
+    labels = {r["dataset"] for r in collect([tmp_path])}
+    assert labels == {"reviews"}  # not "reviews reviews.csv #1..." and "... #2..."
+    write_report([tmp_path], tmp_path)
+    [(_, xs, _, _)] = drawn  # one figure, one line through both layers
+    assert xs == [1, 2]
+
+
+def test_a_combined_report_goes_to_out_and_leaves_the_folders_alone(tmp_path, capsys):
+    write(tmp_path / "a", metrics(layers=[1], requested=[1]))
+    write(tmp_path / "b", metrics(layers=[2], requested=[2]))
+    with pytest.raises(SystemExit) as stop:
+        report_main([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert stop.value.code == 2 and "say where it goes with --out DIR" in capsys.readouterr().err
+    assert (
+        report_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "both")])
+        == 0
+    )
+    assert len(read_csv(tmp_path / "both" / "results.csv")) == 2
+    assert not (tmp_path / "a" / "results.csv").exists()
+
+
+def test_layer_ticks_are_whole_and_bars_at_one_layer_stay_apart(tmp_path):
+    from llmembed.classify.report import figure
+
+    for name, backbone in (("s", "smollm2"), ("m", "minilm")):
+        for layer in (1, 2, 3):
+            m = metrics(layers=[layer], requested=[layer])
+            m["sources"][0]["backbone"] = backbone
+            write(tmp_path / f"{name}{layer}", m)
+    rows = collect([tmp_path])
+    fig = figure("mr", "logreg", rows)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    xs = sorted({tuple(line.get_xdata()) for line in ax.lines})  # each line's points and caps
+    assert len(xs) == 2 and all(a != b for a, b in zip(*xs, strict=True))  # offset, not on top
+    assert all(abs(a - b) < 0.5 for a, b in zip(*xs, strict=True))  # yet at their layer

@@ -116,7 +116,10 @@ def test_the_model_card_states_the_run_and_its_scores(trained):
     assert scores["accuracy"] == round(metrics["test"]["accuracy"]["mean"], 4)
     assert scores["f1"] == round(metrics["test"]["macro_f1"]["mean"], 4)
     lo, hi = metrics["test"]["accuracy"]["ci"]
-    assert f"95% CI {lo:.4f}-{hi:.4f}" in body and "| tiny-llama | llm | [1, 3] | mean |" in body
+    assert f"95% CI {lo:.4f}-{hi:.4f}" in body
+    # which model (path or hub id), what pins its weights, its width
+    weights = trained[1]
+    assert f"| tiny-llama | `{weights}` | files " in body and "| 32 | llm | [1, 3] | mean |" in body
     assert stat.S_IMODE((folder / "README.md").stat().st_mode) == 0o644
 
 
@@ -158,7 +161,7 @@ def test_predict_takes_a_hub_repo_id_from_the_local_hub_cache(trained, tmp_path)
         done = cli("llmembed-predict", ref, tmp_path / "new.txt", "--device", "cpu", env=env)
         assert done.returncode == 0, done.stderr
         rows = list(csv.DictReader(done.stdout.splitlines()))
-        assert [r["label"] for r in rows] == [r["predicted"] for r in test]
+        assert [r["predicted"] for r in rows] == [r["predicted"] for r in test]
     missing = cli("llmembed-predict", "alice/other", tmp_path / "new.txt", env=env)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "HF_HUB_OFFLINE=1 is set and it is not in the local hub cache" in missing.stderr
@@ -226,7 +229,7 @@ def test_push_uploads_the_model_files_and_predict_runs_them_from_the_hub(
         env={"HF_HUB_CACHE": str(hub)},
     )
     assert done.returncode == 0, done.stderr
-    assert [r["label"] for r in csv.DictReader(done.stdout.splitlines())] == [
+    assert [r["predicted"] for r in csv.DictReader(done.stdout.splitlines())] == [
         r["predicted"] for r in test
     ]
     assert "model alice/sentiment from the Hugging Face hub" in done.stderr

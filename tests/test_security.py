@@ -469,7 +469,7 @@ def test_a_damaged_usage_record_does_not_stop_a_job_that_uses_the_entry(make_cfg
     a = extract(make_cfg())
     (a.entry.path / "usage.json").write_text(json.dumps({"datasets": ["mr"]}))
     assert extract(make_cfg()).hit
-    assert a.entry.usage.damage is None and set(a.entry.usage.datasets) == {"file"}  # afresh
+    assert a.entry.usage.damage is None and set(a.entry.usage.datasets) == {"data"}  # afresh
 
 
 def test_a_truncated_spec_is_named_and_repair_removes_its_key(make_cfg, capsys):

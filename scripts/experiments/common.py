@@ -33,9 +33,10 @@ from threadpoolctl import threadpool_limits
 import llmembed  # noqa: F401  (registers the config resolvers)
 from llmembed.classify.metrics import t_interval
 from llmembed.classify.train import seeds_of, train
+from llmembed.data.datasets import TextDataset, load_dataset, resplit
 from llmembed.errors import UserError
-from llmembed.extract.datasets import TextDataset, load_dataset, resplit
 from llmembed.meter import Meter
+from llmembed.overrides import check_overrides
 
 log = logging.getLogger("results")
 # Threads while fitting heads (not while extracting). Measured on the shared 2-core machine under
@@ -101,8 +102,9 @@ def compose_cfg(name: str, overrides: Sequence[str]) -> DictConfig:
 def experiment_cfgs(experiment: str, argv: Sequence[str]) -> list[DictConfig]:
     """One classify config per data set of `results.datasets`, each composed from
     `experiment=<experiment>` and the command line's overrides (applied to every data set)."""
-    base = compose_cfg("classify", [f"experiment={experiment}", *argv])
     try:
+        check_overrides("classify", [f"experiment={experiment}", *argv])  # a key nothing reads
+        base = compose_cfg("classify", [f"experiment={experiment}", *argv])
         seeds_of(base)
     except UserError as err:
         raise SystemExit(f"error: {err}") from None

@@ -27,6 +27,9 @@ Rules applied to every source, before any model loads (bad input is one `Dataset
   copy is kept, where "first" ranks a source's test rows before its validation rows before the rest
   (so a fixed test set stays whole and its training copies go), then file order. Copies with
   different labels are an error naming them. The count dropped is `TextDataset.duplicates_dropped`.
+- Ids: a row's id is its position (0..n-1), or the id column's value: integers where every id
+  is one ("7", 7.0), else each id as the string it is ("r-17"); a missing or repeated id is an
+  error.
 - Splits (`make_splits`): stratified by label over the classes with at least two rows; a class
   with a single row available stays in train. `resplit` redraws the splits made here with another
   seed; splits the source gives stay as they are.
@@ -53,11 +56,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from llmembed.cache.format import SPLITS
 from llmembed.cache.keys import fingerprint
-from llmembed.extract.tables import (
+from llmembed.data.tables import (
     DatasetError,
     Table,
     canonical_label,
     check_texts,
+    check_unicode,
     frame_table,
     import_datasets,
     normalize_labels,
@@ -102,7 +106,7 @@ class TextDataset:
     labels: np.ndarray  # (n,) int64 in 0..len(label_names)-1
     label_names: list[str]
     split: np.ndarray  # (n,) int8 codes into SPLITS
-    row_ids: np.ndarray  # (n,) int64, unique, stable across runs
+    row_ids: np.ndarray  # (n,) unique, stable across runs: int64, or str where ids are not integers
     duplicates_dropped: int = 0  # rows of the source dropped as copies of an earlier text
     split_plan: SplitPlan | None = None  # None: built by hand, not by load_dataset
 
@@ -503,9 +507,15 @@ class ColumnSpec:
     split: str | None = None
     id: str | None = None
     setting: str = "dataset."  # how the settings are named in messages: "dataset." or ""
+    # A command line's own names for them, e.g. {"text_column": "--text-column"}
+    options: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def needed(self) -> list[str]:
         return [c for c in (self.text, self.label, self.split, self.id) if c]
+
+    def option(self, name: str) -> str:
+        """How a message tells the user to set `name` (text_column, label_column, ...)."""
+        return self.options.get(name, f"{self.setting}{name}")
 
 
 def check_columns(table: Table, where: object, spec: ColumnSpec) -> None:
@@ -514,7 +524,7 @@ def check_columns(table: Table, where: object, spec: ColumnSpec) -> None:
         if name not in have:
             raise DatasetError(
                 f"{where} has no column {name!r}; its columns are {have}. "
-                f"Set {spec.setting}text_column / {spec.setting}label_column"
+                f"Set {spec.option('text_column')} / {spec.option('label_column')}"
             )
 
 
@@ -533,7 +543,7 @@ def source_from_table(
         if spec.split:
             raise DatasetError(
                 f"{where} is split already (its splits: {sorted(set(table.parts))}), so a split "
-                f"column cannot say it again; unset {spec.setting}split_column"
+                f"column cannot say it again; unset {spec.option('split_column')}"
             )
         split = _part_codes(table.parts, where, part_codes)
     elif spec.split:
@@ -545,7 +555,7 @@ def source_from_table(
             dtype=np.int8,
         )
     if spec.id:
-        ids = _row_ids(rows, refs, spec.id, where, spec.setting)
+        ids = _row_ids(rows, refs, spec.id, where, spec.option("id_column"))
     else:
         ids = np.arange(len(rows), dtype=np.int64)
     names = table.class_names.get(spec.label)
@@ -564,52 +574,70 @@ def _part_codes(parts: list[str], where: object, codes: Mapping[str, int] | None
     return np.array([codes[p] for p in parts], dtype=np.int8)
 
 
-def file_spec(cfg) -> ColumnSpec:
+def file_spec(cfg, options: Mapping[str, str] | None = None) -> ColumnSpec:
     return ColumnSpec(
-        cfg.text_column, cfg.label_column, cfg.get("split_column"), cfg.get("id_column")
+        cfg.text_column,
+        cfg.label_column,
+        cfg.get("split_column"),
+        cfg.get("id_column"),
+        options=dict(options or {}),
     )
 
 
-def load_file(cfg) -> Source:
-    """A local CSV, TSV, JSONL/JSON or parquet file, or a `save_to_disk` folder (see tables.py)."""
+def load_file(cfg, options: Mapping[str, str] | None = None) -> Source:
+    """A local CSV, TSV, JSONL/JSON or parquet file, or a `save_to_disk` folder (see tables.py).
+    `options`: a command line's own names for the column settings, for its messages."""
     if not cfg.get("path"):
         raise DatasetError(
             "dataset.path is not set; set it to a CSV/TSV/JSONL/JSON/parquet file or a "
             "save_to_disk folder"
         )
-    spec = file_spec(cfg)
+    spec = file_spec(cfg, options)
     return source_from_table(read_rows(Path(cfg.path), spec.needed()), cfg.path, spec)
 
 
 def _row_ids(
-    rows: list[dict], refs: list[str], column: str, path: object, setting: str = "dataset."
+    rows: list[dict], refs: list[str], column: str, path: object, option: str = "dataset.id_column"
 ) -> np.ndarray:
-    ids, bad = [], []
-    for row, ref in zip(rows, refs, strict=True):
-        value = row[column]
-        if isinstance(value, np.integer) or (
-            isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value)
-        ):
-            value = int(value)
-        number = _whole_number(value)
-        if number is None or not -(2**63) <= number < 2**63:
-            bad.append(f"{ref} ({value!r})")
-        ids.append(number)
-    if bad:
+    """The id column as row identifiers: integers where every id is one (7, 7.0, " 7 "), else every
+    id as the string it is ("r-17", "007" beside "x2"); a missing id is an error, as is a repeat."""
+    values = [row[column] for row in rows]
+    missing = [
+        ref
+        for v, ref in zip(values, refs, strict=True)
+        if v is None
+        or (isinstance(v, float) and math.isnan(v))
+        or (isinstance(v, str) and not v.strip())
+    ]
+    if missing:
         raise DatasetError(
-            f"{path}: {len(bad)} values of the id column {column!r} are not integers ({shown(bad)}); "
-            f"give every row an integer id or leave {setting}id_column unset (ids: row order)"
+            f"{path}: {len(missing)} rows have no id in {column!r} ({shown(missing)}); give every "
+            f"row an id or leave {option} unset (ids: row order)"
         )
-    ids = np.array(ids, dtype=np.int64)
-    values, counts = np.unique(ids, return_counts=True)
+    numbers = [_integer_id(v) for v in values]
+    if all(n is not None for n in numbers):
+        ids = np.array(numbers, dtype=np.int64)
+    else:
+        check_unicode(values, refs, path, "ids")
+        ids = np.array([str(v) for v in values], dtype=str)
+    uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
-        dup = values[counts > 1][0]
+        dup = uniq[counts > 1][0]
         where = [ref for ref, i in zip(refs, ids, strict=True) if i == dup]
         raise DatasetError(
-            f"{path}: row id {dup} appears more than once in {column!r} ({shown(where)}); "
+            f"{path}: row id {dup.item()!r} appears more than once in {column!r} ({shown(where)}); "
             "ids must be unique"
         )
     return ids
+
+
+def _integer_id(value: object) -> int | None:
+    if isinstance(value, np.integer) or (
+        isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value)
+    ):
+        value = int(value)
+    number = _whole_number(value)
+    return number if number is not None and -(2**63) <= number < 2**63 else None
 
 
 SPLIT_ALIASES = {"train": 0, "validation": 1, "valid": 1, "val": 1, "dev": 1, "test": 2}
@@ -768,8 +796,9 @@ def dataset_from_frame(
     """A `TextDataset` from a pandas DataFrame, under the rules of a file (module docstring).
 
     Rows are named by the frame's index in messages ("row 7"); row ids are positions 0..n-1
-    unless `id_column` holds integer ids. `split_column` holds train / validation / test (with the
-    same aliases as a file); splits it lacks are drawn with `test_size`, `val_size` and `seed`.
+    unless `id_column` names them (integers, or strings kept as given). `split_column` holds
+    train / validation / test (with the same aliases as a file); splits it lacks are drawn with
+    `test_size`, `val_size` and `seed`.
     """
     settings = _api_settings(test_size, val_size, seed, limit)
     spec = ColumnSpec(text_column, label_column, split_column, id_column, setting="")
@@ -790,7 +819,7 @@ def dataset_from_records(
     seed: int = 0,
     limit: int | None = None,
 ) -> TextDataset:
-    """A `TextDataset` from parallel lists (texts, labels, optional splits and integer ids), under
+    """A `TextDataset` from parallel lists (texts, labels, optional splits and ids), under
     the same rules as `dataset_from_frame`; rows are named by list position ("row 3")."""
     settings = _api_settings(test_size, val_size, seed, limit)
     given = {"texts": texts, "labels": labels, "split": split, "ids": ids}

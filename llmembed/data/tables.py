@@ -2,7 +2,7 @@
 `datasets`' `save_to_disk`, for pandas DataFrames, and the rules for single cells.
 
 Every reader returns a `Table` (rows as dicts, and where each row is for messages); the checks on
-columns, texts and labels are made once on it, in `llmembed.extract.datasets`, whatever the format.
+columns, texts and labels are made once on it, in `llmembed.data.datasets`, whatever the format.
 Every rule here turns a quietly mangled file into one `DatasetError` that names the line and the fix:
 a field count that differs from the header's (an unquoted tab or comma inside a text), a broken
 quote, a duplicated column (in a header, a parquet schema or a DataFrame), NUL bytes (UTF-16/32
@@ -13,7 +13,7 @@ line 1); parquet files, DataFrames and `datasets` folders by their 0-based posit
 `datasets` `ClassLabel` feature are read as their class names (in a folder, and in a parquet file
 written by `datasets`, which keeps the feature in its metadata).
 Cells: when a text is blank (`is_blank`), when two texts are one (`text_key`), and a label's
-canonical form (`canonical_label`); the rules are listed in `llmembed.extract.datasets`.
+canonical form (`canonical_label`); the rules are listed in `llmembed.data.datasets`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import numpy as np
 
 from llmembed.errors import UserError
 
-log = logging.getLogger("llmembed.extract.datasets")  # one logger for everything about data sets
+log = logging.getLogger("llmembed.data.datasets")  # one logger for everything about data sets
 
 SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 KINDS = "CSV/TSV/JSONL/JSON/parquet file or a folder written by datasets' save_to_disk"
@@ -99,7 +99,8 @@ def check_path(path: Path) -> Path:
             f"save_to_disk (no dataset_dict.json or state.json); set dataset.path to one {KINDS}"
         )
     if not path.is_file():
-        raise DatasetError(f"dataset file {path} does not exist; set dataset.path to a {KINDS}")
+        what = "does not exist" if not path.exists() else "is not a regular file (a FIFO, device)"
+        raise DatasetError(f"dataset file {path} {what}; set dataset.path to a {KINDS}")
     if path.suffix.lower() not in SUFFIXES:
         raise DatasetError(
             f"{path}: unknown file type {path.suffix!r}; use .csv, .tsv, .jsonl, .json or .parquet"
@@ -225,9 +226,11 @@ def _read_json_lines(text: str, path: Path, needed: Sequence[str]) -> Table:
             raise DatasetError(f"{path}: expected a JSON array of objects")
         entries = [(f"item {i + 1}", item) for i, item in enumerate(items)]
     else:
+        # Lines end at \n only: a raw U+2028, NEL or form feed inside a JSON string is valid JSON
+        # (str.splitlines would cut the object there).
         entries = [
             (f"line {i}", _parse_json(line, path, f"line {i}"))
-            for i, line in enumerate(text.splitlines(), start=1)
+            for i, line in enumerate(text.split("\n"), start=1)
             if line.strip()
         ]
     bad = [ref for ref, obj in entries if not isinstance(obj, dict)]
@@ -474,6 +477,32 @@ def check_texts(texts: Sequence, refs: Sequence[str], where: object) -> None:
             f"{where}: {len(not_text)} texts are not strings ({shown(not_text)}); "
             "write them as strings"
         )
+    check_unicode(texts, refs, where, "texts")
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Where `text` holds a lone surrogate (e.g. JSON's "\\ud800" escape alone), else None: such
+    a string is not Unicode text and has no UTF-8 form to hash, tokenize or write."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
+def check_unicode(values: Sequence, refs: Sequence[str], where: object, what: str) -> None:
+    bad = [
+        f"{r} (U+{ord(v[i]):04X} at character {i})"
+        for v, r in zip(values, refs, strict=True)
+        if isinstance(v, str) and (i := lone_surrogate(v)) is not None
+    ]
+    if bad:
+        raise DatasetError(
+            f"{where}: {len(bad)} {what} hold a lone surrogate, which is not Unicode text "
+            f"({shown(bad)}); fix the escape (\\udXXX) in the source or remove it"
+        )
 
 
 def _is_nan(value: object) -> bool:
@@ -512,6 +541,7 @@ def _number(value: Decimal) -> str:
 
 def normalize_labels(raw: Sequence, refs: Sequence[str], where: object) -> list[str]:
     """Canonical label strings (see `canonical_label`); a missing or unusable label is an error."""
+    check_unicode(raw, refs, where, "labels")
     out, missing, odd = [], [], []
     for value, ref in zip(raw, refs, strict=True):
         try:

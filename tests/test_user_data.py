@@ -1,0 +1,426 @@
+"""A researcher's own configs, data and models, used as they would use them: their own backbone config
+everywhere a backbone is named, their CSV with string ids and its own column names, what the
+commands say and record, and the inputs that must be refused instead of read."""
+
+import csv
+import fcntl
+import io
+import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+
+import llmembed
+from llmembed.classify.saved import load_trained
+from tests.conftest import make_tiny_llama, read_rows, sentences, write_csv
+
+BIN = Path(sys.executable).parent
+
+
+def run(*args, cwd, root, env=None):
+    full = {**os.environ, "LLMEMBED_CACHE": str(root), **(env or {})}
+    return subprocess.run(
+        [str(BIN / args[0]), *map(str, args[1:])],
+        cwd=cwd,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def one_line_error(res, prog: str) -> str:
+    assert res.returncode == 2, (res.returncode, res.stdout[-2000:], res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), res.stderr
+    return lines[0]
+
+
+def test_a_users_backbone_config_resolves_everywhere(tmp_path, tiny_llama, data_csv, monkeypatch):
+    conf = tmp_path / "my-conf" / "backbone"
+    conf.mkdir(parents=True)
+    # Built on the shipped `local`, as a user's data set config builds on `file`.
+    (conf / "mybb.yaml").write_text(
+        f"# my model\ndefaults: [local]\nname: mybb\npath: {tiny_llama}\n"
+    )
+    env = {"LLMEMBED_CONFIG_DIR": str(tmp_path / "my-conf")}
+    root = tmp_path / "cache"
+    trained = run(
+        "llmembed-classify",
+        "dataset=file",
+        f"dataset.path={data_csv}",
+        "features=smollm2_l20",
+        "features.sources.0.backbone=mybb",  # a feature source naming the user's config
+        "features.sources.0.layers=[1,2]",
+        "extract.dtype=float32",
+        "extract.progress=false",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+        root=root,
+        env=env,
+    )
+    assert trained.returncode == 0, trained.stderr
+    meta = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
+    assert meta["sources"][0]["backbone"]["conf"] == "mybb"
+    (tmp_path / "new.txt").write_text("a great film\nan awful plot\n")
+    predicted = run(
+        "llmembed-predict",
+        tmp_path / "run" / "model",
+        tmp_path / "new.txt",
+        cwd=tmp_path,
+        root=root,
+        env=env,
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    assert len(list(csv.DictReader(predicted.stdout.splitlines()))) == 2
+    # The Python API resolves the name the same way: encode is served by the entry, find finds it.
+    monkeypatch.setenv("LLMEMBED_CONFIG_DIR", str(tmp_path / "my-conf"))
+    texts = [r["text"] for r in read_rows(data_csv)]
+    (entry,) = llmembed.Cache(root).find("mybb", dtype="float32")
+    assert entry.backbone == "mybb" and entry.model == str(tiny_llama)
+    x = llmembed.encode(texts, "mybb", [1, 2], cache_root=root, dtype="float32")
+    assert x.shape == (60, 2, 32)
+
+
+def test_a_shipped_name_with_another_path_is_refused_and_ls_tells_entries_apart(
+    tmp_path, tiny_bert, data_csv
+):
+    res = run(
+        "llmembed-extract",
+        "dataset=file",
+        f"dataset.path={data_csv}",
+        "backbone=minilm",
+        f"backbone.path={tiny_bert}",
+        cwd=tmp_path,
+        root=tmp_path / "cache",
+    )
+    line = one_line_error(res, "llmembed-extract")
+    assert f"backbone.path={tiny_bert} is not the model of the backbone config 'minilm'" in line
+    # Two local folders of one name: `ls` and the Python API show which model each entry holds.
+    a, b = (
+        make_tiny_llama(tmp_path / "a" / "model"),
+        make_tiny_llama(tmp_path / "b" / "model", seed=1),
+    )
+    for model in (a, b):
+        llmembed.encode(
+            ["a fine film"], str(model), [1], cache_root=tmp_path / "cache", dtype="float32"
+        )
+    listing = run("llmembed-cache", "ls", cwd=tmp_path, root=tmp_path / "cache").stdout
+    header = listing.splitlines()[0].split()
+    assert header[:5] == ["entry", "backbone", "model", "identity", "hidden"]
+    rows = [line.split() for line in listing.splitlines()[1:3]]
+    assert {r[2] for r in rows} == {str(a), str(b)} and {r[1] for r in rows} == {"model"}
+    assert len({r[4] for r in rows}) == 2 and {r[5] for r in rows} == {"32"}  # other identities
+    entries = llmembed.Cache(tmp_path / "cache").entries()
+    assert {e.model for e in entries} == {str(a), str(b)} and {e.hidden_size for e in entries} == {
+        32
+    }
+    assert "model=" in repr(entries[0]) and "identity='files " in repr(entries[0])
+
+
+def test_export_errors_name_its_own_flags(tmp_path, make_cfg, data_csv):
+    from llmembed.extract.pipeline import extract
+
+    res = extract(make_cfg())
+    entry = str(res.entry.path.relative_to(tmp_path / "cache"))
+    args = ["llmembed-cache", "export", entry, "--layers", "1"]
+    missing = run(
+        *args,
+        "--out",
+        tmp_path / "no" / "such" / "x.parquet",
+        cwd=tmp_path,
+        root=tmp_path / "cache",
+    )
+    assert "no/such does not exist" in one_line_error(missing, "llmembed-cache")
+    wrong = run(
+        *args,
+        "--out",
+        tmp_path / "x.parquet",
+        "--data",
+        data_csv,
+        "--text-column",
+        "review",
+        cwd=tmp_path,
+        root=tmp_path / "cache",
+    )
+    line = one_line_error(wrong, "llmembed-cache")
+    assert "has no column 'review'" in line and "--text-column" in line and "dataset." not in line
+
+
+def test_a_users_csv_with_string_ids_and_own_columns(tmp_path, tiny_llama):
+    rows = [
+        (f"r-{i:03d}", text, {"pos": 5, "neg": 1}[y]) for i, (text, y) in enumerate(sentences(60))
+    ]
+    write_csv(tmp_path / "reviews.csv", rows, header=("id", "review", "stars"))
+    root = tmp_path / "cache"
+    args = [
+        "llmembed-classify",
+        "dataset=file",
+        f"dataset.path={tmp_path / 'reviews.csv'}",
+        "dataset.text_column=review",
+        "dataset.label_column=stars",
+        "dataset.id_column=id",
+        "features=smollm2_l20",
+        f"features.sources.0.backbone={{name: tiny, path: {tiny_llama}}}",
+        "features.sources.0.layers=[1]",
+        "extract.dtype=float32",
+        "extract.progress=false",
+    ]
+    first = run(*args, "hydra.run.dir=one", cwd=tmp_path, root=root)
+    assert first.returncode == 0, first.stderr
+    # Said before the model runs, and only when it has to.
+    assert (
+        f"60 texts of reviews are not in the cache: extracting them with tiny ({tiny_llama})"
+        in first.stdout
+    )
+    again = run(*args, "hydra.run.dir=two", cwd=tmp_path, root=root)
+    assert again.returncode == 0 and "not in the cache" not in again.stdout
+    predictions = read_rows(tmp_path / "one" / "predictions.csv")
+    assert sorted(r["row_id"] for r in predictions) == [f"r-{i:03d}" for i in range(60)]
+    metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert metrics["dataset"] == "reviews" and metrics["data"]["name"] == "reviews"
+    _, meta = load_trained(tmp_path / "one" / "model")
+    for record in (metrics["versions"], meta["versions"]):
+        assert set(record) == {"llmembed", "torch", "transformers", "scikit-learn"}
+    assert "# llmembed model: reviews" in (tmp_path / "one" / "model" / "README.md").read_text()
+    # Predict reads the column the model was trained on, and scores against its label column.
+    write_csv(tmp_path / "new.csv", [(t, s) for _, t, s in rows[:8]], header=("review", "stars"))
+    out = run(
+        "llmembed-predict",
+        tmp_path / "one" / "model",
+        tmp_path / "new.csv",
+        cwd=tmp_path,
+        root=root,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "labelled in column 'stars'" in out.stderr
+    header = next(csv.reader(out.stdout.splitlines()))
+    assert header == [c for c in predictions[0] if c not in ("row_id", "split")]
+
+
+def test_what_the_commands_say_and_keep(tmp_path, tiny_llama, data_csv):
+    extracted = run(
+        "llmembed-extract",
+        "dataset=file",
+        f"dataset.path={data_csv}",
+        "backbone=local",
+        f"backbone.path={tiny_llama}",
+        "extract.layers=[1]",  # a model built cut after layer 1
+        "extract.progress=false",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+        root=tmp_path / "cache",
+    )
+    assert extracted.returncode == 0, extracted.stderr
+    assert "LOAD REPORT" not in extracted.stdout + extracted.stderr
+    assert "extracted data x local: 60 new texts" in extracted.stdout  # named after data.csv
+    log = (tmp_path / "run" / "llmembed-extract.log").read_text()
+    assert "extracted data x local: 60 new texts" in log
+
+
+def test_a_torch_head_shows_its_epochs_on_a_terminal(tmp_path, tiny_llama, data_csv):
+    """Run under a pseudo-terminal, as a user at a shell runs it."""
+    args = [
+        str(BIN / "llmembed-classify"),
+        "dataset=file",
+        f"dataset.path={data_csv}",
+        "features=smollm2_l20",
+        f"features.sources.0.backbone={{name: tiny, path: {tiny_llama}}}",
+        "features.sources.0.layers=[1]",
+        "head=mlp",
+        "head.params.max_epochs=5",
+        "extract.progress=false",
+    ]
+    env = {**os.environ, "LLMEMBED_CACHE": str(tmp_path / "cache")}
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # 40 x 160
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stdin=follower, stdout=follower, stderr=follower
+    )
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the command ended
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=600) == 0, seen.decode(errors="replace")[-3000:]
+    text = seen.decode(errors="replace")
+    assert "MLPHead" in text and "epoch" in text and "val_loss=" in text
+
+
+# --- inputs that are refused instead of read ------------------------------------------------------
+@pytest.fixture
+def model(classify_cfg, tmp_path):
+    from llmembed.classify.train import train
+
+    train(classify_cfg([("llama", [1], "mean")]), tmp_path / "run")
+    return tmp_path / "run" / "model"
+
+
+def test_predict_reads_lines_at_newlines_only(model, tmp_path):
+    lines = [
+        "a film\fwith a form feed",
+        "a plot\u2028with a line separator",
+        "music\x85and NEL",
+        "fun",
+        "dull",
+    ]
+    (tmp_path / "new.txt").write_bytes(("\r\n".join(lines) + "\n").encode())
+    out = run(
+        "llmembed-predict", model, tmp_path / "new.txt", cwd=tmp_path, root=tmp_path / "cache"
+    )
+    assert out.returncode == 0, out.stderr
+    texts = [r["text"] for r in csv.DictReader(io.StringIO(out.stdout, newline=""))]
+    assert texts == lines  # 5, not 8
+
+
+def test_predict_refuses_what_is_not_a_regular_file(model, tmp_path):
+    fifo = tmp_path / "fifo.txt"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", fifo):
+        res = run("llmembed-predict", model, path, cwd=tmp_path, root=tmp_path / "cache")
+        assert "is not a regular file" in one_line_error(res, "llmembed-predict")
+
+
+def test_a_line_longer_than_the_cap_is_refused(model, tmp_path, monkeypatch, capsys):
+    from llmembed.classify import cli
+
+    monkeypatch.setattr(cli, "MAX_LINE_BYTES", 1000)
+    (tmp_path / "long.txt").write_text("fine\n" + "x" * 5000 + "\n")
+    with pytest.raises(SystemExit) as stop:
+        cli.predict_main([str(model), str(tmp_path / "long.txt")])
+    assert stop.value.code == 2 and "long.txt, line 2: longer than" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "empty",
+        "truncated",
+        "link to a non-model",
+        "nested model.json",
+        "conf is a path",
+        "conf edited",
+    ],
+)
+def test_a_damaged_or_edited_model_folder_is_one_line(model, tmp_path, damage):
+    weights, meta_path = model / "head.safetensors", model / "model.json"
+    meta = json.loads(meta_path.read_text())
+    if damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-40])
+    elif damage == "link to a non-model":
+        weights.unlink()
+        weights.symlink_to(meta_path)
+    elif damage == "nested model.json":
+        meta_path.write_text("[" * 100_000 + "]" * 100_000)
+    else:  # a model.json naming a config outside the config folders, or another config
+        meta["sources"][0]["backbone"]["conf"] = (
+            "../../../../elsewhere/evil" if damage == "conf is a path" else "minilm"
+        )
+        meta_path.write_text(json.dumps(meta))
+    (tmp_path / "new.txt").write_text("a fine film\n")
+    res = run(
+        "llmembed-predict", model, tmp_path / "new.txt", cwd=tmp_path, root=tmp_path / "cache"
+    )
+    line = one_line_error(res, "llmembed-predict")
+    expected = {
+        "nested model.json": "nested too deeply",
+        "conf is a path": "was edited after training",
+        "conf edited": "was edited after training",
+    }.get(damage, "damaged or incomplete")
+    assert expected in line, line
+
+
+def test_a_conf_path_is_never_read_even_under_a_matching_contract(model, tmp_path):
+    from llmembed.classify.predict import resolve_backbone
+    from llmembed.classify.saved import SavedModelError
+
+    _, meta = load_trained(model)
+    source = {
+        **meta["sources"][0],
+        "backbone": {**meta["sources"][0]["backbone"], "conf": "../evil"},
+    }
+    with pytest.raises(SavedModelError, match=r"which is not a config name"):
+        resolve_backbone(source, paths={}, trust_remote_code=False)
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("head.params._target_=no.such.Class", "head.params._target_=no.such.Class: no such class"),
+        ("head.params._target_=llmembed.classify.heads.Missing", "no such class"),
+        ("head.params._target_=subprocess.Popen", "is not an estimator (it has no fit method)"),
+        ("+head.params.nonsense=3", "head.params do not fit llmembed.classify.heads.LogRegHead"),
+        (
+            "extract.shard_mb=inf",
+            "extract.shard_mb must be auto or a positive number of MB, got inf",
+        ),
+    ],
+)
+def test_bad_heads_and_settings_on_the_command_line_are_one_line(
+    tmp_path, tiny_llama, data_csv, override, says
+):
+    res = run(
+        "llmembed-classify",
+        "dataset=file",
+        f"dataset.path={data_csv}",
+        "features=smollm2_l20",
+        f"features.sources.0.backbone={{name: tiny, path: {tiny_llama}}}",
+        "features.sources.0.layers=[1]",
+        "extract.progress=false",
+        override,
+        cwd=tmp_path,
+        root=tmp_path / "cache",
+    )
+    assert says in one_line_error(res, "llmembed-classify")
+
+
+def test_jsonl_line_separators_inside_strings_and_lone_surrogates(tmp_path, tiny_llama):
+    rows = [{"text": t, "label": y} for t, y in sentences(20)]
+    rows[3]["text"] = "a film\u2028with a line separator\x85 and NEL"
+    good = tmp_path / "good.jsonl"
+    # json.dumps(ensure_ascii=False) writes U+2028 raw: valid JSON, one object per line
+    good.write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8"
+    )
+    args = [
+        "llmembed-extract",
+        "dataset=file",
+        "backbone=local",
+        f"backbone.path={tiny_llama}",
+        "extract.progress=false",
+    ]
+    ok = run(*args, f"dataset.path={good}", cwd=tmp_path, root=tmp_path / "cache")
+    assert ok.returncode == 0 and "20 new texts" in ok.stdout, ok.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text().replace("a film", "a film \\ud800", 1), encoding="utf-8")
+    line = one_line_error(
+        run(*args, f"dataset.path={bad}", cwd=tmp_path, root=tmp_path / "cache"), "llmembed-extract"
+    )
+    assert "1 texts hold a lone surrogate" in line and "line 4 (U+D800" in line
+
+
+def test_labelled_data_has_a_package_of_its_own():
+    """Both stages and the API read data sets: llmembed.data, not a corner of extract/."""
+    import importlib
+
+    root = Path(__file__).resolve().parents[1]
+    assert callable(importlib.import_module("llmembed.data.datasets").load_dataset)
+    assert callable(importlib.import_module("llmembed.data.tables").read_rows)
+    packages = (root / "pyproject.toml").read_text().split("packages = [", 1)[1].split("]", 1)[0]
+    assert '"llmembed.data"' in packages
+    assert not any((root / "extract" / f).exists() for f in ("datasets.py", "tables.py"))
+    for package in ("classify", "fuse", "extract"):
+        assert "arrives with" not in (root / package / "__init__.py").read_text()
