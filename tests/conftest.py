@@ -4,7 +4,10 @@ and configs composed exactly as the CLI composes them."""
 from __future__ import annotations
 
 import csv
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,30 @@ WORDS = (
     "the a film movie was is good bad great awful boring fun plot actors story "
     "ending not very quite really best worst love hate dull bright slow fast long short funny sad music scene"
 ).split()
+
+
+BIN = Path(sys.executable).parent
+
+
+def run_cli(*args, cwd, root, env=None) -> subprocess.CompletedProcess:
+    """One of the package's command lines as a user types it, with `root` as the cache."""
+    full = {**os.environ, "LLMEMBED_CACHE": str(root), **(env or {})}
+    return subprocess.run(
+        [str(BIN / args[0]), *map(str, args[1:])],
+        cwd=cwd,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def one_line_error(res, prog: str) -> str:
+    """The whole of stderr: one `prog: error:` line, no traceback, exit status 2."""
+    assert res.returncode == 2, (res.returncode, res.stdout[-2000:], res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), res.stderr
+    return lines[0]
 
 
 def _tokenizer(special: list[str], bert_style: bool) -> PreTrainedTokenizerFast:
@@ -47,20 +74,24 @@ def _tokenizer(special: list[str], bert_style: bool) -> PreTrainedTokenizerFast:
     )
 
 
-def make_tiny_llama(path: Path, seed: int = 0) -> Path:
-    tok = _tokenizer(["[UNK]", "<s>", "</s>"], bert_style=False)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
+def tiny_llama_config(vocab_size: int, **extra) -> LlamaConfig:
+    """The tiny Llama of the tests: 3 layers of width 32 (GQA, 128 positions)."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
+        **extra,
     )
+
+
+def make_tiny_llama(path: Path, seed: int = 0) -> Path:
+    tok = _tokenizer(["[UNK]", "<s>", "</s>"], bert_style=False)
+    torch.manual_seed(seed)
+    cfg = tiny_llama_config(len(tok), bos_token_id=1, eos_token_id=2)
     LlamaModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -92,15 +123,7 @@ def make_tiny_gguf(folder: Path, seed: int = 0) -> Path:
     for word in ("\u2581" + w for w in WORDS):  # every prefix, so that merges can build each word
         pieces += [word[:i] for i in range(2, len(word) + 1) if word[:i] not in pieces]
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(pieces),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    cfg = tiny_llama_config(len(pieces))
     names = {"embed_tokens": "token_embd", "norm": "output_norm"}
     for i in range(cfg.num_hidden_layers):
         for ours, theirs in [

@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -13,21 +12,7 @@ import pytest
 from llmembed.cache.cli import main as cache_main
 from llmembed.cache.root import Cache
 from llmembed.extract.pipeline import extract
-from tests.conftest import make_tiny_bert, read_rows, sentences, write_csv
-
-BIN = Path(sys.executable).parent
-
-
-def run(*args, cwd, env_root):
-    env = {**os.environ, "LLMEMBED_CACHE": str(env_root)}
-    return subprocess.run(
-        [str(BIN / args[0]), *args[1:]],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+from tests.conftest import BIN, make_tiny_bert, read_rows, run_cli, sentences, write_csv
 
 
 def test_multirun_fills_one_entry_per_dataset_and_backbone(
@@ -44,22 +29,22 @@ def test_multirun_fills_one_entry_per_dataset_and_backbone(
         f"backbone.path={tiny_llama},{tiny_bert}",
         "extract.progress=false",
     ]
-    first = run(*args, cwd=tmp_path, env_root=root)
+    first = run_cli(*args, cwd=tmp_path, root=root)
     assert first.returncode == 0, first.stderr
     assert first.stdout.count("extracted ") == 4
     # One entry per backbone: the second data set's texts are appended to it.
     assert len(Cache(root).entries()) == 2
-    again = run(*args, cwd=tmp_path, env_root=root)
+    again = run_cli(*args, cwd=tmp_path, root=root)
     assert again.stdout.count("cache hit:") == 4
 
-    listing = run("llmembed-cache", "ls", cwd=tmp_path, env_root=root).stdout
+    listing = run_cli("llmembed-cache", "ls", cwd=tmp_path, root=root).stdout
     assert listing.count("complete") == 2 and "2 entries" in listing and " 90 " in listing
     assert "first,last,mean,pooler" in listing  # the BERT entries
     assert "0-3" in listing and "0-2" in listing  # all hidden states of each model
 
 
 def test_misspelled_config_key_is_rejected(tmp_path):
-    res = run("llmembed-extract", "extract.tokn_budget=5", cwd=tmp_path, env_root=tmp_path / "c")
+    res = run_cli("llmembed-extract", "extract.tokn_budget=5", cwd=tmp_path, root=tmp_path / "c")
     assert res.returncode != 0 and "tokn_budget" in res.stderr
 
 
@@ -145,7 +130,7 @@ def test_classify_without_extraction_prints_the_extract_command(tmp_path, tiny_l
         "extract_missing=false",
         "extract.progress=false",
     ]
-    res = run(*args, cwd=tmp_path, env_root=tmp_path / "cache")
+    res = run_cli(*args, cwd=tmp_path, root=tmp_path / "cache")
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and "GlobalHydra" not in res.stderr
     command = res.stderr.split("make it with: ")[1].strip()
@@ -159,7 +144,7 @@ def test_classify_without_extraction_prints_the_extract_command(tmp_path, tiny_l
         text=True,
     )
     assert filled.returncode == 0, filled.stderr
-    again = run(*args, cwd=tmp_path, env_root=tmp_path / "cache")
+    again = run_cli(*args, cwd=tmp_path, root=tmp_path / "cache")
     assert again.returncode == 0 and "test accuracy" in again.stdout
     # Each CLI's Hydra log file is named after the CLI.
     assert list(tmp_path.glob("outputs/classify/*/*/llmembed-classify.log"))
@@ -181,7 +166,7 @@ def test_expected_errors_print_one_message_without_a_traceback(tmp_path, args, m
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "file").write_text("")
     args = [a.replace("{root}", str(tmp_path)) for a in args]
-    res = run(*args, cwd=tmp_path, env_root=tmp_path / "cache")
+    res = run_cli(*args, cwd=tmp_path, root=tmp_path / "cache")
     assert res.returncode == 2, (res.returncode, res.stderr)
     assert "Traceback" not in res.stderr and message in res.stderr, res.stderr
     assert res.stderr.startswith(f"{args[0]}: error: "), res.stderr
@@ -189,7 +174,7 @@ def test_expected_errors_print_one_message_without_a_traceback(tmp_path, args, m
 
 def test_names_cannot_place_sweep_folders_outside_the_sweep(tmp_path, tiny_llama, data_csv):
     sweep = tmp_path / "runs" / "sweep"
-    res = run(
+    res = run_cli(
         "llmembed-extract",
         "-m",
         "dataset=file",
@@ -200,7 +185,7 @@ def test_names_cannot_place_sweep_folders_outside_the_sweep(tmp_path, tiny_llama
         "extract.progress=false",
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
-        env_root=tmp_path / "cache",
+        root=tmp_path / "cache",
     )
     assert res.returncode == 0, res.stderr
     jobs = [p.name for p in sweep.iterdir() if p.is_dir()]
@@ -300,14 +285,14 @@ def test_ls_json_gives_one_object_per_entry(make_cfg, capsys):
 
 
 def test_no_progress_bars_when_output_is_not_a_terminal(tmp_path, tiny_llama, data_csv):
-    res = run(
+    res = run_cli(
         "llmembed-extract",
         "dataset=file",
         f"dataset.path={data_csv}",
         "backbone=local",
         f"backbone.path={tiny_llama}",
         cwd=tmp_path,
-        env_root=tmp_path / "cache",
+        root=tmp_path / "cache",
     )
     assert res.returncode == 0, res.stderr
     assert "text/s" not in res.stderr and "extracted " in res.stdout
@@ -321,7 +306,7 @@ def test_export_writes_chosen_layers_joined_to_the_data_set(make_cfg, data_csv, 
     name = str(res.entry.path.relative_to(root))
     out = tmp_path / f"export-{fmt}"
     args = ["llmembed-cache", "--root", str(root), "export", name, "--layers", "1", "-1"]
-    done = run(
+    done = run_cli(
         *args,
         "--out",
         str(out),
@@ -330,7 +315,7 @@ def test_export_writes_chosen_layers_joined_to_the_data_set(make_cfg, data_csv, 
         "--data",
         str(data_csv),
         cwd=tmp_path,
-        env_root=root,
+        root=root,
     )
     assert done.returncode == 0, done.stderr
     if fmt == "parquet":
@@ -345,9 +330,9 @@ def test_export_writes_chosen_layers_joined_to_the_data_set(make_cfg, data_csv, 
     assert table["text"] == texts and set(table["split"]) == {"train", "validation", "test"}
     assert list(table) == ["text_sha256", "row_id", "text", "label", "split", "L1", "L3"]
     np.testing.assert_array_equal(np.array(table["L3"], np.float32), res.read("mean", [3])[:, 0])
-    again = run(*args, "--out", str(out), cwd=tmp_path, env_root=root)  # never overwrites
+    again = run_cli(*args, "--out", str(out), cwd=tmp_path, root=root)  # never overwrites
     assert again.returncode == 2 and "exists" in again.stderr
-    bad = run(
-        *args[:-2], "--layers", "9", "--out", str(tmp_path / "x"), cwd=tmp_path, env_root=root
+    bad = run_cli(
+        *args[:-2], "--layers", "9", "--out", str(tmp_path / "x"), cwd=tmp_path, root=root
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -1,35 +1,11 @@
 """Overrides as users type them: a key nothing reads is refused with or without Hydra's `+`, Hydra's
 own errors are one line, and the typical mistakes of a new user each end in one line and exit 2."""
 
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-BIN = Path(sys.executable).parent
-
-
-def run(*args, cwd, root, env=None):
-    full = {**os.environ, "LLMEMBED_CACHE": str(root), **(env or {})}
-    return subprocess.run(
-        [str(BIN / args[0]), *map(str, args[1:])],
-        cwd=cwd,
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def one_line_error(res, prog: str) -> str:
-    """The whole of stderr: one `prog: error:` line, no traceback, exit status 2."""
-    assert res.returncode == 2, (res.returncode, res.stdout[-2000:], res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), res.stderr
-    return lines[0]
+from tests.conftest import one_line_error, run_cli
 
 
 def tiny_features(model) -> list[str]:
@@ -71,7 +47,7 @@ def tiny_features(model) -> list[str]:
     ],
 )
 def test_keys_nothing_reads_and_hydra_errors_are_one_line(tmp_path, args, says):
-    res = run(*args, cwd=tmp_path, root=tmp_path / "cache")
+    res = run_cli(*args, cwd=tmp_path, root=tmp_path / "cache")
     line = one_line_error(res, args[0])
     assert says in line, line
     assert "+extract.max_lenght=128" not in line.split(":", 2)[2] or "did you mean" in line
@@ -79,7 +55,7 @@ def test_keys_nothing_reads_and_hydra_errors_are_one_line(tmp_path, args, says):
 
 
 def test_a_sweep_with_an_unknown_key_is_refused_before_any_job(tmp_path, tiny_llama, data_csv):
-    res = run(
+    res = run_cli(
         "llmembed-classify",
         "-m",
         "dataset=file",
@@ -95,7 +71,7 @@ def test_a_sweep_with_an_unknown_key_is_refused_before_any_job(tmp_path, tiny_ll
 
 
 def test_appends_to_open_mappings_and_documented_overrides_still_work(tmp_path):
-    ok = run(
+    ok = run_cli(
         "llmembed-classify",
         "+head.params.tol=0.01",
         "dataset=hub",
@@ -112,7 +88,7 @@ def test_appends_to_open_mappings_and_documented_overrides_still_work(tmp_path):
 
 @pytest.mark.skipif(shutil.which("sbatch") is not None, reason="this machine has SLURM")
 def test_a_slurm_sweep_without_slurm_says_so(tmp_path):
-    res = run(
+    res = run_cli(
         "llmembed-extract",
         "-m",
         "hydra/launcher=slurm",
@@ -172,6 +148,6 @@ def test_the_ten_typical_mistakes_each_give_one_line(tmp_path, tiny_llama, tiny_
         ),
     ]
     for args, says in mistakes:
-        res = run(*args, cwd=tmp_path, root=tmp_path / "cache")
+        res = run_cli(*args, cwd=tmp_path, root=tmp_path / "cache")
         assert says in one_line_error(res, args[0]), (args, res.stderr)
     assert not list((tmp_path / "cache").glob("*/sel-*/manifest.json"))  # nothing was extracted

@@ -10,7 +10,6 @@ import os
 import pty
 import struct
 import subprocess
-import sys
 import termios
 from pathlib import Path
 
@@ -18,28 +17,15 @@ import pytest
 
 import llmembed
 from llmembed.classify.saved import load_trained
-from tests.conftest import make_tiny_llama, read_rows, sentences, write_csv
-
-BIN = Path(sys.executable).parent
-
-
-def run(*args, cwd, root, env=None):
-    full = {**os.environ, "LLMEMBED_CACHE": str(root), **(env or {})}
-    return subprocess.run(
-        [str(BIN / args[0]), *map(str, args[1:])],
-        cwd=cwd,
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def one_line_error(res, prog: str) -> str:
-    assert res.returncode == 2, (res.returncode, res.stdout[-2000:], res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), res.stderr
-    return lines[0]
+from tests.conftest import (
+    BIN,
+    make_tiny_llama,
+    one_line_error,
+    read_rows,
+    run_cli,
+    sentences,
+    write_csv,
+)
 
 
 def test_a_users_backbone_config_resolves_everywhere(tmp_path, tiny_llama, data_csv, monkeypatch):
@@ -51,7 +37,7 @@ def test_a_users_backbone_config_resolves_everywhere(tmp_path, tiny_llama, data_
     )
     env = {"LLMEMBED_CONFIG_DIR": str(tmp_path / "my-conf")}
     root = tmp_path / "cache"
-    trained = run(
+    trained = run_cli(
         "llmembed-classify",
         "dataset=file",
         f"dataset.path={data_csv}",
@@ -69,7 +55,7 @@ def test_a_users_backbone_config_resolves_everywhere(tmp_path, tiny_llama, data_
     meta = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
     assert meta["sources"][0]["backbone"]["conf"] == "mybb"
     (tmp_path / "new.txt").write_text("a great film\nan awful plot\n")
-    predicted = run(
+    predicted = run_cli(
         "llmembed-predict",
         tmp_path / "run" / "model",
         tmp_path / "new.txt",
@@ -91,7 +77,7 @@ def test_a_users_backbone_config_resolves_everywhere(tmp_path, tiny_llama, data_
 def test_a_shipped_name_with_another_path_is_refused_and_ls_tells_entries_apart(
     tmp_path, tiny_bert, data_csv
 ):
-    res = run(
+    res = run_cli(
         "llmembed-extract",
         "dataset=file",
         f"dataset.path={data_csv}",
@@ -111,7 +97,7 @@ def test_a_shipped_name_with_another_path_is_refused_and_ls_tells_entries_apart(
         llmembed.encode(
             ["a fine film"], str(model), [1], cache_root=tmp_path / "cache", dtype="float32"
         )
-    listing = run("llmembed-cache", "ls", cwd=tmp_path, root=tmp_path / "cache").stdout
+    listing = run_cli("llmembed-cache", "ls", cwd=tmp_path, root=tmp_path / "cache").stdout
     header = listing.splitlines()[0].split()
     assert header[:5] == ["entry", "backbone", "model", "identity", "hidden"]
     rows = [line.split() for line in listing.splitlines()[1:3]]
@@ -130,7 +116,7 @@ def test_export_errors_name_its_own_flags(tmp_path, make_cfg, data_csv):
     res = extract(make_cfg())
     entry = str(res.entry.path.relative_to(tmp_path / "cache"))
     args = ["llmembed-cache", "export", entry, "--layers", "1"]
-    missing = run(
+    missing = run_cli(
         *args,
         "--out",
         tmp_path / "no" / "such" / "x.parquet",
@@ -138,7 +124,7 @@ def test_export_errors_name_its_own_flags(tmp_path, make_cfg, data_csv):
         root=tmp_path / "cache",
     )
     assert "no/such does not exist" in one_line_error(missing, "llmembed-cache")
-    wrong = run(
+    wrong = run_cli(
         *args,
         "--out",
         tmp_path / "x.parquet",
@@ -172,14 +158,14 @@ def test_a_users_csv_with_string_ids_and_own_columns(tmp_path, tiny_llama):
         "extract.dtype=float32",
         "extract.progress=false",
     ]
-    first = run(*args, "hydra.run.dir=one", cwd=tmp_path, root=root)
+    first = run_cli(*args, "hydra.run.dir=one", cwd=tmp_path, root=root)
     assert first.returncode == 0, first.stderr
     # Said before the model runs, and only when it has to.
     assert (
         f"60 texts of reviews are not in the cache: extracting them with tiny ({tiny_llama})"
         in first.stdout
     )
-    again = run(*args, "hydra.run.dir=two", cwd=tmp_path, root=root)
+    again = run_cli(*args, "hydra.run.dir=two", cwd=tmp_path, root=root)
     assert again.returncode == 0 and "not in the cache" not in again.stdout
     predictions = read_rows(tmp_path / "one" / "predictions.csv")
     assert sorted(r["row_id"] for r in predictions) == [f"r-{i:03d}" for i in range(60)]
@@ -191,7 +177,7 @@ def test_a_users_csv_with_string_ids_and_own_columns(tmp_path, tiny_llama):
     assert "# llmembed model: reviews" in (tmp_path / "one" / "model" / "README.md").read_text()
     # Predict reads the column the model was trained on, and scores against its label column.
     write_csv(tmp_path / "new.csv", [(t, s) for _, t, s in rows[:8]], header=("review", "stars"))
-    out = run(
+    out = run_cli(
         "llmembed-predict",
         tmp_path / "one" / "model",
         tmp_path / "new.csv",
@@ -205,7 +191,7 @@ def test_a_users_csv_with_string_ids_and_own_columns(tmp_path, tiny_llama):
 
 
 def test_what_the_commands_say_and_keep(tmp_path, tiny_llama, data_csv):
-    extracted = run(
+    extracted = run_cli(
         "llmembed-extract",
         "dataset=file",
         f"dataset.path={data_csv}",
@@ -276,7 +262,7 @@ def test_predict_reads_lines_at_newlines_only(model, tmp_path):
         "dull",
     ]
     (tmp_path / "new.txt").write_bytes(("\r\n".join(lines) + "\n").encode())
-    out = run(
+    out = run_cli(
         "llmembed-predict", model, tmp_path / "new.txt", cwd=tmp_path, root=tmp_path / "cache"
     )
     assert out.returncode == 0, out.stderr
@@ -288,7 +274,7 @@ def test_predict_refuses_what_is_not_a_regular_file(model, tmp_path):
     fifo = tmp_path / "fifo.txt"
     os.mkfifo(fifo)
     for path in ("/dev/zero", fifo):
-        res = run("llmembed-predict", model, path, cwd=tmp_path, root=tmp_path / "cache")
+        res = run_cli("llmembed-predict", model, path, cwd=tmp_path, root=tmp_path / "cache")
         assert "is not a regular file" in one_line_error(res, "llmembed-predict")
 
 
@@ -331,7 +317,7 @@ def test_a_damaged_or_edited_model_folder_is_one_line(model, tmp_path, damage):
         )
         meta_path.write_text(json.dumps(meta))
     (tmp_path / "new.txt").write_text("a fine film\n")
-    res = run(
+    res = run_cli(
         "llmembed-predict", model, tmp_path / "new.txt", cwd=tmp_path, root=tmp_path / "cache"
     )
     line = one_line_error(res, "llmembed-predict")
@@ -372,7 +358,7 @@ def test_a_conf_path_is_never_read_even_under_a_matching_contract(model, tmp_pat
 def test_bad_heads_and_settings_on_the_command_line_are_one_line(
     tmp_path, tiny_llama, data_csv, override, says
 ):
-    res = run(
+    res = run_cli(
         "llmembed-classify",
         "dataset=file",
         f"dataset.path={data_csv}",
@@ -402,12 +388,13 @@ def test_jsonl_line_separators_inside_strings_and_lone_surrogates(tmp_path, tiny
         f"backbone.path={tiny_llama}",
         "extract.progress=false",
     ]
-    ok = run(*args, f"dataset.path={good}", cwd=tmp_path, root=tmp_path / "cache")
+    ok = run_cli(*args, f"dataset.path={good}", cwd=tmp_path, root=tmp_path / "cache")
     assert ok.returncode == 0 and "20 new texts" in ok.stdout, ok.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text(good.read_text().replace("a film", "a film \\ud800", 1), encoding="utf-8")
     line = one_line_error(
-        run(*args, f"dataset.path={bad}", cwd=tmp_path, root=tmp_path / "cache"), "llmembed-extract"
+        run_cli(*args, f"dataset.path={bad}", cwd=tmp_path, root=tmp_path / "cache"),
+        "llmembed-extract",
     )
     assert "1 texts hold a lone surrogate" in line and "line 4 (U+D800" in line
 
