@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from llmembed.cache.keys import file_sha256, memo_path, open_folder
+from llmembed.cache.keys import file_sha256, fsync_dir, memo_path, open_folder
 from llmembed.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def _convert(cfg, info, folder: int, shown: Path, memo: Path) -> Path:
         for f in (at / tmp).iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(at / tmp)
+        fsync_dir(at / tmp)
         os.chmod(at / tmp, 0o755)
         try:
             os.rename(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)  # fails if already there
@@ -242,11 +242,3 @@ def _load_gguf(cfg, info):
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, tok
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
