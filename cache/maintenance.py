@@ -39,6 +39,7 @@ from llmembed.cache.keys import (
 from llmembed.cache.lock import key_lock, lock_is_held
 from llmembed.cache.root import Cache, not_writable, writable
 from llmembed.cache.usage import parse_stamp, read_usage
+from llmembed.extract.converted import stale_copies
 
 log = logging.getLogger(__name__)
 
@@ -463,6 +464,11 @@ def gc(cache: Cache, *, dry_run: bool = False, older_than_days: float | None = N
                 removed.append(kdir)
                 if not dry_run:
                     _remove_tree(cache.root, kdir)
+    for copy in stale_copies(cache.root):  # GGUF conversions of an older layout: never read
+        if not _kept_for_rights(copy):
+            removed.append(copy)
+            if not dry_run:
+                _remove_tree(cache.root, copy)
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
     for entry in cache.entries():
         try:

@@ -78,6 +78,20 @@ def kept_copy(
         os.close(folder)
 
 
+def stale_copies(root: Path) -> list[Path]:
+    """Converted copies that this version never reads, for `llmembed-cache gc`: the first layout's
+    `converted/gguf-*` (one folder for all users) and this user's copies of another version. Links
+    are never listed; a copy's owner is whoever may remove it (gc keeps what it may not)."""
+    base = Path(root) / "converted"
+    if base.is_symlink() or not base.is_dir():
+        return []
+    stale = list(base.glob("gguf-*"))
+    mine = base / str(os.geteuid())
+    if not mine.is_symlink() and mine.is_dir() and mine.stat().st_uid == os.geteuid():
+        stale += [p for p in mine.glob("gguf-*") if not p.name.endswith(f"-v{VERSION}")]
+    return sorted(p for p in stale if p.is_dir() and not p.is_symlink())
+
+
 def _at(fd: int) -> Path:
     """A path to the folder open as `fd` that stays on that very folder if it is renamed or
     replaced meanwhile (Linux's /proc/self/fd)."""

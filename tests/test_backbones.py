@@ -20,6 +20,7 @@ from llmembed.extract.backbones import (
     resolve_source,
 )
 from llmembed.extract.plan import ConfigError, resolve_poolings
+from tests.conftest import run_cli
 from tests.test_families import build
 
 
@@ -170,6 +171,37 @@ def test_a_gguf_backbone_is_converted_once_and_then_read_from_its_copy(
         )
     for x, y, z in zip(a, b, c, strict=True):
         assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def test_gc_removes_converted_copies_no_version_reads_and_keeps_the_current_one(
+    tmp_path, tiny_gguf
+):
+    import torch
+
+    from llmembed.extract import backbones
+
+    cfg = OmegaConf.create({"name": "m", "path": str(tiny_gguf)})
+    info = inspect_backbone(cfg, None)
+    root = tmp_path / "root"
+    backbones.load_model(cfg, info, depth=3, dtype=torch.float32, device="cpu", cache_root=root)
+    mine = root / "converted" / str(os.geteuid())
+    (current,) = mine.iterdir()
+    first_layout = root / "converted" / "gguf-0123-v1"  # before copies were private
+    older = mine / "gguf-0123-v1"
+    for old in (first_layout, older):
+        old.mkdir()
+        (old / "model.safetensors").write_bytes(b"x" * 1000)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "keep").write_text("mine")
+    (root / "converted" / "gguf-link-v1").symlink_to(outside, target_is_directory=True)
+
+    res = run_cli("llmembed-cache", "--root", root, "gc", cwd=tmp_path, root=root)
+    assert res.returncode == 0, res.stderr
+    assert not first_layout.exists() and not older.exists()
+    assert str(first_layout) in res.stdout and str(older) in res.stdout
+    assert current.is_dir() and (current / "model.safetensors").is_file()
+    assert (outside / "keep").read_text() == "mine"  # a link is never followed
 
 
 def test_a_second_writer_of_the_same_copy_keeps_the_first_ones(tmp_path, tiny_gguf, monkeypatch):
