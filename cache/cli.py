@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     verify = sub.add_parser("verify", help="check shards against manifests")
     verify.add_argument("--repair", action="store_true", help="remove damaged shards for recompute")
-    clean = sub.add_parser("gc", help="remove incomplete, old-format or unused entries, old GGUF copies")
+    clean = sub.add_parser(
+        "gc", help="remove incomplete, old-format or unused entries, old GGUF copies"
+    )
     clean.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     clean.add_argument(
         "--older-than", type=float, metavar="DAYS", help="also remove entries unused for DAYS days"
