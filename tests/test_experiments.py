@@ -390,6 +390,8 @@ def test_results_page_shows_plain_and_corrected_intervals_paired_tests_and_the_c
         in page
     )
     assert corrected.lo < plain.lo  # the plain interval is the optimistic one
+    header = "| features and head | test accuracy | test macro-F1 | accuracy − SmolLM2 best single layer ⟨"
+    assert header in page and "{'" not in page  # a header names its reference row, no dict
     assert "| near one | 0.992 [0.976, 1.000]† ⟨0.968, 1.000⟩† |" in page
     assert (
         "`.venv/bin/python -m scripts.experiments.fusion` (config `conf/experiment/results_fusion.yaml`)"

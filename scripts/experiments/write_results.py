@@ -251,9 +251,9 @@ def sec_rows(r: dict, name: str, page: Page, reference, against: str, extra=None
                 else "fixed"
             )
             ref = reference(ds, method)
-            against = page.found.get((ref[0], ds, ref[1])) if ref else None
+            ref_row = page.found.get((ref[0], ds, ref[1])) if ref else None
             vs = (
-                page.delta(row["test"]["accuracy"], against and against["accuracy"], ds)
+                page.delta(row["test"]["accuracy"], ref_row and ref_row["accuracy"], ds)
                 if ref and ref[1] != method
                 else ""
             )
