@@ -41,6 +41,15 @@ def run_cli(*args, cwd, root, env=None) -> subprocess.CompletedProcess:
     )
 
 
+def tiny_features(model) -> list[str]:
+    """A classify feature set of one layer of a tiny model, as overrides on the command line."""
+    return [
+        "features=smollm2_l20",
+        f"features.sources.0.backbone={{name: tiny, path: {model}}}",
+        "features.sources.0.layers=[1]",
+    ]
+
+
 def one_line_error(res, prog: str) -> str:
     """The whole of stderr: one `prog: error:` line, no traceback, exit status 2."""
     assert res.returncode == 2, (res.returncode, res.stdout[-2000:], res.stderr)

@@ -12,7 +12,15 @@ import pytest
 from llmembed.cache.cli import main as cache_main
 from llmembed.cache.root import Cache
 from llmembed.extract.pipeline import extract
-from tests.conftest import BIN, make_tiny_bert, read_rows, run_cli, sentences, write_csv
+from tests.conftest import (
+    BIN,
+    make_tiny_bert,
+    read_rows,
+    run_cli,
+    sentences,
+    tiny_features,
+    write_csv,
+)
 
 
 def test_multirun_fills_one_entry_per_dataset_and_backbone(
@@ -124,9 +132,7 @@ def test_classify_without_extraction_prints_the_extract_command(tmp_path, tiny_l
         "llmembed-classify",
         "dataset=file",
         f"dataset.path={data_csv}",
-        "features=smollm2_l20",
-        f"features.sources.0.backbone={{name: tiny, path: {tiny_llama}}}",
-        "features.sources.0.layers=[1]",
+        *tiny_features(tiny_llama),
         "extract_missing=false",
         "extract.progress=false",
     ]

@@ -5,15 +5,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import one_line_error, run_cli
-
-
-def tiny_features(model) -> list[str]:
-    return [
-        "features=smollm2_l20",
-        f"features.sources.0.backbone={{name: tiny, path: {model}}}",
-        "features.sources.0.layers=[1]",
-    ]
+from tests.conftest import one_line_error, run_cli, tiny_features
 
 
 @pytest.mark.parametrize(
