@@ -357,6 +357,7 @@ def run_llmembed(
         "entry": str(res.entry.path),
         "compute_dtype": res.entry.spec.compute_dtype,
         "extraction_wall_s": m.extractions[-1]["wall_s"],
+        **{k: m.extractions[-1][k] for k in ("forward_calls", "tokens", "padded_tokens")},
     }
 
 

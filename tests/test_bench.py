@@ -93,3 +93,30 @@ def test_gpu_benchmark_runs_every_method_at_toy_size_on_a_cpu(tmp_path, tiny_lla
         r"decoder mr: llmembed \(all layers\) [\d.]+x the loop, [\d.]+x the loop", text
     )
     assert re.search(r"bfloat16 matmul peak measured in this run: [\d.]+ TFLOP/s", text)
+
+
+PADDING_BENCH = BENCH.parent / "padding_bench.py"
+
+
+@pytest.mark.slow
+def test_padding_benchmark_times_each_cap_with_the_batches_it_made(tmp_path, tiny_bert):
+    """Each cap's row reports the batches its run made (from the manifest): no cap makes fewer,
+    fuller batches than a 5% cap, so the benchmark's cap really reached the extraction."""
+    results = tmp_path / "RESULTS.md"
+    args = ["--models", str(tiny_bert), "--dtypes", "float32", "--texts", "64", "--rounds", "2"]
+    args += ["--caps", "0.05", "1", "--budgets", "256", "--results", str(results)]
+    proc = subprocess.run(
+        [sys.executable, str(PADDING_BENCH), *args], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [
+        r.strip("| ").split(" | ") for r in results.read_text().splitlines() if r.startswith("| ")
+    ]
+    assert rows[0][:4] == ["model", "dtype", "token budget", "padding cap"]
+    capped, uncapped = rows[1:]
+    assert (capped[3], uncapped[3]) == ("0.05", "1")
+    batches = [int(re.match(r"(\d+) batches", r[4]).group(1)) for r in (capped, uncapped)]
+    padding = [float(re.search(r"([\d.]+)x padding", r[4]).group(1)) for r in (capped, uncapped)]
+    assert batches[1] < batches[0] and padding[0] <= 1.05 < padding[1]
+    assert capped[7] == "1.000x"  # speeds are ratios against the first setting
+    assert re.search(r"matmul peak before / after: \d+ / \d+ GFLOP/s", results.read_text())
