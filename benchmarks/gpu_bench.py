@@ -22,6 +22,10 @@ process of its own (peak GPU memory and host RSS are per process), model loading
   same poolings; timed from the call to the committed entry, model loading excluded.
 - `sentence-transformers` (encoder only): `encode` with bfloat16 weights at its best batch size.
 
+A shared GPU node, with the decoder on MR: two llmembed jobs started together on the one GPU (both
+must finish; each one's throughput against one job alone), and `accelerate launch --num_processes 2`
+on the one GPU against one process through the CLI (the stored values compared).
+
 Figures: seconds, tokens/s, MFU (model FLOPs of real tokens against the bfloat16 matmul peak
 measured in the same run), forward calls, padded tokens, peak GPU memory, peak host RSS; ratios
 only within this run. A dated section goes to `--results`.
@@ -33,6 +37,7 @@ import argparse
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -233,14 +238,102 @@ def child(args) -> None:
     print("RESULT " + json.dumps(res))
 
 
+def child_command(method: str, folder: Path, texts: Path, poolings: list[str], layers: str = "all"):
+    return [sys.executable, __file__, "child", method, str(folder), str(texts),
+            "--poolings", ",".join(poolings), "--layers", layers]  # fmt: skip
+
+
+def child_result(stdout: str) -> dict:
+    line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
 def measure(method: str, folder: Path, texts: Path, poolings: list[str], layers: str = "all"):
-    cmd = [sys.executable, __file__, "child", method, str(folder), str(texts),
-           "--poolings", ",".join(poolings), "--layers", layers]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(child_command(method, folder, texts, poolings, layers),
+                          capture_output=True, text=True)  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"{method} on {texts.name} failed:\n{proc.stderr[-3000:]}")
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line.removeprefix("RESULT "))
+    return child_result(proc.stdout)
+
+
+# ------------------------------------------------------------------------------ a shared GPU node
+def two_jobs(folder: Path, texts: Path, poolings: list[str], alone: dict) -> list[str]:
+    """Two extraction jobs started together on the one GPU (each `token_budget: auto`, sized from
+    the memory free when it loads): both must finish, each near half of one job's throughput."""
+    cmd = child_command("llmembed", folder, texts, poolings)
+    jobs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]  # fmt: skip
+    notes = []
+    for i, job in enumerate(jobs, 1):
+        out, err = job.communicate()
+        if job.returncode != 0:
+            last = (err.strip().splitlines() or ["no message"])[-1]
+            notes.append(f"two jobs at once, job {i}: FAILED (exit {job.returncode}): {last}")
+            continue
+        r = child_result(out)
+        gpu = f", peak GPU {r['peak_gpu_mb']:.0f} MB" if r.get("peak_gpu_mb") else ""
+        notes.append(
+            f"two jobs at once, job {i}: {r['seconds']:.2f} s, "
+            f"{alone['seconds'] / r['seconds']:.2f} of one job's throughput alone "
+            f"(0.50 is a fair half){gpu}"
+        )
+    return notes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(folder: Path, texts: Path, poolings: list[str], work: Path) -> str:
+    """`accelerate launch --num_processes 2` on the one GPU against one process, through the CLI
+    on a data file: the stored values of the two entries compared."""
+    from llmembed.cache.root import Cache
+
+    data = work / "texts.jsonl"
+    rows = json.loads(texts.read_text())[:TEXTS]
+    data.write_text("".join(json.dumps({"text": t, "label": 0}) + "\n" for t in rows))
+    bin_dir = Path(sys.executable).parent
+
+    def overrides(root: Path) -> list[str]:
+        return ["backbone=local", f"backbone.path={folder}", f"backbone.name={folder.name}",
+                "dataset=file", f"dataset.path={data}", f"cache.root={root}",
+                f"extract.poolings=[{','.join(poolings)}]", "extract.layers=all",
+                f"extract.max_length={MAX_LENGTH}", "extract.dtype=bfloat16",
+                "extract.progress=false"]  # fmt: skip
+
+    launch = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), "-m", "llmembed.extract"]  # fmt: skip
+    runs = {
+        "one": [sys.executable, "-m", "llmembed.extract", *overrides(work / "one")],
+        "two": [*launch, *overrides(work / "two")],
+    }
+    # On a CPU, bitwise equality needs the same threads per process (README, Scaling out).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if CPU else None
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+            return f"accelerate, 2 processes on one GPU: {name} FAILED: {last}"
+    (one,), (two,) = Cache(work / "one").entries(), Cache(work / "two").entries()
+    worst, lowest = 0.0, 1.0
+    for pooling in poolings:
+        a = one.read(pooling, one.manifest.layers).astype(np.float64)
+        b = two.read(pooling, two.manifest.layers).astype(np.float64)
+        worst = max(worst, float(np.abs(a - b).max()))
+        cos = (a * b).sum(-1) / np.maximum(
+            np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30
+        )
+        lowest = min(lowest, float(cos.min()))
+    same = (
+        "bitwise equal"
+        if worst == 0
+        else f"largest difference {worst:.3g}, lowest cosine {lowest:.6f}"
+    )
+    procs = two.manifest.extractions[-1].get("processes")
+    return f"accelerate, {procs} processes on one GPU against one process: stored values {same}"
 
 
 # ------------------------------------------------------------------------------------- report
@@ -279,6 +372,13 @@ def run(inputs: Path, results: Path) -> None:
                     f"the loop, {loop['with_save'] / ours['seconds']:.2f}x the loop with its save; "
                     f"all layers take {ours['seconds'] / one['seconds']:.2f}x one layer"
                 )
+                if role == "decoder" and data == "mr":
+                    notes += [
+                        f"{role} {data}: {n}" for n in two_jobs(folder, texts, poolings, ours)
+                    ]
+                    notes.append(
+                        f"{role} {data}: " + two_processes(folder, texts, poolings, Path(tmp))
+                    )
     section = _section(rows, notes, peak)
     print(section)
     with open(results, "a") as f:

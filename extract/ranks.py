@@ -22,14 +22,27 @@ LAUNCHER_VARIABLES = (
 LAUNCHER_PREFIXES = ("ACCELERATE_", "SM_", "XRT_", "PJRT_")
 
 
+def process_group_backend(gpus: int, local_processes: int) -> str | None:
+    """The backend the job's processes talk over; None: accelerate's choice (NCCL on GPUs, gloo on
+    CPUs). NCCL refuses two ranks on one GPU, so processes that share GPUs (more of them on a node
+    than GPUs, e.g. `accelerate launch --num_processes 2` on one card; accelerate then gives rank i
+    GPU i mod the count) use gloo: ranks here exchange only small Python objects (the plan, the
+    counts), never tensors, so gloo costs nothing."""
+    return "gloo" if 0 < gpus < local_processes else None
+
+
 class Ranks:
     @cached_property
     def _state(self):
         import torch
         from accelerate import PartialState
 
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        # torchrun (under accelerate launch) says how many processes share this node.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        backend = process_group_backend(gpus, local)
         # cpu=True lets CPU-only processes form a gloo group (accelerate's MULTI_CPU).
-        return PartialState(cpu=not torch.cuda.is_available())
+        return PartialState(cpu=not gpus, **({"backend": backend} if backend else {}))
 
     @cached_property
     def _alone(self) -> bool:
@@ -58,7 +71,15 @@ class Ranks:
         return str(self._state.device)  # this process's GPU under a launcher, else cuda or cpu
 
     def barrier(self) -> None:
-        if self.count > 1:
+        if self.count == 1:
+            return
+        if self._state.backend == "gloo" and self._state.device.type == "cuda":
+            import torch.distributed
+
+            # accelerate's barrier names this rank's GPU by its local index, a GPU that does not
+            # exist where ranks share GPUs; gloo's barrier needs none.
+            torch.distributed.barrier()
+        else:
             self._state.wait_for_everyone()
 
     def broadcast(self, obj):

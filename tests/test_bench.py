@@ -58,7 +58,8 @@ GPU_BENCH = BENCH.parent / "gpu_bench.py"
 @pytest.mark.slow
 def test_gpu_benchmark_runs_every_method_at_toy_size_on_a_cpu(tmp_path, tiny_llama, tiny_bert):
     """`DEV=cpu` runs the GPU benchmark's whole code path on toy shapes: the hand-written loop, with
-    and without its save, llmembed (all layers and one), sentence-transformers on the encoder."""
+    and without its save, llmembed (all layers and one), sentence-transformers on the encoder, the
+    shared-node checks (two jobs at once, two processes under accelerate)."""
     import json
     import os
     import shutil
@@ -93,6 +94,14 @@ def test_gpu_benchmark_runs_every_method_at_toy_size_on_a_cpu(tmp_path, tiny_lla
         r"decoder mr: llmembed \(all layers\) [\d.]+x the loop, [\d.]+x the loop", text
     )
     assert re.search(r"bfloat16 matmul peak measured in this run: [\d.]+ TFLOP/s", text)
+    # The shared-node checks: two jobs at once both finish; two processes store what one does
+    # (on a CPU a gloo group of two, bitwise as in one process).
+    jobs = re.findall(r"two jobs at once, job \d: ([\d.]+) s, ([\d.]+) of one job", text)
+    assert len(jobs) == 2 and "FAILED" not in text
+    assert (
+        "decoder mr: accelerate, 2 processes on one GPU against one process: stored values "
+        "bitwise equal" in text
+    )
 
 
 PADDING_BENCH = BENCH.parent / "padding_bench.py"

@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from llmembed.cache.root import Cache
 from llmembed.extract.pipeline import extract
+from llmembed.extract.ranks import process_group_backend
 from tests.conftest import file_overrides, sentences, write_csv
 
 BIN = Path(sys.executable).parent
@@ -144,6 +146,16 @@ def test_two_processes_make_the_entry_one_process_makes(tmp_path, tiny_llama):
     assert without_timings(m) == without_timings(single.manifest)
     for q in POOLINGS:
         np.testing.assert_array_equal(arrays(entry)[q], arrays(single)[q])
+
+
+@pytest.mark.parametrize(
+    ("gpus", "local", "backend"),
+    [(1, 2, "gloo"), (2, 4, "gloo"), (1, 1, None), (4, 4, None), (8, 2, None), (0, 2, None)],
+)
+def test_processes_sharing_a_gpu_talk_over_gloo(gpus, local, backend):
+    """NCCL refuses two ranks on one GPU: more processes on a node than GPUs (accelerate launch
+    --num_processes 2 on one card) form a gloo group; one GPU each, or no GPU, keep accelerate's."""
+    assert process_group_backend(gpus, local) == backend
 
 
 def test_killing_one_rank_leaves_a_resumable_entry(tmp_path, tiny_llama):
