@@ -949,14 +949,19 @@ def test_massive_dimensions_name_the_largest_dimension_per_layer():
 def test_run_to_run_variation_compares_a_clean_rerun_cell_by_cell():
     from scripts.experiments.write_results import rerun_variation
 
-    def run(values: list[list[float]]) -> dict:
+    def run(values: list[list[float]], picks: list[str]) -> dict:
         curve = [{"test": {"accuracy": summary(v)}} for v in values]
-        return {"command": "c", "datasets": {"trec": {"curves": {"smollm2:mean": curve}}}}
+        best = {"per_split": dict(enumerate(picks)), "test": {"accuracy": summary(values[0])}}
+        trec = {"curves": {"smollm2:mean": curve}, "chosen_on_validation": {"smollm2": best}}
+        return {"command": "c", "datasets": {"trec": trec}}
 
-    first = run([[0.80, 0.82, 0.84], [0.70, 0.70, 0.70]])
-    again = run([[0.80, 0.82, 0.86], [0.70, 0.70, 0.70]])
+    first = run([[0.80, 0.82, 0.84], [0.70, 0.70, 0.70]], ["L1", "L2", "L3"])
+    again = run([[0.80, 0.82, 0.86], [0.70, 0.70, 0.70]], ["L1", "L2", "L4"])
     text = "\n".join(rerun_variation(first, again))
     assert "| trec | 5 of 6 | 0.020 | 0.007 |" in text
+    # The quoted figure in both runs: 0.820 then 0.827, two of three splits picking the same layer.
+    assert "| trec | smollm2 best (layer, pooling) on validation | 0.820 [" in text
+    assert "| +0.007 | 2 of 3 |" in text
 
 
 @pytest.mark.slow
