@@ -1,6 +1,6 @@
 """The padding cap and token budget of extraction's plan, timed against each other in one run.
 
-    .venv/bin/python benchmarks/padding_bench.py                     # CPU, about 15 minutes
+    .venv/bin/python benchmarks/padding_bench.py                     # CPU, about 20 minutes
     .venv/bin/python benchmarks/padding_bench.py --caps 0.05 0.1 --budgets 1024 --rounds 5
 
 `extract()` of the same MR texts into a fresh cache per run (timed as `extract_bench.py` times it:
@@ -8,8 +8,9 @@ from after the model load to the manifest) for each padding cap (`MAX_PADDING` i
 extract/batching.py: the share of a batch's padded tokens that may be padding) and token budget.
 The settings take turns within each round, so that a slow spell of the machine hits all of them;
 medians over the rounds and ratios against the first setting are printed and, with `--results`,
-appended to benchmarks/RESULTS.md. The batches each setting plans (count, rows, padding) are
-printed beside its time: they are a property of the data, not of the machine.
+appended to benchmarks/RESULTS.md. Beside each time, the batches its run made, read from the
+entry's manifest (count, rows per batch, padded over real tokens): so the table shows that the cap
+reached the extraction.
 """
 
 from __future__ import annotations
