@@ -130,6 +130,11 @@ def comparisons(lab: dict[str, str]) -> dict[str, list[tuple[str, tuple, tuple]]
                 ("counterparts", f"{PLAIN}, zero-shot"),
             ),
             (
+                "SmolLM2 best single layer − prompting, chat and calibrated, k on validation",
+                ("fusion", BEST),
+                ("counterparts", f"{CHAT}, demonstrations per class chosen on validation"),
+            ),
+            (
                 "fine-tuning MiniLM (one learning rate) − SmolLM2 + MiniLM concatenated",
                 ("counterparts", ft),
                 ("fusion", CONCAT2),
