@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -947,7 +948,7 @@ def test_massive_dimensions_name_the_largest_dimension_per_layer():
 
 
 def test_run_to_run_variation_compares_a_clean_rerun_cell_by_cell():
-    from scripts.experiments.write_results import rerun_variation
+    from scripts.experiments.write_results import Page, rerun_variation
 
     def run(values: list[list[float]], picks: list[str]) -> dict:
         curve = [{"test": {"accuracy": summary(v)}} for v in values]
@@ -957,10 +958,14 @@ def test_run_to_run_variation_compares_a_clean_rerun_cell_by_cell():
 
     first = run([[0.80, 0.82, 0.84], [0.70, 0.70, 0.70]], ["L1", "L2", "L3"])
     again = run([[0.80, 0.82, 0.86], [0.70, 0.70, 0.70]], ["L1", "L2", "L4"])
-    text = "\n".join(rerun_variation(first, again))
+    page = Page({"trec": {"train": 70, "validation": 10, "test": 20}}, splits=3)
+    text = "\n".join(rerun_variation(first, again, page))
     assert "| trec | 5 of 6 | 0.020 | 0.007 |" in text
     # The quoted figure in both runs: 0.820 then 0.827, two of three splits picking the same layer.
-    assert "| trec | smollm2 best (layer, pooling) on validation | 0.820 [" in text
+    # Printed as every figure on the page: mean [plain] ⟨corrected⟩.
+    assert re.search(
+        r"\| trec \| smollm2 best \(layer, pooling\) on validation \| 0\.820 \[[\d., ]+\] ⟨", text
+    )
     assert "| +0.007 | 2 of 3 |" in text
 
 

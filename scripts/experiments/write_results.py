@@ -521,7 +521,7 @@ def cost_notes(r: dict) -> list[str]:
 
 
 # --- reproducibility ------------------------------------------------------------------------------
-def sec_reproducibility(found: dict, results: Path) -> list[str]:
+def sec_reproducibility(found: dict, results: Path, page: Page) -> list[str]:
     out = [
         "## Reproducibility",
         "",
@@ -558,7 +558,7 @@ def sec_reproducibility(found: dict, results: Path) -> list[str]:
         ]
     rerun = results / "rerun" / "layers.json"
     if rerun.is_file() and found.get("layers"):
-        out += rerun_variation(found["layers"], json.loads(rerun.read_text()))
+        out += rerun_variation(found["layers"], json.loads(rerun.read_text()), page)
     else:
         out += [
             "Run-to-run variation: not measured in these files. It is measured by rerunning experiment 1 from an empty cache and run folder into "
@@ -569,7 +569,7 @@ def sec_reproducibility(found: dict, results: Path) -> list[str]:
     return out
 
 
-def rerun_variation(first: dict, again: dict) -> list[str]:
+def rerun_variation(first: dict, again: dict, page: Page) -> list[str]:
     """Per data set both runs hold: how many per-split test accuracies are equal, the largest
     change of one, the largest change of a curve point's mean, beside the interval over splits."""
     rows, best = [], []
@@ -584,8 +584,8 @@ def rerun_variation(first: dict, again: dict) -> list[str]:
                 [
                     ds,
                     f"{backbone} best (layer, pooling) on validation",
-                    f"{a['mean']:.3f} [{a['ci'][0]:.3f}, {a['ci'][1]:.3f}]",
-                    f"{b['mean']:.3f} [{b['ci'][0]:.3f}, {b['ci'][1]:.3f}]",
+                    page.cell(a, ds),
+                    page.cell(b, ds),
                     f"{b['mean'] - a['mean']:+.3f}",
                     f"{same} of {len(c['per_split'])}",
                 ]
@@ -620,7 +620,7 @@ def rerun_variation(first: dict, again: dict) -> list[str]:
             rows,
         ),
         "",
-        "The figures the page quotes from experiment 1, in both runs (plain t-interval over splits):",
+        "The figures the page quotes from experiment 1, in both runs:",
         "",
         table(
             ["data set", "probe", "committed run", "rerun", "difference", "same pick per split"],
@@ -819,7 +819,7 @@ def write(results: Path, out: Path, readme: Path | None = None) -> str:
         f"- Machine: {machine_text(m)}, unless a section names another. Shared with other work while measuring: timings are indicative.",
         "",
     ]
-    lines += sec_reproducibility(found, results)
+    lines += sec_reproducibility(found, results, page)
     lines += ["## Data", "", *[f"- {v}" for v in DATASETS.values()], ""]
     cmps = comparisons(lab)
     sections: dict[str, list[str]] = {}
