@@ -91,6 +91,19 @@ def backbone_overrides(model: str) -> list[str]:
     return [f"backbone={model}"]
 
 
+def refuse_unknown_models(parser: argparse.ArgumentParser, models: list[str]) -> None:
+    """One usage error, before any work, for a model that is neither a backbone conf nor a folder."""
+    from hydra.errors import HydraException
+
+    for model in models:
+        try:
+            compose("extract", backbone_overrides(model))
+        except HydraException:
+            parser.error(
+                f"{model!r} is neither a backbone conf (smollm2, minilm, ...) nor a folder"
+            )
+
+
 def dataset_overrides(n: int) -> list[str]:
     return ["dataset=mr", f"dataset.limit={n}"]
 
@@ -600,6 +613,7 @@ def main() -> None:
     if args.child:
         args.method = args.child
         return child(args)
+    refuse_unknown_models(p, [m for m in (args.decoder, args.encoder) if m not in SHAPES])
 
     work = Path(tempfile.mkdtemp(prefix="llmembed-bench-"))
     try:

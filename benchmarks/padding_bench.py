@@ -27,6 +27,7 @@ from extract_bench import (
     load_texts,
     machine,
     matmul_peak,
+    refuse_unknown_models,
     run_llmembed,
     table,
 )
@@ -62,6 +63,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--results", type=Path, help="append a section to this file (RESULTS.md)")
     args = p.parse_args()
+    if not all(0 <= c <= 1 for c in args.caps):
+        p.error("--caps are shares of a batch's padded tokens: each between 0 and 1")
+    refuse_unknown_models(p, args.models)
     texts = load_texts(args.texts)
     peaks = [matmul_peak(torch.bfloat16, args.device)]
     settings = [

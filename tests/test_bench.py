@@ -129,3 +129,18 @@ def test_padding_benchmark_times_each_cap_with_the_batches_it_made(tmp_path, tin
     assert batches[1] < batches[0] and padding[0] <= 1.05 < padding[1]
     assert capped[7] == "1.000x"  # speeds are ratios against the first setting
     assert re.search(r"matmul peak before / after: \d+ / \d+ GFLOP/s", results.read_text())
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        (BENCH, ["--decoder", "nosuch"], "'nosuch' is neither a backbone conf"),
+        (PADDING_BENCH, ["--models", "/no/such/model"], "'/no/such/model' is neither a backbone"),
+        (PADDING_BENCH, ["--caps", "0.05", "1.5"], "--caps are shares of a batch's padded tokens"),
+    ],
+)
+def test_benchmarks_refuse_a_bad_model_or_cap_before_any_work(script, args, message):
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith(f"{script.name}: error: ") and message in last
