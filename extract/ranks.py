@@ -37,7 +37,7 @@ class Ranks:
         import torch
         from accelerate import PartialState
 
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpus = torch.cuda.device_count()  # 0 without CUDA
         # torchrun (under accelerate launch) says how many processes share this node.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         backend = process_group_backend(gpus, local)
