@@ -379,7 +379,11 @@ def test_results_page_shows_plain_and_corrected_intervals_paired_tests_and_the_c
     best = "SmolLM2 best single layer (validation), logreg"
     a, b, top = [0.82, 0.83, 0.81, 0.84, 0.80], [0.80] * 4 + [0.79], [0.99, 1.0, 1.0, 0.97, 1.0]
     (results / "fusion.json").write_text(
-        json.dumps(fusion_file({best: b, "SmolLM2 concatenation, logreg": a, "near one": top}))
+        json.dumps(
+            fusion_file(
+                {best: b, "SmolLM2 concatenation, logreg": a, "near one": top, "one split": [0.9]}
+            )
+        )
     )
     page = write(results, tmp_path / "docs" / "RESULTS.md")
     plain, corrected = interval(a), interval(a, n_train=800, n_test=200)
@@ -394,6 +398,8 @@ def test_results_page_shows_plain_and_corrected_intervals_paired_tests_and_the_c
     header = "| features and head | test accuracy | test macro-F1 | accuracy − SmolLM2 best single layer ⟨"
     assert header in page and "{'" not in page  # a header names its reference row, no dict
     assert "| near one | 0.992 [0.976, 1.000]† ⟨0.968, 1.000⟩† |" in page
+    # One split has no spread: its accuracy stands alone, with no zero-width interval and no test.
+    assert "| one split | 0.900 (1 split, no interval) | 0.900 (1 split, no interval) | – |" in page
     assert (
         "`.venv/bin/python -m scripts.experiments.fusion` (config `conf/experiment/results_fusion.yaml`)"
         in page
@@ -530,6 +536,52 @@ def test_result_folders_of_separate_processes_merge(tmp_path):
     with pytest.raises(SystemExit, match="another protocol"):
         merge([a, b], into)
     assert (into / "fusion.json").read_text() == before  # nothing written
+
+
+def test_one_setups_splits_run_by_separate_processes_add_up(tmp_path):
+    """A fine-tuning setup run on split 0 by one process and on split 1 by another (its `splits`
+    overridden in each) merges into one setup over both, summaries taken again; a split run twice
+    is not averaged in twice: the later run replaces the earlier."""
+    from scripts.experiments.merge import merge
+
+    def run(folder: Path, seeds: list[int], accuracies: list[float]) -> None:
+        row = {
+            "test": {m: summary(accuracies) | {"seeds": seeds} for m in ("accuracy", "macro_f1")},
+            "chosen_per_split": {str(s): f"lr={s}" for s in seeds},
+            "runs": {str(s): {"train_s": s} for s in seeds},
+            "params_trained": 7,
+            "cost": {"per_split": {str(s): {"selection_s": 10.0 + s} for s in seeds}},
+        }
+        setup = {"settings": {"lrs": [1e-4], "splits": {"mr": seeds}}, "rows": {"ft": row}}
+        folder.mkdir(exist_ok=True)
+        (folder / "counterparts.json").write_text(
+            json.dumps(
+                {
+                    "command": f"run {seeds}",
+                    "seeds": [0, 1],
+                    "resplit": True,
+                    "dataset_limit": None,
+                    "datasets": {"mr": {"dataset": "mr", "finetuning": {"minilm": setup}}},
+                }
+            )
+        )
+
+    a, b, into = tmp_path / "a", tmp_path / "b", tmp_path / "into"
+    run(a, [0], [0.80])
+    run(b, [1], [0.90])
+    merge([a, b], into)
+    setup = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]["finetuning"]
+    row = setup["minilm"]["rows"]["ft"]
+    acc = row["test"]["accuracy"]
+    assert (acc["seeds"], acc["values"], acc["n"]) == ([0, 1], [0.80, 0.90], 2)
+    assert acc["mean"] == pytest.approx(0.85) and acc["ci"][0] < 0.80
+    assert row["chosen_per_split"] == {"0": "lr=0", "1": "lr=1"}
+    assert set(row["cost"]["per_split"]) == {"0", "1"} and set(row["runs"]) == {"0", "1"}
+    assert setup["minilm"]["settings"]["splits"] == [0, 1]
+    run(b, [0], [0.70])  # split 0 again: the later run wins, nothing counted twice
+    merge([a, b], into)
+    acc = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]["finetuning"]
+    assert acc["minilm"]["rows"]["ft"]["test"]["accuracy"]["values"] == [0.70]
 
 
 def test_gpu_cost_takes_the_gpu_extraction_records_and_leaves_the_load_out():

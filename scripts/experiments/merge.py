@@ -4,8 +4,9 @@
 
 Each experiment's JSON files must share the protocol (seeds, resplit, data-set limit); their data
 sets are put together (a data set in two folders: the later folder wins, and is named; in
-counterparts.json its setups add up, so that prompting and fine-tuning may run in parallel), their
-commands listed in order, and their plots copied. The page is then written by write_results.
+counterparts.json its setups add up, so that prompting and fine-tuning may run in parallel, and so
+do one setup's splits run by separate processes), their commands listed in order, and their plots
+copied. The page is then written by write_results.
 """
 
 from __future__ import annotations
@@ -15,19 +16,56 @@ import json
 import shutil
 from pathlib import Path
 
-from scripts.experiments.common import PROTOCOL, commands_of
+from scripts.experiments.common import PROTOCOL, commands_of, over_splits
 
 
 def joined(name: str, earlier: dict | None, later: dict) -> dict:
     """One data set's entry of two result files: the later one, except in counterparts.json,
-    whose setups (each run on its own, in parallel) add up, a later setup replacing its namesake."""
+    whose setups (each run on its own, in parallel) add up, a later setup replacing its namesake
+    unless the two ran the same settings on different splits: then their splits add up."""
     if name != "counterparts.json" or earlier is None:
         return later
     out = {**earlier, **{k: v for k, v in later.items() if k not in ("prompting", "finetuning")}}
     for kind in ("prompting", "finetuning"):
         if kind in earlier or kind in later:
-            out[kind] = {**earlier.get(kind, {}), **later.get(kind, {})}
+            a, b = earlier.get(kind, {}), later.get(kind, {})
+            out[kind] = {**a, **{k: splits_joined(a.get(k), v) for k, v in b.items()}}
     return out
+
+
+def seeds_of(setup: dict) -> set[int]:
+    return {s for row in setup["rows"].values() for s in row["test"]["accuracy"]["seeds"]}
+
+
+def splits_joined(earlier: dict | None, later: dict) -> dict:
+    """One setup run on disjoint splits by two processes (its `splits` overridden in each): one
+    setup over all of them, every per-split record kept and the summaries taken again. Anything
+    else (other settings, other rows, a split run twice): the later run replaces the earlier."""
+    if earlier is None or set(earlier["rows"]) != set(later["rows"]):
+        return later
+    same = {**earlier["settings"], "splits": None} == {**later["settings"], "splits": None}
+    if not same or seeds_of(earlier) & seeds_of(later):
+        return later
+    rows = {}
+    for label, b in later["rows"].items():
+        a = earlier["rows"][label]
+        per_split = {m: {} for m in b["test"]}
+        for row in (a, b):
+            for m, s in row["test"].items():
+                per_split[m].update(zip(s["seeds"], s["values"], strict=True))
+        rows[label] = {
+            **b,
+            "test": {
+                m: over_splits([v[k] for k in sorted(v)], sorted(v)) for m, v in per_split.items()
+            },
+            **{k: {**a[k], **b[k]} for k in ("chosen_per_split", "runs") if k in b},
+            "cost": {
+                **b["cost"],
+                "per_split": {**a["cost"]["per_split"], **b["cost"]["per_split"]},
+            },
+        }
+    seeds = sorted(seeds_of(earlier) | seeds_of(later))
+    return {**later, "settings": {**later["settings"], "splits": seeds}, "rows": rows}
 
 
 def merge(sources: list[Path], into: Path) -> list[str]:

@@ -84,7 +84,9 @@ class Page:
             return "–"
         f = f"{{:.{digits}f}}"
         values = s.get("values")
-        if not values or len(values) < 2:
+        if values and len(values) == 1:  # one split has no spread to build an interval from
+            return f"{f.format(s['mean'])} (1 split, no interval)"
+        if not values:
             return f"{f.format(s['mean'])} [{f.format(s['ci'][0])}, {f.format(s['ci'][1])}]"
         plain = interval(values)
         text = f"{f.format(s['mean'])} [{f.format(plain.lo)}, {f.format(plain.hi)}]{'†' if plain.clipped else ''}"
@@ -409,7 +411,7 @@ def sec_counterparts(r: dict, page: Page, into: dict) -> list[str]:
             out += [
                 f"Fine-tuning setup `{name}`: {st.get('backbone')}, {st.get('method')}"
                 + (f" (LoRA {st['lora']})" if st.get("lora") else "")
-                + f", learning rates {st.get('lrs')}, batch {st.get('batch_size')}, at most {st.get('max_epochs')} epochs (early stopping on validation), texts cut to {st.get('max_length')} tokens"
+                + f", learning rates {st.get('lrs')}, batch {st.get('batch_size')}, at most {st.get('max_epochs')} epoch{'' if st.get('max_epochs') == 1 else 's'} (early stopping on validation), texts cut to {st.get('max_length')} tokens"
                 + (
                     f", splits {per_dataset(st['splits'], ds)} only"
                     if per_dataset(st.get("splits"), ds) is not None
@@ -666,7 +668,9 @@ def plot_headline(page: Page, heads: list, sets: list[str], path: Path) -> None:
         ax.grid(axis="x", alpha=0.3)
     ax0 = np.atleast_1d(axes)[0]
     ax0.set_yticks(range(len(shown)), [h[0][:70] for h in shown[::-1]], fontsize=7)
-    fig.suptitle("llmembed (blue) against its counterparts (gray), five splits")
+    fig.suptitle(
+        "llmembed (blue) against its counterparts (gray), five splits unless the table says fewer"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
