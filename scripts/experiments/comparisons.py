@@ -278,5 +278,15 @@ def comparisons(lab: dict[str, str]) -> dict[str, list[tuple[str, tuple, tuple]]
                 ("counterparts", lab["ft.smollm2_lora"]),
                 ("fusion", BEST),
             ),
+            (
+                "LoRA on SmolLM2 − SmolLM2 + MiniLM concatenated",
+                ("counterparts", lab["ft.smollm2_lora"]),
+                ("fusion", CONCAT2),
+            ),
+            (
+                "fine-tuning MiniLM, learning rate on validation − LoRA on SmolLM2",
+                ("counterparts", lab["ft.minilm"]),
+                ("counterparts", lab["ft.smollm2_lora"]),
+            ),
         ],
     }
