@@ -582,6 +582,14 @@ def test_one_setups_splits_run_by_separate_processes_add_up(tmp_path):
     merge([a, b], into)
     acc = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]["finetuning"]
     assert acc["minilm"]["rows"]["ft"]["test"]["accuracy"]["values"] == [0.70]
+    # A first run's file did not record its splits: nothing to add up, the later run replaces it.
+    first = json.loads((a / "counterparts.json").read_text())
+    del first["datasets"]["mr"]["finetuning"]["minilm"]["rows"]["ft"]["test"]["accuracy"]["seeds"]
+    (a / "counterparts.json").write_text(json.dumps(first))
+    run(b, [1], [0.90])
+    merge([a, b], into)
+    acc = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]["finetuning"]
+    assert acc["minilm"]["rows"]["ft"]["test"]["accuracy"]["values"] == [0.90]
 
 
 def test_gpu_cost_takes_the_gpu_extraction_records_and_leaves_the_load_out():

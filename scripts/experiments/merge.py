@@ -5,7 +5,7 @@
 Each experiment's JSON files must share the protocol (seeds, resplit, data-set limit); their data
 sets are put together (a data set in two folders: the later folder wins, and is named; in
 counterparts.json its setups add up, so that prompting and fine-tuning may run in parallel, and so
-do one setup's splits run by separate processes), their commands listed in order, and their plots
+do one fine-tuning setup's splits run by separate processes), their commands listed in order, and their plots
 copied. The page is then written by write_results.
 """
 
@@ -22,29 +22,36 @@ from scripts.experiments.common import PROTOCOL, commands_of, over_splits
 def joined(name: str, earlier: dict | None, later: dict) -> dict:
     """One data set's entry of two result files: the later one, except in counterparts.json,
     whose setups (each run on its own, in parallel) add up, a later setup replacing its namesake
-    unless the two ran the same settings on different splits: then their splits add up."""
+    unless two fine-tuning runs had the same settings on different splits: then their splits add
+    up."""
     if name != "counterparts.json" or earlier is None:
         return later
     out = {**earlier, **{k: v for k, v in later.items() if k not in ("prompting", "finetuning")}}
     for kind in ("prompting", "finetuning"):
         if kind in earlier or kind in later:
             a, b = earlier.get(kind, {}), later.get(kind, {})
-            out[kind] = {**a, **{k: splits_joined(a.get(k), v) for k, v in b.items()}}
+            if kind == "finetuning":
+                b = {k: splits_joined(a.get(k), v) for k, v in b.items()}
+            out[kind] = {**a, **b}
     return out
 
 
-def seeds_of(setup: dict) -> set[int]:
-    return {s for row in setup["rows"].values() for s in row["test"]["accuracy"]["seeds"]}
+def seeds_of(setup: dict) -> set[int] | None:
+    """The splits a setup ran; None for a first-run file that did not record them."""
+    seeds = [row["test"]["accuracy"].get("seeds") for row in setup["rows"].values()]
+    return None if None in seeds else {s for ss in seeds for s in ss}
 
 
 def splits_joined(earlier: dict | None, later: dict) -> dict:
-    """One setup run on disjoint splits by two processes (its `splits` overridden in each): one
-    setup over all of them, every per-split record kept and the summaries taken again. Anything
-    else (other settings, other rows, a split run twice): the later run replaces the earlier."""
+    """One fine-tuning setup run on disjoint splits by two processes (its `splits` overridden in
+    each): one setup over all of them, every per-split record kept and the summaries taken again.
+    Anything else (other settings, other rows, a split run twice, splits not recorded): the later
+    run replaces the earlier."""
     if earlier is None or set(earlier["rows"]) != set(later["rows"]):
         return later
     same = {**earlier["settings"], "splits": None} == {**later["settings"], "splits": None}
-    if not same or seeds_of(earlier) & seeds_of(later):
+    ran = seeds_of(earlier), seeds_of(later)
+    if not same or None in ran or ran[0] & ran[1]:
         return later
     rows = {}
     for label, b in later["rows"].items():
@@ -64,7 +71,7 @@ def splits_joined(earlier: dict | None, later: dict) -> dict:
                 "per_split": {**a["cost"]["per_split"], **b["cost"]["per_split"]},
             },
         }
-    seeds = sorted(seeds_of(earlier) | seeds_of(later))
+    seeds = sorted(ran[0] | ran[1])
     return {**later, "settings": {**later["settings"], "splits": seeds}, "rows": rows}
 
 
