@@ -536,6 +536,17 @@ def test_result_folders_of_separate_processes_merge(tmp_path):
     with pytest.raises(SystemExit, match="another protocol"):
         merge([a, b], into)
     assert (into / "fusion.json").read_text() == before  # nothing written
+    (b / "fusion.json").write_text('{"seeds": [0')  # cut off mid-write: one message, as typed
+    res = subprocess.run(
+        [sys.executable, "-m", "scripts.experiments.merge", str(a), str(b), "--into", str(into)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "fusion.json is not a result file" in res.stderr
+    assert (into / "fusion.json").read_text() == before
 
 
 def test_one_setups_splits_run_by_separate_processes_add_up(tmp_path):

@@ -88,7 +88,13 @@ def merge(sources: list[Path], into: Path) -> list[str]:
             path = src / name
             if not path.is_file():
                 continue
-            r = json.loads(path.read_text())
+            try:
+                r = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise SystemExit(
+                    f"{path} is not a result file ({e}): rerun the experiment that wrote it, "
+                    "or leave its folder out"
+                ) from None
             if merged is None:
                 merged = {**r, "commands": commands_of(r)}
                 continue
