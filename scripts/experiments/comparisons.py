@@ -288,5 +288,10 @@ def comparisons(lab: dict[str, str]) -> dict[str, list[tuple[str, tuple, tuple]]
                 ("counterparts", lab["ft.minilm"]),
                 ("counterparts", lab["ft.smollm2_lora"]),
             ),
+            (
+                "fine-tuning MiniLM, one learning rate − LoRA on SmolLM2",
+                ("counterparts", ft),
+                ("counterparts", lab["ft.smollm2_lora"]),
+            ),
         ],
     }
