@@ -406,12 +406,18 @@ def _plain(x):
 
 
 def read_json(path: Path, needed_by: str) -> dict:
+    """A result file, or one message naming it: missing, or cut off / garbled."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(
             f"{needed_by} needs {path}: run its experiment first (see docs/RESULTS.md)"
         )
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(
+            f"{path} is not a result file ({e}): rerun the experiment that wrote it"
+        ) from None
 
 
 def header(cfg: DictConfig, experiment: str, module: str, argv: Sequence[str]) -> dict:

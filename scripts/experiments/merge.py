@@ -5,8 +5,8 @@
 Each experiment's JSON files must share the protocol (seeds, resplit, data-set limit); their data
 sets are put together (a data set in two folders: the later folder wins, and is named; in
 counterparts.json its setups add up, so that prompting and fine-tuning may run in parallel, and so
-do one fine-tuning setup's splits run by separate processes), their commands listed in order, and their plots
-copied. The page is then written by write_results.
+do one fine-tuning setup's splits run by separate processes), their commands listed in order, and
+their plots copied. The page is then written by write_results.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from scripts.experiments.common import PROTOCOL, commands_of, over_splits
+from scripts.experiments.common import PROTOCOL, commands_of, over_splits, read_json
 
 
 def joined(name: str, earlier: dict | None, later: dict) -> dict:
@@ -88,13 +88,7 @@ def merge(sources: list[Path], into: Path) -> list[str]:
             path = src / name
             if not path.is_file():
                 continue
-            try:
-                r = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise SystemExit(
-                    f"{path} is not a result file ({e}): rerun the experiment that wrote it, "
-                    "or leave its folder out"
-                ) from None
+            r = read_json(path, "merge")
             if merged is None:
                 merged = {**r, "commands": commands_of(r)}
                 continue

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.experiments.common import commands_of, machine, per_dataset
+from scripts.experiments.common import commands_of, machine, per_dataset, read_json
 from scripts.experiments.comparisons import (
     BEST,
     CONCAT,
@@ -172,7 +172,7 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 
 def load(results: Path, name: str) -> dict | None:
     p = results / f"{name}.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    return read_json(p, "the results page") if p.is_file() else None
 
 
 def split_rows(found: dict) -> dict[str, dict]:
