@@ -761,6 +761,30 @@ def test_the_claims_form_sets_the_cheapest_method_that_reaches_the_counterpart_a
     assert out["fine-tuning"]["llmembed"] is None  # nothing reaches it
 
 
+def test_the_claims_difference_is_rounded_once_as_the_comparisons_table_rounds_it():
+    """A difference of 0.011503 was stored as 0.0115 and printed +0.011 on the cost page while
+    the comparisons' table printed the same pair's -0.012."""
+    from scripts.experiments.cost import claim
+    from scripts.experiments.write_results import signed
+
+    def method(kind, values):
+        acc = summary(values)
+        return {
+            "kind": kind,
+            "test": {"accuracy": acc},
+            "total_s": 1.0,
+            "params_used": 1,
+            "estimated": False,
+        }
+
+    ours, theirs = [0.8650, 0.8700, 0.8580], [0.8535, 0.8585, 0.8465]  # each split +0.0115
+    ours[0] += 0.000003 * 3  # the mean difference is 0.011503
+    methods = {"probe": method("llmembed", ours), "fine-tuning": method("finetuning", theirs)}
+    (c,) = claim(methods, ROWS)
+    assert signed(c["difference"]) == "+0.012"
+    assert signed(-c["difference"]) == "-0.012"
+
+
 def test_counterparts_of_both_machines_are_shown_and_the_gpu_run_makes_the_headline(tmp_path):
     results = tmp_path / "results"
     (results / "gpu").mkdir(parents=True)

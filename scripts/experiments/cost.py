@@ -292,9 +292,10 @@ def claim(methods: dict, rows: dict) -> list[dict]:
                 "llmembed": n,
                 "llmembed_accuracy": o["test"]["accuracy"]["mean"],
                 "llmembed_total_s": o["total_s"],
-                "runtime": round(o["total_s"] / m["total_s"], 4) if m["total_s"] else None,
-                "params_used": round(o["params_used"] / m["params_used"], 4),
-                "difference": None if test is None else round(test.diff, 4),
+                # unrounded: the page rounds once, as the comparisons' table does for the same pair
+                "runtime": o["total_s"] / m["total_s"] if m["total_s"] else None,
+                "params_used": o["params_used"] / m["params_used"],
+                "difference": None if test is None else test.diff,
                 "p": None if test is None else test.p,
                 "splits": len(a),
                 "estimated": o["estimated"],
