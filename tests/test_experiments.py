@@ -737,23 +737,25 @@ def test_cost_counts_every_fit_a_choice_makes_and_the_extraction_of_every_backbo
     )
 
 
+def claim_method(kind: str, values: list[float], total: float = 1.0, used: int = 1) -> dict:
+    """One method as cost.claim reads it: its kind, per-split test accuracies, seconds, parameters."""
+    return {
+        "kind": kind,
+        "test": {"accuracy": summary(values)},
+        "total_s": total,
+        "params_used": used,
+        "estimated": False,
+    }
+
+
 def test_the_claims_form_sets_the_cheapest_method_that_reaches_the_counterpart_against_it():
     from scripts.experiments.cost import claim
 
-    def method(kind, values, total, used):
-        return {
-            "kind": kind,
-            "test": {"accuracy": summary(values)},
-            "total_s": total,
-            "params_used": used,
-            "estimated": False,
-        }
-
     methods = {
-        "probe, cheap": method("llmembed", [0.70, 0.71, 0.69], 100.0, 10),
-        "probe, good": method("llmembed", [0.90, 0.91, 0.92], 300.0, 12),
-        "prompting": method("prompting", [0.80, 0.82, 0.81], 1000.0, 10),
-        "fine-tuning": method("finetuning", [0.95, 0.96, 0.97], 50.0, 2),
+        "probe, cheap": claim_method("llmembed", [0.70, 0.71, 0.69], 100.0, 10),
+        "probe, good": claim_method("llmembed", [0.90, 0.91, 0.92], 300.0, 12),
+        "prompting": claim_method("prompting", [0.80, 0.82, 0.81], 1000.0, 10),
+        "fine-tuning": claim_method("finetuning", [0.95, 0.96, 0.97], 50.0, 2),
     }
     out = {c["counterpart"]: c for c in claim(methods, ROWS)}
     assert out["prompting"]["llmembed"] == "probe, good" and out["prompting"]["runtime"] == 0.3
@@ -767,19 +769,12 @@ def test_the_claims_difference_is_rounded_once_as_the_comparisons_table_rounds_i
     from scripts.experiments.cost import claim
     from scripts.experiments.write_results import signed
 
-    def method(kind, values):
-        acc = summary(values)
-        return {
-            "kind": kind,
-            "test": {"accuracy": acc},
-            "total_s": 1.0,
-            "params_used": 1,
-            "estimated": False,
-        }
-
     ours, theirs = [0.8650, 0.8700, 0.8580], [0.8535, 0.8585, 0.8465]  # each split +0.0115
     ours[0] += 0.000003 * 3  # the mean difference is 0.011503
-    methods = {"probe": method("llmembed", ours), "fine-tuning": method("finetuning", theirs)}
+    methods = {
+        "probe": claim_method("llmembed", ours),
+        "fine-tuning": claim_method("finetuning", theirs),
+    }
     (c,) = claim(methods, ROWS)
     assert signed(c["difference"]) == "+0.012"
     assert signed(-c["difference"]) == "-0.012"
