@@ -87,10 +87,10 @@ def dataset_cost(e: dict, dataset: str) -> dict:
 def extraction_per_1000(c: dict, n: int) -> dict:
     """One backbone's extraction figures `c` (for `n` texts) per 1,000 texts."""
     return {
-        "seconds_per_1000": None if not n else round(c["wall_s"] * 1000 / n, 3),
+        "seconds_per_1000": None if not n else c["wall_s"] * 1000 / n,
         "joules_per_1000": None
         if (not n or c.get("energy_j") is None)
-        else round(c["energy_j"] * 1000 / n, 3),
+        else c["energy_j"] * 1000 / n,
         "energy_note": c.get("energy_note"),
         "device": c.get("device"),
     }
@@ -185,13 +185,13 @@ def llmembed_method(name: str, row: dict, layers_ds: dict, extraction: dict) -> 
         "kind": "llmembed",
         "test": row["test"],
         "extraction": ext,
-        "one_time_s": round(one_time, 2),
+        "one_time_s": one_time,
         "one_time_j": None if None in joules else round(sum(j * n_all / 1000 for j in joules), 1),
         "selection_fits_per_split": sel["fits"],
-        "per_split_s": round(sel["fit_s"], 2),
+        "per_split_s": sel["fit_s"],
         "estimated": sel["estimated"],
         "splits": splits,
-        "total_s": round(one_time + splits * sel["fit_s"], 2),
+        "total_s": one_time + splits * sel["fit_s"],
         "fit_s_per_1000_train": round(
             float(np.mean([fit_s(i) / i["rows"]["train"] * 1000 for i in infos])), 3
         ),
@@ -250,12 +250,12 @@ def counterpart_method(row: dict, rows: dict, splits: int) -> dict:
         "kind": row["kind"],
         "test": row["test"],
         "one_time_s": 0.0,
-        "per_split_s": round(sel + test, 2),
-        "selection_s_per_split": round(sel, 2),
+        "per_split_s": sel + test,
+        "selection_s_per_split": sel,
         "joules_per_split": joules,
         "estimated": ran < splits,  # the total scaled up from fewer splits
         "splits": splits,
-        "total_s": round(splits * (sel + test), 2),
+        "total_s": splits * (sel + test),
         "params_trained": params,
         "params_used": used,
     }
