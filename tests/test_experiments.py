@@ -849,6 +849,53 @@ def test_counterparts_of_both_machines_are_shown_and_the_gpu_run_makes_the_headl
     assert f"| {ft} | 0.860 [" in page.split("## Reproduce")[0]  # the headline
 
 
+def test_a_setups_description_names_this_sets_settings_and_only_the_splits_it_left_out(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    a = summary([0.85, 0.86, 0.87])
+    row = {
+        "test": {"accuracy": a, "macro_f1": a},
+        "cost": {"per_split": {"0": {"selection_s": 30.0, "test_s": 2.0}}},
+        "params_trained": 0,
+    }
+    shots = {"mr": [0, 1, 2, 4], "bbc": [0, 1]}
+    lora_splits = {"mr": [3, 0, 1, 2, 4], "bbc": [1, 0]}  # merged in any order; BBC partly run
+    datasets = {
+        ds: {
+            "prompting": {
+                "chat": {
+                    "settings": {
+                        "chat": True,
+                        "calibrate": True,
+                        "shots": shots,
+                        "choose_shots": True,
+                    },
+                    "template": None,
+                    "instruction": "{text}",
+                    "words": {"a": "a"},
+                    "rows": {f"prompting {ds}": row},
+                }
+            },
+            "finetuning": {
+                "lora": {
+                    "settings": {"backbone": "smollm2", "max_epochs": 1, "splits": lora_splits},
+                    "rows": {f"LoRA {ds}": row},
+                }
+            },
+        }
+        for ds in ("mr", "bbc")
+    }
+    r = {"command": "c", "seeds": [0, 1, 2, 3, 4], "machine": {"cpu": "CPU", "cores": 2}}
+    (results / "counterparts.json").write_text(json.dumps({**r, "datasets": datasets}))
+    page = write(results, tmp_path / "RESULTS.md")
+    mr, bbc = page.split("**mr**")[1].split("**bbc**")
+    assert "demonstrations per class [0, 1, 2, 4] (chosen" in mr
+    assert "demonstrations per class [0, 1] (chosen" in bbc
+    assert "one epoch, texts" in mr and "early stopping" not in mr
+    assert "splits" not in mr.split("Fine-tuning setup")[1]  # every split ran
+    assert "splits [0, 1] only." in bbc
+
+
 def test_extraction_cost_is_the_data_sets_own_not_the_entrys_running_total(tmp_path):
     from scripts.experiments.cost import dataset_cost
 

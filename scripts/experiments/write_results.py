@@ -402,19 +402,26 @@ def sec_counterparts(r: dict, page: Page, into: dict) -> list[str]:
             )
             out += [
                 f"Prompting setup `{name}`: {how}; label words {', '.join(f'{k} → {v}' for k, v in setup['words'].items())}; "
-                f"{'calibrated on content-free inputs' if st.get('calibrate') else 'uncalibrated'}; demonstrations per class {st.get('shots')}"
+                f"{'calibrated on content-free inputs' if st.get('calibrate') else 'uncalibrated'}; demonstrations per class {per_dataset(st.get('shots'), ds)}"
                 f"{' (chosen on validation)' if st.get('choose_shots') else ''}; texts cut to {st.get('max_text_tokens')} tokens, demonstrations to {st.get('max_shot_tokens')}.",
                 "",
             ]
+        all_splits = list(range(len(r.get("seeds") or [])))
         for name, setup in d.get("finetuning", {}).items():
             st = setup["settings"]
+            splits = per_dataset(st.get("splits"), ds)
+            epochs = (
+                "one epoch"
+                if st.get("max_epochs") == 1
+                else f"at most {st.get('max_epochs')} epochs (early stopping on validation)"
+            )
             out += [
                 f"Fine-tuning setup `{name}`: {st.get('backbone')}, {st.get('method')}"
                 + (f" (LoRA {st['lora']})" if st.get("lora") else "")
-                + f", learning rates {st.get('lrs')}, batch {st.get('batch_size')}, at most {st.get('max_epochs')} epoch{'' if st.get('max_epochs') == 1 else 's'} (early stopping on validation), texts cut to {st.get('max_length')} tokens"
+                + f", learning rates {st.get('lrs')}, batch {st.get('batch_size')}, {epochs}, texts cut to {st.get('max_length')} tokens"
                 + (
-                    f", splits {per_dataset(st['splits'], ds)} only"
-                    if per_dataset(st.get("splits"), ds) is not None
+                    f", splits {sorted(splits)} only"
+                    if splits is not None and sorted(splits) != all_splits
                     else ""
                 )
                 + ".",
