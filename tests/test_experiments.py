@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import subprocess
@@ -148,7 +149,8 @@ def toy_texts(n: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
     return texts, np.array(labels)
 
 
-def test_fine_tuning_lowers_the_loss_and_learns_the_task(tiny_bert):
+def test_fine_tuning_lowers_the_loss_and_learns_the_task(tiny_bert, caplog):
+    caplog.set_level(logging.INFO, logger="results.finetune")
     tok = AutoTokenizer.from_pretrained(tiny_bert)
     texts, labels = toy_texts(96)
     tr, va = np.arange(64), np.arange(64, 96)
@@ -165,6 +167,11 @@ def test_fine_tuning_lowers_the_loss_and_learns_the_task(tiny_bert):
     assert res.params_trained == sum(
         p.numel() for p in res.model.parameters()
     )  # the whole encoder + head
+    # Progress within each epoch of 4 steps: after steps 1, 2 and 3, then the epoch's summary.
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 0:")]
+    assert [line.split(",")[0] for line in lines[:3]] == [f"epoch 0: step {i}/4" for i in (1, 2, 3)]
+    assert "s left in the epoch" in lines[0]
+    assert len(lines) == 4 and lines[3].startswith("epoch 0: train loss")
 
 
 def test_padded_and_bos_poolings_match_their_definitions(tiny_llama, llama_tok):

@@ -123,7 +123,8 @@ def fine_tune(
         ],
         lr=cfg.lr,
     )
-    steps = cfg.max_epochs * math.ceil(len(train_rows) / cfg.batch_size)
+    per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    steps = cfg.max_epochs * per_epoch
     warm = max(1, int(cfg.warmup * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
@@ -131,10 +132,13 @@ def fine_tune(
     rng = np.random.default_rng(cfg.seed)
     best_acc, best_state, best_epoch, history = -1.0, None, -1, []
     t0 = time.perf_counter()
+    # A tenth of an epoch at a time in the log: an epoch of LoRA on BBC takes hours on a CPU.
+    every = max(1, per_epoch // 10)
     for epoch in range(cfg.max_epochs):
         model.train()
-        losses = []
-        for ids, mask, y in _batches(tok, texts, labels, rng.permutation(train_rows), cfg):
+        losses, t_epoch = [], time.perf_counter()
+        batches = _batches(tok, texts, labels, rng.permutation(train_rows), cfg)
+        for step, (ids, mask, y) in enumerate(batches, 1):
             dev = model.classifier.weight.device
             loss = nn.functional.cross_entropy(model(ids.to(dev), mask.to(dev)), y.to(dev))
             opt.zero_grad()
@@ -142,6 +146,17 @@ def fine_tune(
             opt.step()
             sched.step()
             losses.append(loss.item())
+            if step % every == 0 and step < per_epoch:
+                took = time.perf_counter() - t_epoch
+                log.info(
+                    "epoch %d: step %d/%d, train loss %.4f, %.0f s, about %.0f s left in the epoch",
+                    epoch,
+                    step,
+                    per_epoch,
+                    np.mean(losses[-every:]),
+                    took,
+                    took / step * (per_epoch - step),
+                )
         pred = predict(model, tok, [texts[i] for i in val_rows], cfg)
         acc = float((pred == labels[val_rows]).mean())
         history.append(
