@@ -174,6 +174,29 @@ def test_fine_tuning_lowers_the_loss_and_learns_the_task(tiny_bert, caplog):
     assert len(lines) == 4 and lines[3].startswith("epoch 0: train loss")
 
 
+def test_micro_batches_take_the_same_steps_as_the_whole_batch(tiny_bert):
+    """Gradients summed over micro-batches, each weighed by its share, equal the whole batch's
+    (no dropout, so that both runs compute the same thing); a last batch of 8 texts splits 5 + 3."""
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    texts, labels = toy_texts(56)
+    tr, va = np.arange(40), np.arange(40, 56)
+    trained = []
+    for micro in (None, 5):
+        cfg = FineTuneConfig(lr=3e-3, batch_size=16, max_epochs=2, max_length=16, micro_batch=micro)
+        model = BertModel.from_pretrained(
+            tiny_bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+        )
+        res = fine_tune(model, tok, texts, labels, tr, va, 2, cfg)
+        trained.append((res.history, torch.cat([p.flatten() for p in res.model.parameters()])))
+    (whole, p_whole), (parts, p_parts) = trained
+    assert [h["train_loss"] for h in parts] == pytest.approx(
+        [h["train_loss"] for h in whole], rel=1e-4
+    )
+    fresh = torch.cat([p.flatten() for p in BertModel.from_pretrained(tiny_bert).parameters()])
+    assert not torch.allclose(p_whole[: len(fresh)], fresh, atol=1e-3)  # the steps moved it
+    torch.testing.assert_close(p_parts, p_whole, rtol=1e-4, atol=1e-5)
+
+
 def test_padded_and_bos_poolings_match_their_definitions(tiny_llama, llama_tok):
     """Masked means equal each text's own unpadded forward pass; padded means average every one of
     the pad_to positions of the padded forward pass; the BOS variants put a BOS in front."""
@@ -559,10 +582,11 @@ def test_result_folders_of_separate_processes_merge(tmp_path):
 def test_one_setups_splits_run_by_separate_processes_add_up(tmp_path):
     """A fine-tuning setup run on split 0 by one process and on split 1 by another (its `splits`
     overridden in each) merges into one setup over both, summaries taken again; a split run twice
-    is not averaged in twice: the later run replaces the earlier."""
+    is not averaged in twice: the later run replaces the earlier. Splits add up when only how
+    they ran differs (micro-batches), not when what they computed does (a learning rate)."""
     from scripts.experiments.merge import merge
 
-    def run(folder: Path, seeds: list[int], accuracies: list[float]) -> None:
+    def run(folder: Path, seeds: list[int], accuracies: list[float], **settings) -> None:
         row = {
             "test": {m: summary(accuracies) | {"seeds": seeds} for m in ("accuracy", "macro_f1")},
             "chosen_per_split": {str(s): f"lr={s}" for s in seeds},
@@ -570,7 +594,8 @@ def test_one_setups_splits_run_by_separate_processes_add_up(tmp_path):
             "params_trained": 7,
             "cost": {"per_split": {str(s): {"selection_s": 10.0 + s} for s in seeds}},
         }
-        setup = {"settings": {"lrs": [1e-4], "splits": {"mr": seeds}}, "rows": {"ft": row}}
+        settings = {"lrs": [1e-4], "splits": {"mr": seeds}} | settings
+        setup = {"settings": settings, "rows": {"ft": row}}
         folder.mkdir(exist_ok=True)
         (folder / "counterparts.json").write_text(
             json.dumps(
@@ -586,7 +611,11 @@ def test_one_setups_splits_run_by_separate_processes_add_up(tmp_path):
 
     a, b, into = tmp_path / "a", tmp_path / "b", tmp_path / "into"
     run(a, [0], [0.80])
-    run(b, [1], [0.90])
+    run(b, [1], [0.90], lrs=[5e-5])  # another method: it replaces split 0's
+    merge([a, b], into)
+    acc = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]["finetuning"]
+    assert acc["minilm"]["rows"]["ft"]["test"]["accuracy"]["seeds"] == [1]
+    run(b, [1], [0.90], micro_batch=4)  # the same steps in less memory: it adds up
     merge([a, b], into)
     setup = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]["finetuning"]
     row = setup["minilm"]["rows"]["ft"]
@@ -1117,7 +1146,8 @@ def test_run_to_run_variation_compares_a_clean_rerun_cell_by_cell():
 def test_counterparts_run_as_typed_on_the_packaged_models(tmp_path):
     """Every counterpart path (chat prompting with calibration and k chosen on validation, plain
     prompting, MiniLM fine-tuning with a learning-rate sweep, LoRA on SmolLM2) through the command
-    a user types, on 60 TREC rows and one split: rows, choices and per-split costs are written."""
+    a user types, on 60 TREC rows and one split (LoRA in micro-batches): rows, choices and
+    per-split costs are written."""
     out = tmp_path / "out"
     res = subprocess.run(
         [
@@ -1129,6 +1159,7 @@ def test_counterparts_run_as_typed_on_the_packaged_models(tmp_path):
             "results.counterparts.finetuning.setups.minilm.max_epochs=1",
             "results.counterparts.finetuning.setups.smollm2_lora.lrs=[1e-3]",
             "results.counterparts.finetuning.setups.smollm2_lora.max_epochs=1",
+            "results.counterparts.finetuning.setups.smollm2_lora.micro_batch=5",
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
@@ -1148,4 +1179,5 @@ def test_counterparts_run_as_typed_on_the_packaged_models(tmp_path):
     (ft,) = d["finetuning"]["minilm"]["rows"].values()
     assert [x["lr"] for x in ft["runs"]["0"]["lrs"]] == [5e-5, 1e-4]
     (lora,) = d["finetuning"]["smollm2_lora"]["rows"].values()
+    assert d["finetuning"]["smollm2_lora"]["settings"]["micro_batch"] == 5
     assert 0 < lora["params_trained"] < 2_000_000  # adapters and a classifier, not the model

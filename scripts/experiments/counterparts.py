@@ -272,6 +272,7 @@ def run_finetuning(cfg, splits, name: str, setup) -> dict | None:
         for k in ("weight_decay", "batch_size", "max_epochs", "patience", "warmup", "pooling")
     }
     base["max_length"] = int(per_dataset(setup.max_length, dsname))
+    base["micro_batch"] = per_dataset(setup.get("micro_batch"), dsname)
     chosen_splits = per_dataset(setup.get("splits"), dsname)
     seeds = [s for s in splits if chosen_splits is None or s in [int(x) for x in chosen_splits]]
     if not seeds:

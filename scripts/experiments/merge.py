@@ -49,7 +49,10 @@ def splits_joined(earlier: dict | None, later: dict) -> dict:
     run replaces the earlier."""
     if earlier is None or set(earlier["rows"]) != set(later["rows"]):
         return later
-    same = {**earlier["settings"], "splits": None} == {**later["settings"], "splits": None}
+    # How a run was executed is not what it computed: its splits, and micro-batches (the same
+    # steps in less memory).
+    how = {"splits": None, "micro_batch": None}
+    same = {**earlier["settings"], **how} == {**later["settings"], **how}
     ran = seeds_of(earlier), seeds_of(later)
     if not same or None in ran or ran[0] & ran[1]:
         return later
