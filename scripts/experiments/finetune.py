@@ -144,9 +144,9 @@ def fine_tune(
         for step, (ids, mask, y) in enumerate(batches, 1):
             dev = model.classifier.weight.device
             opt.zero_grad()
-            loss = 0.0
-            for start in range(0, len(y), cfg.micro_batch or len(y)):
-                part = slice(start, start + (cfg.micro_batch or len(y)))
+            loss, size = 0.0, cfg.micro_batch or len(y)
+            for start in range(0, len(y), size):
+                part = slice(start, start + size)
                 logits = model(ids[part].to(dev), mask[part].to(dev))
                 # The batch's mean loss: each part weighs by its share of the batch's texts.
                 part_loss = nn.functional.cross_entropy(logits, y[part].to(dev)) * (
