@@ -808,7 +808,8 @@ def write(results: Path, out: Path, readme: Path | None = None) -> str:
         "gives a fresh `results.run_dir=DIR` (and `LLMEMBED_CACHE=DIR` for a fresh extraction). "
         "Data sets may run in separate processes or machines (`'results.datasets=[mr]' results.out_dir=DIR`; "
         "give each process `OMP_NUM_THREADS=1` where their threads together would outnumber the cores: "
-        "a torch thread waiting for a busy core spins); "
+        "a torch thread waiting for a busy core spins), and so may a fine-tuning setup's splits "
+        "(`results.counterparts.finetuning.setups.NAME.splits.mr=[0]`; `...NAME.micro_batch=4` takes the same steps in less memory); "
         "`.venv/bin/python -m scripts.experiments.merge DIR1 DIR2 --into docs/results` then joins their result files before experiment 5 and the page.",
         "",
         "On a machine with an NVIDIA GPU, `bash scripts/experiments/gpu_run.sh OUT_DIR` runs experiment 4 and "
