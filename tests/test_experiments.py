@@ -1142,6 +1142,34 @@ def test_run_to_run_variation_compares_a_clean_rerun_cell_by_cell():
     assert "| +0.007 | 2 of 3 |" in text
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("micro_batch=0", "micro_batch=0: use a number of texts (1 or more), or null"),
+        ("micro_batch={mr:4}", "micro_batch names no 'trec': give one value or one per data set"),
+        ("method=qlora", "method='qlora': use full or lora"),
+    ],
+)
+def test_a_fine_tuning_setup_that_cannot_train_is_refused_before_any_work(
+    tmp_path, override, message
+):
+    """micro_batch=0 would crash hours in, a negative one would train nothing without a word."""
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [
+            sys.executable, "-m", "scripts.experiments.counterparts",
+            "results.counterparts.run=[prompting.plain,finetuning.smollm2_lora]",
+            "results.datasets=[trec]", f"results.out_dir={out}",
+            f"results.counterparts.finetuning.setups.smollm2_lora.{override}",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert f"results.counterparts.finetuning.setups.smollm2_lora.{message}" in res.stderr
+    assert not out.exists()  # the prompting before it did not run either
+
+
 @pytest.mark.slow
 def test_counterparts_run_as_typed_on_the_packaged_models(tmp_path):
     """Every counterpart path (chat prompting with calibration and k chosen on validation, plain

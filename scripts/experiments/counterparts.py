@@ -358,11 +358,27 @@ def backbone_builder(setup, path: str) -> Callable[[], torch.nn.Module]:
                 alpha=float(lo.alpha),
                 dropout=float(lo.dropout),
             )
-        elif setup.method != "full":
-            raise SystemExit(f"error: fine-tuning method {setup.method!r}: use full or lora")
         return model
 
     return build
+
+
+def check_finetuning(name: str, setup, dataset: str) -> None:
+    """Settings that would fail, or silently train nothing, hours into a run: refused first."""
+    key = f"results.counterparts.finetuning.setups.{name}"
+    if setup.method not in ("full", "lora"):
+        raise SystemExit(f"error: {key}.method={setup.method!r}: use full or lora")
+    micro = setup.get("micro_batch")
+    if OmegaConf.is_dict(micro) and dataset not in micro:
+        raise SystemExit(
+            f"error: {key}.micro_batch names no {dataset!r}: give one value or one per data set"
+        )
+    micro = per_dataset(micro, dataset)
+    if micro is not None and (isinstance(micro, bool) or not isinstance(micro, int) or micro < 1):
+        raise SystemExit(
+            f"error: {key}.micro_batch={micro!r}: use a number of texts (1 or more), "
+            "or null for the whole batch"
+        )
 
 
 RUNNERS = {"prompting": run_prompting, "finetuning": run_finetuning}
@@ -379,6 +395,12 @@ def main(argv: list[str]) -> None:
             raise SystemExit(
                 f"error: results.counterparts.run has {'.'.join(entry)!r}; known: {known}"
             )
+    for cfg in cfgs:
+        for kind, name in todo:
+            if kind == "finetuning":
+                check_finetuning(
+                    name, cfg.results.counterparts.finetuning.setups[name], cfg.dataset.name
+                )
     out_dir = Path(cfgs[0].results.out_dir)
     path = out_dir / "counterparts.json"
     result = {**header(cfgs[0], EXPERIMENT, MODULE, argv), "datasets": {}}
