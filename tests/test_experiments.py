@@ -1142,6 +1142,24 @@ def test_run_to_run_variation_compares_a_clean_rerun_cell_by_cell():
     assert "| +0.007 | 2 of 3 |" in text
 
 
+@pytest.mark.parametrize("module", ["layers", "recipe", "counterparts"])
+def test_data_that_cannot_be_loaded_is_one_message_not_a_traceback(tmp_path, module):
+    """sst2 comes from the hub: offline, with an empty data-set cache, it cannot load."""
+    res = subprocess.run(
+        [
+            sys.executable, "-m", f"scripts.experiments.{module}",
+            "results.datasets=[sst2]", f"results.out_dir={tmp_path / 'out'}",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={
+            **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_CACHE": str(tmp_path / "hf"),
+        },
+    )  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "error: could not load 'stanfordnlp/sst2'" in res.stderr, res.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -87,6 +87,16 @@ SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
 METRICS = ("accuracy", "macro_f1")
 
 
+def run_main(main: Callable[[list[str]], None]) -> None:
+    """An experiment's command line: what the user can fix (data that cannot be loaded, a damaged
+    cache entry: a `UserError`) is one message and exit status 1, as its other errors; anything
+    else is a bug of ours and keeps its traceback."""
+    try:
+        main(sys.argv[1:])
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 # --- configs -------------------------------------------------------------------------------------
 def compose_cfg(name: str, overrides: Sequence[str]) -> DictConfig:
     """`name` (classify / extract) composed exactly as the CLI composes it. An override Hydra

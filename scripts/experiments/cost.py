@@ -32,7 +32,6 @@ where none is readable the joules are null and the reason is kept. Estimated run
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ from scripts.experiments.common import (
     experiment_cfgs,
     header,
     read_json,
+    run_main,
     setup_logging,
     write_json,
 )
@@ -378,4 +378,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

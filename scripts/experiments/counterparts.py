@@ -26,7 +26,6 @@ per setup, each with its rows (a row per method the page shows).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from scripts.experiments.common import (
     over_splits,
     per_dataset,
     resolve_compute_dtype,
+    run_main,
     setup_logging,
     split_datasets,
     write_json,
@@ -420,4 +420,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -28,7 +28,6 @@ Writes <results.out_dir>/fusion.json.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from llmembed.classify.train import seeds_of
@@ -44,6 +43,7 @@ from scripts.experiments.common import (
     header,
     pre_extract,
     read_json,
+    run_main,
     selection,
     setup_logging,
     with_changes,
@@ -251,4 +251,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

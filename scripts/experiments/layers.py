@@ -19,7 +19,6 @@ the layer chosen on validation per split) and layers_<dataset>.png.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from llmembed.classify.train import seeds_of
@@ -33,6 +32,7 @@ from scripts.experiments.common import (
     finish,
     header,
     pre_extract,
+    run_main,
     setup_logging,
     summary_of,
     with_changes,
@@ -142,4 +142,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -59,6 +58,7 @@ from scripts.experiments.common import (
     metered,
     pre_extract,
     resolve_compute_dtype,
+    run_main,
     selection,
     setup_logging,
     split_datasets,
@@ -433,4 +433,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)
