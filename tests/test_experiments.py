@@ -1142,8 +1142,16 @@ def test_run_to_run_variation_compares_a_clean_rerun_cell_by_cell():
     assert "| +0.007 | 2 of 3 |" in text
 
 
-@pytest.mark.parametrize("module", ["layers", "recipe", "counterparts"])
-def test_data_that_cannot_be_loaded_is_one_message_not_a_traceback(tmp_path, module):
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        ("layers", "error: could not load 'stanfordnlp/sst2'"),
+        ("recipe", "error: could not load 'stanfordnlp/sst2'"),
+        # Before loading: the committed config has no demonstrations for it.
+        ("counterparts", "error: results.counterparts.prompting.setups.chat.shots names no 'sst2'"),
+    ],
+)
+def test_a_data_set_that_cannot_run_is_one_message_not_a_traceback(tmp_path, module, message):
     """sst2 comes from the hub: offline, with an empty data-set cache, it cannot load."""
     res = subprocess.run(
         [
@@ -1157,35 +1165,57 @@ def test_data_that_cannot_be_loaded_is_one_message_not_a_traceback(tmp_path, mod
         },
     )  # fmt: skip
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert "error: could not load 'stanfordnlp/sst2'" in res.stderr, res.stderr[-2000:]
+    assert message in res.stderr, res.stderr[-2000:]
+
+
+LORA = "results.counterparts.finetuning.setups.smollm2_lora"
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("micro_batch=0", "micro_batch=0: use a number of texts (1 or more), or null"),
-        ("micro_batch={mr:4}", "micro_batch names no 'trec': give one value or one per data set"),
-        ("method=qlora", "method='qlora': use full or lora"),
+        (f"{LORA}.micro_batch=0", f"{LORA}.micro_batch=0: use a number of texts (1 or more)"),
+        (f"{LORA}.micro_batch=-2", f"{LORA}.micro_batch=-2: use a number of texts"),
+        (f"{LORA}.micro_batch={{mr:4}}", f"{LORA}.micro_batch names no 'trec': give one value"),
+        (f"{LORA}.max_length={{mr:128}}", f"{LORA}.max_length names no 'trec'"),
+        (f"{LORA}.method=qlora", f"{LORA}.method='qlora': use full or lora"),
     ],
-)
-def test_a_fine_tuning_setup_that_cannot_train_is_refused_before_any_work(
+)  # fmt: skip
+def test_a_counterpart_setup_that_cannot_run_is_refused_before_any_work(
     tmp_path, override, message
 ):
-    """micro_batch=0 would crash hours in, a negative one would train nothing without a word."""
+    """micro_batch=0 would crash hours in, a negative one would train nothing without a word, a
+    setting given per data set without this one would stop at its turn."""
     out = tmp_path / "out"
     res = subprocess.run(
         [
             sys.executable, "-m", "scripts.experiments.counterparts",
-            "results.counterparts.run=[prompting.plain,finetuning.smollm2_lora]",
-            "results.datasets=[trec]", f"results.out_dir={out}",
-            f"results.counterparts.finetuning.setups.smollm2_lora.{override}",
+            "results.counterparts.run=[prompting.plain,prompting.chat,finetuning.smollm2_lora]",
+            "results.datasets=[trec]", f"results.out_dir={out}", override,
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
     )  # fmt: skip
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert f"results.counterparts.finetuning.setups.smollm2_lora.{message}" in res.stderr
+    assert message in res.stderr, res.stderr[-2000:]
     assert not out.exists()  # the prompting before it did not run either
+
+
+def test_a_data_set_without_a_prompt_template_or_its_own_setting_is_refused():
+    """A user's own data set config (its name in no per-data-set setting of the committed one):
+    one message naming what to add. Hydra merges a dict override, so this is built in Python."""
+    from scripts.experiments.common import compose_cfg
+    from scripts.experiments.counterparts import check_setup
+
+    c = compose_cfg("classify", ["experiment=results_counterparts"]).results.counterparts
+    OmegaConf.set_struct(c, False)
+    del c.prompting.templates["trec"]
+    with pytest.raises(SystemExit, match="templates has no 'trec': add its template"):
+        check_setup(c, "prompting", "plain", "trec")
+    del c.prompting.setups.chat.shots["trec"]
+    with pytest.raises(SystemExit, match=r"chat\.shots names no 'trec': give one value"):
+        check_setup(c, "prompting", "chat", "trec")
+    check_setup(c, "prompting", "plain", "mr")  # mr has both
 
 
 @pytest.mark.slow

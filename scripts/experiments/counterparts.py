@@ -363,17 +363,27 @@ def backbone_builder(setup, path: str) -> Callable[[], torch.nn.Module]:
     return build
 
 
-def check_finetuning(name: str, setup, dataset: str) -> None:
-    """Settings that would fail, or silently train nothing, hours into a run: refused first."""
-    key = f"results.counterparts.finetuning.setups.{name}"
+def check_setup(c, kind: str, name: str, dataset: str) -> None:
+    """Settings that would fail, or silently train nothing, minutes or hours into a run: refused
+    before any. A setting given per data set must name this one; prompting needs its template."""
+    key = f"results.counterparts.{kind}.setups.{name}"
+    setup = c[kind].setups[name]
+    per_set = ("max_length", "micro_batch", "splits", "shots", "max_text_tokens", "max_shot_tokens")
+    for k in per_set:
+        if OmegaConf.is_dict(setup.get(k)) and dataset not in setup[k]:
+            raise SystemExit(
+                f"error: {key}.{k} names no {dataset!r}: give one value or one per data set"
+            )
+    if kind == "prompting":
+        if dataset not in c.prompting.templates:
+            raise SystemExit(
+                f"error: results.counterparts.prompting.templates has no {dataset!r}: add its "
+                "template, instruction and label words"
+            )
+        return
     if setup.method not in ("full", "lora"):
         raise SystemExit(f"error: {key}.method={setup.method!r}: use full or lora")
-    micro = setup.get("micro_batch")
-    if OmegaConf.is_dict(micro) and dataset not in micro:
-        raise SystemExit(
-            f"error: {key}.micro_batch names no {dataset!r}: give one value or one per data set"
-        )
-    micro = per_dataset(micro, dataset)
+    micro = per_dataset(setup.get("micro_batch"), dataset)
     if micro is not None and (isinstance(micro, bool) or not isinstance(micro, int) or micro < 1):
         raise SystemExit(
             f"error: {key}.micro_batch={micro!r}: use a number of texts (1 or more), "
@@ -397,10 +407,7 @@ def main(argv: list[str]) -> None:
             )
     for cfg in cfgs:
         for kind, name in todo:
-            if kind == "finetuning":
-                check_finetuning(
-                    name, cfg.results.counterparts.finetuning.setups[name], cfg.dataset.name
-                )
+            check_setup(cfg.results.counterparts, kind, name, cfg.dataset.name)
     out_dir = Path(cfgs[0].results.out_dir)
     path = out_dir / "counterparts.json"
     result = {**header(cfgs[0], EXPERIMENT, MODULE, argv), "datasets": {}}
