@@ -111,13 +111,11 @@ def compose_cfg(name: str, overrides: Sequence[str]) -> DictConfig:
 
 def experiment_cfgs(experiment: str, argv: Sequence[str]) -> list[DictConfig]:
     """One classify config per data set of `results.datasets`, each composed from
-    `experiment=<experiment>` and the command line's overrides (applied to every data set)."""
-    try:
-        check_overrides("classify", [f"experiment={experiment}", *argv])  # a key nothing reads
-        base = compose_cfg("classify", [f"experiment={experiment}", *argv])
-        seeds_of(base)
-    except UserError as err:
-        raise SystemExit(f"error: {err}") from None
+    `experiment=<experiment>` and the command line's overrides (applied to every data set). A
+    key nothing reads, or seeds that cannot be split, raise a `UserError` (run_main reports it)."""
+    check_overrides("classify", [f"experiment={experiment}", *argv])
+    base = compose_cfg("classify", [f"experiment={experiment}", *argv])
+    seeds_of(base)
     names = list(base.results.datasets)
     user = [a for a in argv if not a.startswith("dataset=")]
     return [
