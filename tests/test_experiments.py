@@ -35,6 +35,20 @@ from scripts.experiments.recipe import pooled_variants
 from scripts.experiments.write_results import write
 
 ROOT = Path(__file__).resolve().parents[1]
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def run_experiment(module: str, *args, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
+    """`python -m scripts.experiments.<module> ARGS` as the page's Reproduce paragraph types it,
+    offline (no hub here)."""
+    return subprocess.run(
+        [sys.executable, "-m", f"scripts.experiments.{module}", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **OFFLINE, **(env or {})},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -567,13 +581,7 @@ def test_result_folders_of_separate_processes_merge(tmp_path):
         merge([a, b], into)
     assert (into / "fusion.json").read_text() == before  # nothing written
     (b / "fusion.json").write_text('{"seeds": [0')  # cut off mid-write: one message, as typed
-    res = subprocess.run(
-        [sys.executable, "-m", "scripts.experiments.merge", str(a), str(b), "--into", str(into)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_experiment("merge", a, b, "--into", into)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert "fusion.json is not a result file" in res.stderr
     assert (into / "fusion.json").read_text() == before
@@ -954,25 +962,18 @@ def test_extraction_cost_is_the_data_sets_own_not_the_entrys_running_total(tmp_p
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["scripts.experiments.cost", "results.datasets=[nope]"], "Could not find 'dataset/nope'"),
-        (["scripts.experiments.layers", "seeds=oops"], "seeds must be a list of integers"),
+        (["cost", "results.datasets=[nope]"], "Could not find 'dataset/nope'"),
+        (["layers", "seeds=oops"], "seeds must be a list of integers"),
         (
-            ["scripts.experiments.merge", "{tmp}/nothing", "--into", "{tmp}/into"],
+            ["merge", "{tmp}/nothing", "--into", "{tmp}/into"],
             "holds no result files",
         ),
-        (["scripts.experiments.write_results", "--results", "{tmp}/nothing"], "is not a folder"),
+        (["write_results", "--results", "{tmp}/nothing"], "is not a folder"),
     ],
 )
 def test_experiment_commands_refuse_bad_input_in_one_message(tmp_path, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    res = subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    res = run_experiment(*args)
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
     assert message in res.stderr, res.stderr
     assert not (tmp_path / "nothing").exists() and not (tmp_path / "into").exists()
@@ -1153,17 +1154,12 @@ def test_run_to_run_variation_compares_a_clean_rerun_cell_by_cell():
 )
 def test_a_data_set_that_cannot_run_is_one_message_not_a_traceback(tmp_path, module, message):
     """sst2 comes from the hub: offline, with an empty data-set cache, it cannot load."""
-    res = subprocess.run(
-        [
-            sys.executable, "-m", f"scripts.experiments.{module}",
-            "results.datasets=[sst2]", f"results.out_dir={tmp_path / 'out'}",
-        ],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={
-            **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "HF_DATASETS_CACHE": str(tmp_path / "hf"),
-        },
-    )  # fmt: skip
+    res = run_experiment(
+        module,
+        "results.datasets=[sst2]",
+        f"results.out_dir={tmp_path / 'out'}",
+        env={"HF_DATASETS_CACHE": str(tmp_path / "hf")},
+    )
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert message in res.stderr, res.stderr[-2000:]
 
@@ -1187,15 +1183,13 @@ def test_a_counterpart_setup_that_cannot_run_is_refused_before_any_work(
     """micro_batch=0 would crash hours in, a negative one would train nothing without a word, a
     setting given per data set without this one would stop at its turn."""
     out = tmp_path / "out"
-    res = subprocess.run(
-        [
-            sys.executable, "-m", "scripts.experiments.counterparts",
-            "results.counterparts.run=[prompting.plain,prompting.chat,finetuning.smollm2_lora]",
-            "results.datasets=[trec]", f"results.out_dir={out}", override,
-        ],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-    )  # fmt: skip
+    res = run_experiment(
+        "counterparts",
+        "results.counterparts.run=[prompting.plain,prompting.chat,finetuning.smollm2_lora]",
+        "results.datasets=[trec]",
+        f"results.out_dir={out}",
+        override,
+    )
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert message in res.stderr, res.stderr[-2000:]
     assert not out.exists()  # the prompting before it did not run either
@@ -1225,20 +1219,17 @@ def test_counterparts_run_as_typed_on_the_packaged_models(tmp_path):
     a user types, on 60 TREC rows and one split (LoRA in micro-batches): rows, choices and
     per-split costs are written."""
     out = tmp_path / "out"
-    res = subprocess.run(
-        [
-            sys.executable, "-m", "scripts.experiments.counterparts",
-            "dataset.limit=60", "results.datasets=[trec]", "seeds=[0]", f"results.out_dir={out}",
-            "results.counterparts.run=[prompting.chat,prompting.plain,finetuning.minilm,finetuning.smollm2_lora]",
-            "results.counterparts.prompting.setups.chat.shots.trec=[0,1]",
-            "results.counterparts.finetuning.setups.minilm.lrs=[5e-5,1e-4]",
-            "results.counterparts.finetuning.setups.minilm.max_epochs=1",
-            "results.counterparts.finetuning.setups.smollm2_lora.lrs=[1e-3]",
-            "results.counterparts.finetuning.setups.smollm2_lora.max_epochs=1",
-            "results.counterparts.finetuning.setups.smollm2_lora.micro_batch=5",
-        ],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    res = run_experiment(
+        "counterparts",
+        "dataset.limit=60", "results.datasets=[trec]", "seeds=[0]", f"results.out_dir={out}",
+        "results.counterparts.run=[prompting.chat,prompting.plain,finetuning.minilm,finetuning.smollm2_lora]",
+        "results.counterparts.prompting.setups.chat.shots.trec=[0,1]",
+        "results.counterparts.finetuning.setups.minilm.lrs=[5e-5,1e-4]",
+        "results.counterparts.finetuning.setups.minilm.max_epochs=1",
+        "results.counterparts.finetuning.setups.smollm2_lora.lrs=[1e-3]",
+        "results.counterparts.finetuning.setups.smollm2_lora.max_epochs=1",
+        "results.counterparts.finetuning.setups.smollm2_lora.micro_batch=5",
+        timeout=900,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     d = json.loads((out / "counterparts.json").read_text())["datasets"]["trec"]
