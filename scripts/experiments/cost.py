@@ -186,19 +186,19 @@ def llmembed_method(name: str, row: dict, layers_ds: dict, extraction: dict) -> 
         "test": row["test"],
         "extraction": ext,
         "one_time_s": one_time,
-        "one_time_j": None if None in joules else round(sum(j * n_all / 1000 for j in joules), 1),
+        "one_time_j": None if None in joules else sum(j * n_all / 1000 for j in joules),
         "selection_fits_per_split": sel["fits"],
         "per_split_s": sel["fit_s"],
         "estimated": sel["estimated"],
         "splits": splits,
         "total_s": one_time + splits * sel["fit_s"],
-        "fit_s_per_1000_train": round(
-            float(np.mean([fit_s(i) / i["rows"]["train"] * 1000 for i in infos])), 3
+        "fit_s_per_1000_train": float(
+            np.mean([fit_s(i) / i["rows"]["train"] * 1000 for i in infos])
         ),
-        "cache_mb_entries": round(
-            sum(entry_mb(e["entry"]) for e in first["extraction"] if Path(e["entry"]).exists()), 1
+        "cache_mb_entries": sum(
+            entry_mb(e["entry"]) for e in first["extraction"] if Path(e["entry"]).exists()
         ),
-        "cache_mb_read": round(n_all * first["n_features"] * 2 / 2**20, 2),  # float16 storage
+        "cache_mb_read": n_all * first["n_features"] * 2 / 2**20,  # float16 storage
         "params_trained": first["params_trained"],
         "params_used": first["params_trained"] + sum(BACKBONE_PARAMS.get(b, 0) for b in ext),
         "rows": first["rows"],
