@@ -194,14 +194,22 @@ def test_micro_batches_take_the_same_steps_as_the_whole_batch(tiny_bert):
     tok = AutoTokenizer.from_pretrained(tiny_bert)
     texts, labels = toy_texts(56)
     tr, va = np.arange(40), np.arange(40, 56)
-    trained = []
+    trained, passes = [], {}
     for micro in (None, 5):
         cfg = FineTuneConfig(lr=3e-3, batch_size=16, max_epochs=2, max_length=16, micro_batch=micro)
         model = BertModel.from_pretrained(
             tiny_bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
         )
+        seen = passes.setdefault(micro, [])  # texts per training forward pass
+        model.register_forward_pre_hook(
+            lambda m, args, kw, seen=seen: (
+                seen.append(len(kw["input_ids"])) if m.training else None
+            ),
+            with_kwargs=True,
+        )
         res = fine_tune(model, tok, texts, labels, tr, va, 2, cfg)
         trained.append((res.history, torch.cat([p.flatten() for p in res.model.parameters()])))
+    assert passes == {None: [16, 16, 8] * 2, 5: [5, 5, 5, 1, 5, 5, 5, 1, 5, 3] * 2}
     (whole, p_whole), (parts, p_parts) = trained
     assert [h["train_loss"] for h in parts] == pytest.approx(
         [h["train_loss"] for h in whole], rel=1e-4
@@ -633,6 +641,9 @@ def test_one_setups_splits_run_by_separate_processes_add_up(tmp_path):
     assert row["chosen_per_split"] == {"0": "lr=0", "1": "lr=1"}
     assert set(row["cost"]["per_split"]) == {"0", "1"} and set(row["runs"]) == {"0", "1"}
     assert setup["minilm"]["settings"]["splits"] == [0, 1]
+    # which split ran how: its record, and the setting per split where they differ
+    assert [row["runs"][s]["micro_batch"] for s in ("0", "1")] == [None, 4]
+    assert setup["minilm"]["settings"]["micro_batch"] == {"0": None, "1": 4}
     run(b, [0], [0.70])  # split 0 again: the later run wins, nothing counted twice
     merge([a, b], into)
     acc = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]["finetuning"]
@@ -903,7 +914,8 @@ def test_a_setups_description_names_this_sets_settings_and_only_the_splits_it_le
         "params_trained": 0,
     }
     shots = {"mr": [0, 1, 2, 4], "bbc": [0, 1]}
-    lora_splits = {"mr": [3, 0, 1, 2, 4], "bbc": [1, 0]}  # merged in any order; BBC partly run
+    # merged in any order; BBC partly run; the splits are seeds, not positions
+    lora_splits = {"mr": [3, 5, 1, 2, 4], "bbc": [2, 1]}
     datasets = {
         ds: {
             "prompting": {
@@ -913,6 +925,8 @@ def test_a_setups_description_names_this_sets_settings_and_only_the_splits_it_le
                         "calibrate": True,
                         "shots": shots,
                         "choose_shots": True,
+                        "max_text_tokens": {"mr": 64, "bbc": 512},
+                        "max_shot_tokens": 32,
                     },
                     "template": None,
                     "instruction": "{text}",
@@ -922,14 +936,19 @@ def test_a_setups_description_names_this_sets_settings_and_only_the_splits_it_le
             },
             "finetuning": {
                 "lora": {
-                    "settings": {"backbone": "smollm2", "max_epochs": 1, "splits": lora_splits},
+                    "settings": {
+                        "backbone": "smollm2",
+                        "max_epochs": 1,
+                        "splits": lora_splits,
+                        "max_length": {"mr": 128, "bbc": 256},
+                    },
                     "rows": {f"LoRA {ds}": row},
                 }
             },
         }
         for ds in ("mr", "bbc")
     }
-    r = {"command": "c", "seeds": [0, 1, 2, 3, 4], "machine": {"cpu": "CPU", "cores": 2}}
+    r = {"command": "c", "seeds": [1, 2, 3, 4, 5], "machine": {"cpu": "CPU", "cores": 2}}
     (results / "counterparts.json").write_text(json.dumps({**r, "datasets": datasets}))
     page = write(results, tmp_path / "RESULTS.md")
     mr, bbc = page.split("**mr**")[1].split("**bbc**")
@@ -937,7 +956,10 @@ def test_a_setups_description_names_this_sets_settings_and_only_the_splits_it_le
     assert "demonstrations per class [0, 1] (chosen" in bbc
     assert "one epoch, texts" in mr and "early stopping" not in mr
     assert "splits" not in mr.split("Fine-tuning setup")[1]  # every split ran
-    assert "splits [0, 1] only." in bbc
+    assert "splits [1, 2] only." in bbc
+    assert "texts cut to 64 tokens, demonstrations to 32." in mr
+    assert "texts cut to 512 tokens, demonstrations to 32." in bbc
+    assert "texts cut to 128 tokens" in mr and "texts cut to 256 tokens" in bbc
 
 
 def test_extraction_cost_is_the_data_sets_own_not_the_entrys_running_total(tmp_path):
@@ -1170,9 +1192,10 @@ LORA = "results.counterparts.finetuning.setups.smollm2_lora"
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        (f"{LORA}.micro_batch=0", f"{LORA}.micro_batch=0: use a number of texts (1 or more)"),
-        (f"{LORA}.micro_batch=-2", f"{LORA}.micro_batch=-2: use a number of texts"),
+        (f"{LORA}.micro_batch=0", f"{LORA}.micro_batch=0: use a whole number of texts, 1 or more"),
+        (f"{LORA}.micro_batch={{mr:4,trec:-2}}", f"{LORA}.micro_batch.trec=-2: use a whole number"),
         (f"{LORA}.micro_batch={{mr:4}}", f"{LORA}.micro_batch names no 'trec': give one value"),
+        (f"{LORA}.splits.trec=0", f"{LORA}.splits.trec=0: give a list of the splits to run, from"),
         (f"{LORA}.max_length={{mr:128}}", f"{LORA}.max_length names no 'trec'"),
         (f"{LORA}.method=qlora", f"{LORA}.method='qlora': use full or lora"),
     ],
@@ -1180,8 +1203,8 @@ LORA = "results.counterparts.finetuning.setups.smollm2_lora"
 def test_a_counterpart_setup_that_cannot_run_is_refused_before_any_work(
     tmp_path, override, message
 ):
-    """micro_batch=0 would crash hours in, a negative one would train nothing without a word, a
-    setting given per data set without this one would stop at its turn."""
+    """A negative micro_batch would train nothing without a word, a split given as a number or
+    a setting given per data set without this one would stop at its turn, after the prompting."""
     out = tmp_path / "out"
     res = run_experiment(
         "counterparts",
@@ -1205,11 +1228,75 @@ def test_a_data_set_without_a_prompt_template_or_its_own_setting_is_refused():
     OmegaConf.set_struct(c, False)
     del c.prompting.templates["trec"]
     with pytest.raises(SystemExit, match="templates has no 'trec': add its template"):
-        check_setup(c, "prompting", "plain", "trec")
+        check_setup(c, "prompting", "plain", "trec", SEEDS)
     del c.prompting.setups.chat.shots["trec"]
     with pytest.raises(SystemExit, match=r"chat\.shots names no 'trec': give one value"):
-        check_setup(c, "prompting", "chat", "trec")
-    check_setup(c, "prompting", "plain", "mr")  # mr has both
+        check_setup(c, "prompting", "chat", "trec", SEEDS)
+    check_setup(c, "prompting", "plain", "mr", SEEDS)  # mr has both
+
+
+SEEDS = [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    ("kind", "setting", "value", "message"),
+    [
+        ("finetuning", "micro_batch", True, "micro_batch=True: use a whole number of texts"),
+        ("finetuning", "micro_batch", 4.0, "micro_batch=4.0: use a whole number of texts"),
+        ("finetuning", "micro_batch", "4", "micro_batch='4': use a whole number of texts"),
+        ("finetuning", "batch_size", 0, "batch_size=0: use a whole number, 1 or more"),
+        ("finetuning", "max_epochs", 0, "max_epochs=0: use a whole number, 1 or more"),
+        ("finetuning", "lrs", [], "lrs=[]: give a list of one or more positive learning rates"),
+        ("finetuning", "lrs", [1e-4, -1e-4], "lrs=[0.0001, -0.0001]: give a list of one or more"),
+        ("finetuning", "lrs", 5e-5, "lrs=5e-05: give a list of one or more"),
+        ("finetuning", "warmup", 1.0, "warmup=1.0: use a share of the steps, from 0 to below 1"),
+        ("finetuning", "pooling", "cls", "pooling='cls': use one of mean, first, last"),
+        ("finetuning", "splits", [7], "splits=[7]: give a list of the splits to run, from"),
+        ("finetuning", "splits", [0, "1"], "splits=[0, '1']: give a list of the splits to run"),
+        ("finetuning", "splits", {"trec": [True]}, "splits.trec=[True]: give a list of the splits"),
+        ("prompting", "shots", [0, -1], "shots=[0, -1]: give a list of demonstrations per class"),
+        ("prompting", "shots", 2, "shots=2: give a list of demonstrations per class"),
+        ("prompting", "max_text_tokens", {"trec": 0}, "max_text_tokens.trec=0: use a whole number"),
+    ],
+)  # fmt: skip
+def test_a_setting_that_would_fail_hours_in_is_refused_naming_it(kind, setting, value, message):
+    """Each of these crashed at its setup's turn (after the prompting had run), or, for a
+    negative count or a boolean, trained something else than asked without a word."""
+    from scripts.experiments.common import compose_cfg
+    from scripts.experiments.counterparts import check_setup
+
+    c = compose_cfg("classify", ["experiment=results_counterparts"]).results.counterparts
+    name = "smollm2_lora" if kind == "finetuning" else "chat"
+    check_setup(c, kind, name, "trec", SEEDS)  # the committed setting runs
+    c[kind].setups[name][setting] = value
+    with pytest.raises(SystemExit, match=re.escape(f"setups.{name}.{message}")):
+        check_setup(c, kind, name, "trec", SEEDS)
+
+
+def test_a_setups_own_splits_run_where_they_were_drawn():
+    """A quick run over fewer seeds keeps the committed setups' own splits that it drew."""
+    from scripts.experiments.common import compose_cfg
+    from scripts.experiments.counterparts import own_splits
+
+    c = compose_cfg("classify", ["experiment=results_counterparts"]).results.counterparts
+    lora = c.finetuning.setups.smollm2_lora
+    lora.splits.trec = [0, 1]
+    assert own_splits(lora, "trec", [0]) == [0]
+    assert own_splits(lora, "trec", [1, 0]) == [1, 0]  # in the order drawn
+    lora.splits.bbc = []
+    assert own_splits(lora, "bbc", SEEDS) == []  # not run there
+    lora.splits = None
+    assert own_splits(lora, "trec", SEEDS) == SEEDS
+
+
+def test_a_fine_tuning_setting_is_checked_where_it_is_made_too():
+    """Whoever builds a FineTuneConfig in Python gets the same refusal as the command line."""
+    from scripts.experiments.finetune import SettingError
+
+    with pytest.raises(SettingError, match=r"micro_batch=-2: use a whole number of texts"):
+        FineTuneConfig(micro_batch=-2)
+    with pytest.raises(SettingError, match=r"lr=0.0: use a positive learning rate"):
+        FineTuneConfig(lr=0.0)
 
 
 @pytest.mark.slow

@@ -26,13 +26,16 @@ per setup, each with its rows (a row per method the page shows).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from llmembed.classify.train import seeds_of
 from scripts.experiments.common import (
     SPLIT_CODES,
     backbone_path,
@@ -51,7 +54,7 @@ from scripts.experiments.common import (
     split_datasets,
     write_json,
 )
-from scripts.experiments.finetune import FineTuneConfig, fine_tune, predict
+from scripts.experiments.finetune import FineTuneConfig, SettingError, fine_tune, predict, whole
 from scripts.experiments.lora import add_lora
 from scripts.experiments.prompting import (
     PromptScorer,
@@ -267,14 +270,8 @@ def run_finetuning(cfg, splits, name: str, setup) -> dict | None:
     dsname = cfg.dataset.name
     path = backbone_path(setup.backbone)
     tok = load_tokenizer(path)
-    base = {
-        k: setup[k]
-        for k in ("weight_decay", "batch_size", "max_epochs", "patience", "warmup", "pooling")
-    }
-    base["max_length"] = int(per_dataset(setup.max_length, dsname))
-    base["micro_batch"] = per_dataset(setup.get("micro_batch"), dsname)
-    chosen_splits = per_dataset(setup.get("splits"), dsname)
-    seeds = [s for s in splits if chosen_splits is None or s in [int(x) for x in chosen_splits]]
+    configs = finetune_configs(setup, dsname)
+    seeds = own_splits(setup, dsname, list(splits))
     if not seeds:
         log.info(
             "%s %s: no splits on this data set (results.counterparts.finetuning)", dsname, name
@@ -286,20 +283,19 @@ def run_finetuning(cfg, splits, name: str, setup) -> dict | None:
         ds = splits[seed]
         tr, va, te = (rows_of(ds, q) for q in ("train", "validation", "test"))
         tried = []
-        for lr in setup.lrs:
-            c = FineTuneConfig(**base, lr=float(lr), seed=seed)
+        for c in (replace(c, seed=seed) for c in configs):
             with metered() as meter:
                 res = fine_tune(build(), tok, ds.texts, ds.labels, tr, va, len(ds.label_names), c)
             timed.add(seed, "selection", meter.figures())
             tried.append(
-                (res.history[res.best_epoch]["val_accuracy"], -float(lr), c, res, meter.figures())
+                (res.history[res.best_epoch]["val_accuracy"], -c.lr, c, res, meter.figures())
             )
             log.info(
                 "%s %s split %d lr %g: validation accuracy %.4f",
                 dsname,
                 name,
                 seed,
-                lr,
+                c.lr,
                 tried[-1][0],
             )
         _, _, c, res, train_figures = max(tried, key=lambda t: (t[0], t[1]))  # ties: smaller lr
@@ -318,6 +314,7 @@ def run_finetuning(cfg, splits, name: str, setup) -> dict | None:
                 }
                 for t in tried
             ],
+            "micro_batch": c.micro_batch,  # how it ran: merge may join splits run otherwise
             "train_per_1000": per_1000(train_figures, len(tr)),
             "inference_per_1000": per_1000(meter.figures(), len(te)),
         }
@@ -363,7 +360,44 @@ def backbone_builder(setup, path: str) -> Callable[[], torch.nn.Module]:
     return build
 
 
-def check_setup(c, kind: str, name: str, dataset: str) -> None:
+def finetune_configs(setup, dataset: str) -> list[FineTuneConfig]:
+    """One FineTuneConfig per learning rate of a fine-tuning setup, on `dataset` (seed 0)."""
+    fix = "give a list of one or more positive learning rates, e.g. [5e-5]"
+    if not OmegaConf.is_list(setup.lrs):
+        raise SettingError("lrs", setup.lrs, fix)
+    try:
+        rates = [float(lr) for lr in setup.lrs]
+    except (TypeError, ValueError):
+        raise SettingError("lrs", setup.lrs, fix) from None
+    if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
+        raise SettingError("lrs", setup.lrs, fix)
+    base = {
+        k: setup[k]
+        for k in ("weight_decay", "batch_size", "max_epochs", "patience", "warmup", "pooling")
+    }
+    base |= {k: per_dataset(setup.get(k), dataset) for k in ("max_length", "micro_batch")}
+    return [FineTuneConfig(**base, lr=r) for r in rates]
+
+
+def own_splits(setup, dataset: str, seeds: list[int]) -> list[int]:
+    """The splits (by seed) a fine-tuning setup runs on `dataset`: all (`splits` null), or those
+    of its own that were drawn (`seeds`; [] : none). A list that names none of them is refused:
+    it would run nothing without a word."""
+    own = per_dataset(setup.get("splits"), dataset)
+    if own is None:
+        return seeds
+    fix = f"give a list of the splits to run, from the seeds {seeds}, [] for none or null for all"
+    if not OmegaConf.is_list(own) or any(
+        isinstance(x, bool) or not isinstance(x, int) for x in own
+    ):
+        raise SettingError("splits", own, fix)
+    run = [s for s in seeds if s in own]
+    if own and not run:
+        raise SettingError("splits", own, fix)
+    return run
+
+
+def check_setup(c, kind: str, name: str, dataset: str, seeds: list[int]) -> None:
     """Settings that would fail, or silently train nothing, minutes or hours into a run: refused
     before any. A setting given per data set must name this one; prompting needs its template."""
     key = f"results.counterparts.{kind}.setups.{name}"
@@ -374,21 +408,29 @@ def check_setup(c, kind: str, name: str, dataset: str) -> None:
             raise SystemExit(
                 f"error: {key}.{k} names no {dataset!r}: give one value or one per data set"
             )
-    if kind == "prompting":
-        if dataset not in c.prompting.templates:
-            raise SystemExit(
-                f"error: results.counterparts.prompting.templates has no {dataset!r}: add its "
-                "template, instruction and label words"
-            )
-        return
-    if setup.method not in ("full", "lora"):
-        raise SystemExit(f"error: {key}.method={setup.method!r}: use full or lora")
-    micro = per_dataset(setup.get("micro_batch"), dataset)
-    if micro is not None and (isinstance(micro, bool) or not isinstance(micro, int) or micro < 1):
+    if kind == "prompting" and dataset not in c.prompting.templates:
         raise SystemExit(
-            f"error: {key}.micro_batch={micro!r}: use a number of texts (1 or more), "
-            "or null for the whole batch"
+            f"error: results.counterparts.prompting.templates has no {dataset!r}: add its "
+            "template, instruction and label words"
         )
+    if kind == "finetuning" and setup.method not in ("full", "lora"):
+        raise SystemExit(f"error: {key}.method={setup.method!r}: use full or lora")
+    try:
+        if kind == "prompting":
+            for k in ("max_text_tokens", "max_shot_tokens"):
+                whole(k, per_dataset(setup[k], dataset))
+            shots = per_dataset(setup.shots, dataset)
+            if not (OmegaConf.is_list(shots) and shots) or any(
+                isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in shots
+            ):
+                fix = "give a list of demonstrations per class, 0 or more each, e.g. [0, 1]"
+                raise SettingError("shots", shots, fix)
+        else:
+            finetune_configs(setup, dataset)
+            own_splits(setup, dataset, seeds)
+    except SettingError as err:
+        at = f"{err.field}.{dataset}" if OmegaConf.is_dict(setup.get(err.field)) else err.field
+        raise SystemExit(f"error: {key}.{at}={err.value!r}: {err.fix}") from None
 
 
 RUNNERS = {"prompting": run_prompting, "finetuning": run_finetuning}
@@ -407,7 +449,7 @@ def main(argv: list[str]) -> None:
             )
     for cfg in cfgs:
         for kind, name in todo:
-            check_setup(cfg.results.counterparts, kind, name, cfg.dataset.name)
+            check_setup(cfg.results.counterparts, kind, name, cfg.dataset.name, seeds_of(cfg))
     out_dir = Path(cfgs[0].results.out_dir)
     path = out_dir / "counterparts.json"
     result = {**header(cfgs[0], EXPERIMENT, MODULE, argv), "datasets": {}}

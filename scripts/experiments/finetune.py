@@ -15,6 +15,23 @@ import torch
 from torch import nn
 
 log = logging.getLogger("results.finetune")
+POOLINGS = ("mean", "first", "last")
+
+
+class SettingError(ValueError):
+    """A setting that cannot run: it would crash hours into a run or train nothing without a
+    word. `field` names it, `fix` says what to give instead."""
+
+    def __init__(self, field: str, value, fix: str):
+        super().__init__(f"{field}={value!r}: {fix}")
+        self.field, self.value, self.fix = field, value, fix
+
+
+def whole(field: str, value, least: int = 1, fix: str = "") -> int:
+    """`value` if it is a whole number of at least `least` (a bool is not one), else SettingError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise SettingError(field, value, fix or f"use a whole number, {least} or more")
+    return value
 
 
 @dataclass
@@ -23,7 +40,8 @@ class FineTuneConfig:
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     batch_size: int = 32  # texts per step
     # Texts per forward and backward pass, their gradients summed into the step's (None: the
-    # whole batch): the same steps in less memory (LoRA on BBC holds ~20 GB at 16 x 512 tokens).
+    # whole batch): the same steps in less memory (LoRA on BBC holds ~20 GB at 16 x 512 tokens),
+    # with other dropout masks.
     micro_batch: int | None = None
     max_epochs: int = 4  # upper bound; early stopping usually ends sooner
     patience: int = 1  # epochs without a better validation accuracy before stopping
@@ -32,6 +50,24 @@ class FineTuneConfig:
     pooling: str = "mean"  # mean over real tokens, "first" (CLS) or "last" (a decoder's last token)
     seed: int = 0
 
+    def __post_init__(self):
+        for name in ("batch_size", "max_epochs", "patience", "max_length"):
+            whole(name, getattr(self, name))
+        if self.micro_batch is not None:
+            fix = "use a whole number of texts, 1 or more, or null for the whole batch"
+            whole("micro_batch", self.micro_batch, fix=fix)
+        for name, ok, fix in (
+            ("lr", lambda v: v > 0, "use a positive learning rate"),
+            ("weight_decay", lambda v: v >= 0, "use 0 or more"),
+            ("warmup", lambda v: 0 <= v < 1, "use a share of the steps, from 0 to below 1"),
+        ):
+            v = getattr(self, name)
+            number = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            if not (number and ok(v)):
+                raise SettingError(name, v, fix)
+        if self.pooling not in POOLINGS:
+            raise SettingError("pooling", self.pooling, f"use one of {', '.join(POOLINGS)}")
+
 
 class TextClassifier(nn.Module):
     """A text model's last hidden states, pooled, then a linear layer. Under right padding the
@@ -39,8 +75,8 @@ class TextClassifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, n_classes: int, pooling: str):
         super().__init__()
-        if pooling not in ("mean", "first", "last"):
-            raise ValueError(f"pooling {pooling!r}: use mean, first or last")
+        if pooling not in POOLINGS:
+            raise SettingError("pooling", pooling, f"use one of {', '.join(POOLINGS)}")
         self.backbone, self.pooling = backbone, pooling
         hidden = backbone.config.get_text_config().hidden_size
         self.classifier = nn.Linear(hidden, n_classes)
@@ -136,7 +172,7 @@ def fine_tune(
     best_acc, best_state, best_epoch, history = -1.0, None, -1, []
     t0 = time.perf_counter()
     # A tenth of an epoch at a time in the log: an epoch of LoRA on BBC takes hours on a CPU.
-    every = max(1, per_epoch // 10)
+    every = math.ceil(per_epoch / 10)
     for epoch in range(cfg.max_epochs):
         model.train()
         losses, t_epoch = [], time.perf_counter()

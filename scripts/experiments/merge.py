@@ -68,14 +68,29 @@ def splits_joined(earlier: dict | None, later: dict) -> dict:
             "test": {
                 m: over_splits([v[k] for k in sorted(v)], sorted(v)) for m, v in per_split.items()
             },
-            **{k: {**a[k], **b[k]} for k in ("chosen_per_split", "runs") if k in b},
+            **{k: {**a[k], **b[k]} for k in ("chosen_per_split",) if k in b},
+            **({"runs": {**ran_as(a, earlier), **ran_as(b, later)}} if "runs" in b else {}),
             "cost": {
                 **b["cost"],
                 "per_split": {**a["cost"]["per_split"], **b["cost"]["per_split"]},
             },
         }
     seeds = sorted(ran[0] | ran[1])
-    return {**later, "settings": {**later["settings"], "splits": seeds}, "rows": rows}
+    settings = {**later["settings"], "splits": seeds}
+    # the processes micro-batched differently: say which split ran how
+    ran_with = {
+        s: r["micro_batch"] for row in rows.values() for s, r in row.get("runs", {}).items()
+    }
+    if len(set(ran_with.values())) > 1:
+        settings["micro_batch"] = dict(sorted(ran_with.items(), key=lambda sr: int(sr[0])))
+    return {**later, "settings": settings, "rows": rows}
+
+
+def ran_as(row: dict, setup: dict) -> dict:
+    """A row's per-split records, each saying how it ran (files written before they did: the
+    setup's micro-batch)."""
+    micro = setup["settings"].get("micro_batch")
+    return {s: {"micro_batch": micro, **r} for s, r in row.get("runs", {}).items()}
 
 
 def merge(sources: list[Path], into: Path) -> list[str]:

@@ -403,10 +403,10 @@ def sec_counterparts(r: dict, page: Page, into: dict) -> list[str]:
             out += [
                 f"Prompting setup `{name}`: {how}; label words {', '.join(f'{k} → {v}' for k, v in setup['words'].items())}; "
                 f"{'calibrated on content-free inputs' if st.get('calibrate') else 'uncalibrated'}; demonstrations per class {per_dataset(st.get('shots'), ds)}"
-                f"{' (chosen on validation)' if st.get('choose_shots') else ''}; texts cut to {st.get('max_text_tokens')} tokens, demonstrations to {st.get('max_shot_tokens')}.",
+                f"{' (chosen on validation)' if st.get('choose_shots') else ''}; texts cut to {per_dataset(st.get('max_text_tokens'), ds)} tokens, demonstrations to {per_dataset(st.get('max_shot_tokens'), ds)}.",
                 "",
             ]
-        all_splits = list(range(len(r.get("seeds") or [])))
+        all_splits = sorted(r.get("seeds") or [])
         for name, setup in d.get("finetuning", {}).items():
             st = setup["settings"]
             splits = per_dataset(st.get("splits"), ds)
@@ -418,7 +418,7 @@ def sec_counterparts(r: dict, page: Page, into: dict) -> list[str]:
             out += [
                 f"Fine-tuning setup `{name}`: {st.get('backbone')}, {st.get('method')}"
                 + (f" (LoRA {st['lora']})" if st.get("lora") else "")
-                + f", learning rates {st.get('lrs')}, batch {st.get('batch_size')}, {epochs}, texts cut to {st.get('max_length')} tokens"
+                + f", learning rates {st.get('lrs')}, batch {st.get('batch_size')}, {epochs}, texts cut to {per_dataset(st.get('max_length'), ds)} tokens"
                 + (
                     f", splits {sorted(splits)} only"
                     if splits is not None and sorted(splits) != all_splits
@@ -809,7 +809,7 @@ def write(results: Path, out: Path, readme: Path | None = None) -> str:
         "Data sets may run in separate processes or machines (`'results.datasets=[mr]' results.out_dir=DIR`; "
         "give each process `OMP_NUM_THREADS=1` where their threads together would outnumber the cores: "
         "a torch thread waiting for a busy core spins), and so may a fine-tuning setup's splits "
-        "(`results.counterparts.finetuning.setups.NAME.splits.mr=[0]`; `...NAME.micro_batch=4` takes the same steps in less memory); "
+        "(`results.counterparts.finetuning.setups.NAME.splits.mr=[0]`; `...NAME.micro_batch=4` takes the same steps in less memory, with other dropout masks); "
         "`.venv/bin/python -m scripts.experiments.merge DIR1 DIR2 --into docs/results` then joins their result files before experiment 5 and the page.",
         "",
         "On a machine with an NVIDIA GPU, `bash scripts/experiments/gpu_run.sh OUT_DIR` runs experiment 4 and "
