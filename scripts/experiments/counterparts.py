@@ -399,22 +399,25 @@ def own_splits(setup, dataset: str, seeds: list[int]) -> list[int]:
 
 def check_setup(c, kind: str, name: str, dataset: str, seeds: list[int]) -> None:
     """Settings that would fail, or silently train nothing, minutes or hours into a run: refused
-    before any. A setting given per data set must name this one; prompting needs its template."""
+    before any, all of a setup's at once. A setting given per data set must name this one;
+    prompting needs its template."""
     key = f"results.counterparts.{kind}.setups.{name}"
     setup = c[kind].setups[name]
     per_set = ("max_length", "micro_batch", "splits", "shots", "max_text_tokens", "max_shot_tokens")
-    for k in per_set:
-        if OmegaConf.is_dict(setup.get(k)) and dataset not in setup[k]:
-            raise SystemExit(
-                f"error: {key}.{k} names no {dataset!r}: give one value or one per data set"
-            )
+    problems = [
+        f"error: {key}.{k} names no {dataset!r}: give one value or one per data set"
+        for k in per_set
+        if OmegaConf.is_dict(setup.get(k)) and dataset not in setup[k]
+    ]
     if kind == "prompting" and dataset not in c.prompting.templates:
-        raise SystemExit(
+        problems.append(
             f"error: results.counterparts.prompting.templates has no {dataset!r}: add its "
             "template, instruction and label words"
         )
     if kind == "finetuning" and setup.method not in ("full", "lora"):
-        raise SystemExit(f"error: {key}.method={setup.method!r}: use full or lora")
+        problems.append(f"error: {key}.method={setup.method!r}: use full or lora")
+    if problems:
+        raise SystemExit("\n".join(problems))
     try:
         if kind == "prompting":
             for k in ("max_text_tokens", "max_shot_tokens"):
@@ -433,6 +436,20 @@ def check_setup(c, kind: str, name: str, dataset: str, seeds: list[int]) -> None
         raise SystemExit(f"error: {key}.{at}={err.value!r}: {err.fix}") from None
 
 
+def check_setups(cfgs, todo: list[list[str]]) -> None:
+    """Every setup to run on every data set checked before any runs: one message for them all,
+    so that a new data set's missing settings come out in one try, not one per try."""
+    problems = []
+    for cfg in cfgs:
+        for kind, name in todo:
+            try:
+                check_setup(cfg.results.counterparts, kind, name, cfg.dataset.name, seeds_of(cfg))
+            except SystemExit as err:
+                problems.append(str(err.code))
+    if problems:
+        raise SystemExit("\n".join(problems))
+
+
 RUNNERS = {"prompting": run_prompting, "finetuning": run_finetuning}
 
 
@@ -447,9 +464,7 @@ def main(argv: list[str]) -> None:
             raise SystemExit(
                 f"error: results.counterparts.run has {'.'.join(entry)!r}; known: {known}"
             )
-    for cfg in cfgs:
-        for kind, name in todo:
-            check_setup(cfg.results.counterparts, kind, name, cfg.dataset.name, seeds_of(cfg))
+    check_setups(cfgs, todo)
     out_dir = Path(cfgs[0].results.out_dir)
     path = out_dir / "counterparts.json"
     result = {**header(cfgs[0], EXPERIMENT, MODULE, argv), "datasets": {}}
