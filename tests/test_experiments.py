@@ -632,18 +632,19 @@ def test_one_setups_splits_run_by_separate_processes_add_up(tmp_path):
     acc = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]["finetuning"]
     assert acc["minilm"]["rows"]["ft"]["test"]["accuracy"]["seeds"] == [1]
     run(b, [1], [0.90], micro_batch=4)  # the same steps in less memory: it adds up
-    merge([a, b], into)
+    merge([b, a], into)  # split 1's process first: the records still go by split
     setup = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]["finetuning"]
     row = setup["minilm"]["rows"]["ft"]
     acc = row["test"]["accuracy"]
     assert (acc["seeds"], acc["values"], acc["n"]) == ([0, 1], [0.80, 0.90], 2)
     assert acc["mean"] == pytest.approx(0.85) and acc["ci"][0] < 0.80
-    assert row["chosen_per_split"] == {"0": "lr=0", "1": "lr=1"}
+    assert list(row["chosen_per_split"].items()) == [("0", "lr=0"), ("1", "lr=1")]
     assert set(row["cost"]["per_split"]) == {"0", "1"} and set(row["runs"]) == {"0", "1"}
     assert setup["minilm"]["settings"]["splits"] == [0, 1]
     # which split ran how: its record, and the setting per split where they differ
     assert [row["runs"][s]["micro_batch"] for s in ("0", "1")] == [None, 4]
-    assert setup["minilm"]["settings"]["micro_batch"] == {"0": None, "1": 4}
+    assert list(setup["minilm"]["settings"]["micro_batch"].items()) == [("0", None), ("1", 4)]
+    assert list(row["cost"]["per_split"]) == ["0", "1"]
     run(b, [0], [0.70])  # split 0 again: the later run wins, nothing counted twice
     merge([a, b], into)
     acc = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]["finetuning"]

@@ -38,7 +38,8 @@ done
 for d in mr bbc trec; do
   job counterparts_$d $PY -m $X.counterparts "results.datasets=[$d]" results.out_dir="$R"/$d \
     results.counterparts.torch_threads=4 results.counterparts.finetuning.setups.minilm.splits=null \
-    results.counterparts.finetuning.setups.smollm2_lora.splits=null ${EXTRA:-}
+    results.counterparts.finetuning.setups.smollm2_lora.splits=null \
+    results.counterparts.finetuning.setups.smollm2_lora.micro_batch=null ${EXTRA:-}
 done
 # The extraction records of the cache entries (seconds, joules, device), for experiment 5.
 $PY - "$R"/extraction.json <<'PY'

@@ -68,11 +68,15 @@ def splits_joined(earlier: dict | None, later: dict) -> dict:
             "test": {
                 m: over_splits([v[k] for k in sorted(v)], sorted(v)) for m, v in per_split.items()
             },
-            **{k: {**a[k], **b[k]} for k in ("chosen_per_split",) if k in b},
-            **({"runs": {**ran_as(a, earlier), **ran_as(b, later)}} if "runs" in b else {}),
+            **{k: by_split({**a[k], **b[k]}) for k in ("chosen_per_split",) if k in b},
+            **(
+                {"runs": by_split({**ran_as(a, earlier), **ran_as(b, later)})}
+                if "runs" in b
+                else {}
+            ),
             "cost": {
                 **b["cost"],
-                "per_split": {**a["cost"]["per_split"], **b["cost"]["per_split"]},
+                "per_split": by_split({**a["cost"]["per_split"], **b["cost"]["per_split"]}),
             },
         }
     seeds = sorted(ran[0] | ran[1])
@@ -82,8 +86,13 @@ def splits_joined(earlier: dict | None, later: dict) -> dict:
         s: r["micro_batch"] for row in rows.values() for s, r in row.get("runs", {}).items()
     }
     if len(set(ran_with.values())) > 1:
-        settings["micro_batch"] = dict(sorted(ran_with.items(), key=lambda sr: int(sr[0])))
+        settings["micro_batch"] = by_split(ran_with)
     return {**later, "settings": settings, "rows": rows}
+
+
+def by_split(per_split: dict) -> dict:
+    """Per-split records in the order of their splits, whichever process ran first."""
+    return dict(sorted(per_split.items(), key=lambda sr: int(sr[0])))
 
 
 def ran_as(row: dict, setup: dict) -> dict:
