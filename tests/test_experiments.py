@@ -1204,7 +1204,6 @@ LORA = "results.counterparts.finetuning.setups.smollm2_lora"
     [
         (f"{LORA}.micro_batch=0", f"{LORA}.micro_batch=0: use a whole number of texts, 1 or more"),
         (f"{LORA}.micro_batch={{mr:4,trec:-2}}", f"{LORA}.micro_batch.trec=-2: use a whole number"),
-        (f"{LORA}.micro_batch={{mr:4}}", f"{LORA}.micro_batch names no 'trec': give one value"),
         (f"{LORA}.splits.trec=0", f"{LORA}.splits.trec=0: give a list of the splits to run, from"),
         (f"{LORA}.max_length={{mr:128}}", f"{LORA}.max_length names no 'trec'"),
         (f"{LORA}.method=qlora", f"{LORA}.method='qlora': use full or lora"),
