@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from scripts.experiments.common import PROTOCOL, commands_of, over_splits, read_json
+from scripts.experiments.common import PROTOCOL, commands_of, over_splits, per_dataset, read_json
 
 
 def joined(name: str, earlier: dict | None, later: dict) -> dict:
@@ -31,7 +31,7 @@ def joined(name: str, earlier: dict | None, later: dict) -> dict:
         if kind in earlier or kind in later:
             a, b = earlier.get(kind, {}), later.get(kind, {})
             if kind == "finetuning":
-                b = {k: splits_joined(a.get(k), v) for k, v in b.items()}
+                b = {k: splits_joined(a.get(k), v, later.get("dataset")) for k, v in b.items()}
             out[kind] = {**a, **b}
     return out
 
@@ -42,7 +42,7 @@ def seeds_of(setup: dict) -> set[int] | None:
     return None if None in seeds else {s for ss in seeds for s in ss}
 
 
-def splits_joined(earlier: dict | None, later: dict) -> dict:
+def splits_joined(earlier: dict | None, later: dict, dataset: str | None) -> dict:
     """One fine-tuning setup run on disjoint splits by two processes (its `splits` overridden in
     each): one setup over all of them, every per-split record kept and the summaries taken again.
     Anything else (other settings, other rows, a split run twice, splits not recorded): the later
@@ -70,7 +70,7 @@ def splits_joined(earlier: dict | None, later: dict) -> dict:
             },
             **{k: by_split({**a[k], **b[k]}) for k in ("chosen_per_split",) if k in b},
             **(
-                {"runs": by_split({**ran_as(a, earlier), **ran_as(b, later)})}
+                {"runs": by_split({**ran_as(a, earlier, dataset), **ran_as(b, later, dataset)})}
                 if "runs" in b
                 else {}
             ),
@@ -95,10 +95,10 @@ def by_split(per_split: dict) -> dict:
     return dict(sorted(per_split.items(), key=lambda sr: int(sr[0])))
 
 
-def ran_as(row: dict, setup: dict) -> dict:
+def ran_as(row: dict, setup: dict, dataset: str | None) -> dict:
     """A row's per-split records, each saying how it ran (files written before they did: the
-    setup's micro-batch)."""
-    micro = setup["settings"].get("micro_batch")
+    setup's micro-batch on this data set)."""
+    micro = per_dataset(setup["settings"].get("micro_batch"), dataset)
     return {s: {"micro_batch": micro, **r} for s, r in row.get("runs", {}).items()}
 
 
