@@ -26,7 +26,6 @@ per setup, each with its rows (a row per method the page shows).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -54,7 +53,14 @@ from scripts.experiments.common import (
     split_datasets,
     write_json,
 )
-from scripts.experiments.finetune import FineTuneConfig, SettingError, fine_tune, predict, whole
+from scripts.experiments.finetune import (
+    FineTuneConfig,
+    SettingError,
+    fine_tune,
+    is_whole,
+    predict,
+    whole,
+)
 from scripts.experiments.lora import add_lora
 from scripts.experiments.prompting import (
     PromptScorer,
@@ -363,20 +369,23 @@ def backbone_builder(setup, path: str) -> Callable[[], torch.nn.Module]:
 def finetune_configs(setup, dataset: str) -> list[FineTuneConfig]:
     """One FineTuneConfig per learning rate of a fine-tuning setup, on `dataset` (seed 0)."""
     fix = "give a list of one or more positive learning rates, e.g. [5e-5]"
-    if not OmegaConf.is_list(setup.lrs):
-        raise SettingError("lrs", setup.lrs, fix)
     try:
-        rates = [float(lr) for lr in setup.lrs]
+        rates = [float(lr) for lr in setup.lrs] if OmegaConf.is_list(setup.lrs) else []
     except (TypeError, ValueError):
-        raise SettingError("lrs", setup.lrs, fix) from None
-    if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
+        rates = []
+    if not rates:
         raise SettingError("lrs", setup.lrs, fix)
     base = {
         k: setup[k]
         for k in ("weight_decay", "batch_size", "max_epochs", "patience", "warmup", "pooling")
     }
     base |= {k: per_dataset(setup.get(k), dataset) for k in ("max_length", "micro_batch")}
-    return [FineTuneConfig(**base, lr=r) for r in rates]
+    try:
+        return [FineTuneConfig(**base, lr=r) for r in rates]
+    except SettingError as err:  # FineTuneConfig's rule for one rate, said of the list as typed
+        if err.field != "lr":
+            raise
+        raise SettingError("lrs", setup.lrs, fix) from None
 
 
 def own_splits(setup, dataset: str, seeds: list[int]) -> list[int]:
@@ -423,9 +432,7 @@ def check_setup(c, kind: str, name: str, dataset: str, seeds: list[int]) -> None
             for k in ("max_text_tokens", "max_shot_tokens"):
                 whole(k, per_dataset(setup[k], dataset))
             shots = per_dataset(setup.shots, dataset)
-            if not (OmegaConf.is_list(shots) and shots) or any(
-                isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in shots
-            ):
+            if not (OmegaConf.is_list(shots) and shots and all(is_whole(k, 0) for k in shots)):
                 fix = "give a list of demonstrations per class, 0 or more each, e.g. [0, 1]"
                 raise SettingError("shots", shots, fix)
         else:

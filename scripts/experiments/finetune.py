@@ -27,9 +27,14 @@ class SettingError(ValueError):
         self.field, self.value, self.fix = field, value, fix
 
 
+def is_whole(value, least: int = 1) -> bool:
+    """A whole number of at least `least` (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def whole(field: str, value, least: int = 1, fix: str = "") -> int:
-    """`value` if it is a whole number of at least `least` (a bool is not one), else SettingError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+    """`value` if it is a whole number of at least `least`, else SettingError."""
+    if not is_whole(value, least):
         raise SettingError(field, value, fix or f"use a whole number, {least} or more")
     return value
 
