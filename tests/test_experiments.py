@@ -1228,13 +1228,19 @@ def test_a_counterpart_setup_that_cannot_run_is_refused_before_any_work(
     assert not out.exists()  # the prompting before it did not run either
 
 
+def committed_counterparts():
+    """The committed results.counterparts config, composed afresh (tests change it)."""
+    from scripts.experiments.common import compose_cfg
+
+    return compose_cfg("classify", ["experiment=results_counterparts"]).results.counterparts
+
+
 def test_a_data_set_without_a_prompt_template_or_its_own_setting_is_refused():
     """A user's own data set config (its name in no per-data-set setting of the committed one):
     one message naming what to add. Hydra merges a dict override, so this is built in Python."""
-    from scripts.experiments.common import compose_cfg
     from scripts.experiments.counterparts import check_setup
 
-    c = compose_cfg("classify", ["experiment=results_counterparts"]).results.counterparts
+    c = committed_counterparts()
     OmegaConf.set_struct(c, False)
     del c.prompting.templates["trec"]
     with pytest.raises(SystemExit, match="templates has no 'trec': add its template"):
@@ -1272,10 +1278,9 @@ SEEDS = [0, 1, 2, 3, 4]
 def test_a_setting_that_would_fail_hours_in_is_refused_naming_it(kind, setting, value, message):
     """Each of these crashed at its setup's turn (after the prompting had run), or, for a
     negative count or a boolean, trained something else than asked without a word."""
-    from scripts.experiments.common import compose_cfg
     from scripts.experiments.counterparts import check_setup
 
-    c = compose_cfg("classify", ["experiment=results_counterparts"]).results.counterparts
+    c = committed_counterparts()
     name = "smollm2_lora" if kind == "finetuning" else "chat"
     check_setup(c, kind, name, "trec", SEEDS)  # the committed setting runs
     c[kind].setups[name][setting] = value
@@ -1285,10 +1290,9 @@ def test_a_setting_that_would_fail_hours_in_is_refused_naming_it(kind, setting, 
 
 def test_a_setups_own_splits_run_where_they_were_drawn():
     """A quick run over fewer seeds keeps the committed setups' own splits that it drew."""
-    from scripts.experiments.common import compose_cfg
     from scripts.experiments.counterparts import own_splits
 
-    c = compose_cfg("classify", ["experiment=results_counterparts"]).results.counterparts
+    c = committed_counterparts()
     lora = c.finetuning.setups.smollm2_lora
     lora.splits.trec = [0, 1]
     assert own_splits(lora, "trec", [0]) == [0]
