@@ -907,17 +907,24 @@ def test_counterparts_of_both_machines_are_shown_and_the_gpu_run_makes_the_headl
 
 
 def test_a_setups_description_names_this_sets_settings_and_only_the_splits_it_left_out(tmp_path):
+    from scripts.experiments.common import over_splits
+
     results = tmp_path / "results"
     results.mkdir()
-    a = summary([0.85, 0.86, 0.87])
-    row = {
-        "test": {"accuracy": a, "macro_f1": a},
-        "cost": {"per_split": {"0": {"selection_s": 30.0, "test_s": 2.0}}},
-        "params_trained": 0,
-    }
+
+    def row(seeds: list[int]) -> dict:
+        a = over_splits([0.85 + 0.01 * s for s in seeds], seeds)
+        return {
+            "test": {"accuracy": a, "macro_f1": a},
+            "cost": {"per_split": {str(s): {"selection_s": 30.0, "test_s": 2.0} for s in seeds}},
+            "params_trained": 0,
+        }
+
     shots = {"mr": [0, 1, 2, 4], "bbc": [0, 1]}
-    # merged in any order; BBC partly run; the splits are seeds, not positions
-    lora_splits = {"mr": [3, 5, 1, 2, 4], "bbc": [2, 1]}
+    # Merged in any order; the splits are seeds, not positions. BBC's setting names split 3, but
+    # that run's seeds left it out: the page names the splits the rows hold.
+    lora_splits = {"mr": [3, 5, 1, 2, 4], "bbc": [3, 2, 1]}
+    ran = {"mr": lora_splits["mr"], "bbc": [2, 1]}
     datasets = {
         ds: {
             "prompting": {
@@ -933,7 +940,7 @@ def test_a_setups_description_names_this_sets_settings_and_only_the_splits_it_le
                     "template": None,
                     "instruction": "{text}",
                     "words": {"a": "a"},
-                    "rows": {f"prompting {ds}": row},
+                    "rows": {f"prompting {ds}": row([1, 2, 3, 4, 5])},
                 }
             },
             "finetuning": {
@@ -944,7 +951,7 @@ def test_a_setups_description_names_this_sets_settings_and_only_the_splits_it_le
                         "splits": lora_splits,
                         "max_length": {"mr": 128, "bbc": 256},
                     },
-                    "rows": {f"LoRA {ds}": row},
+                    "rows": {f"LoRA {ds}": row(ran[ds])},
                 }
             },
         }

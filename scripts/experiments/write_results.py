@@ -409,7 +409,14 @@ def sec_counterparts(r: dict, page: Page, into: dict) -> list[str]:
         all_splits = sorted(r.get("seeds") or [])
         for name, setup in d.get("finetuning", {}).items():
             st = setup["settings"]
-            splits = per_dataset(st.get("splits"), ds)
+            # The splits the rows hold, not the setting: a run over fewer seeds skipped some of those.
+            ran = sorted(
+                {
+                    s
+                    for row in setup["rows"].values()
+                    for s in (row["test"]["accuracy"].get("seeds") or all_splits)
+                }
+            )
             epochs = (
                 "one epoch"
                 if st.get("max_epochs") == 1
@@ -420,8 +427,8 @@ def sec_counterparts(r: dict, page: Page, into: dict) -> list[str]:
                 + (f" (LoRA {st['lora']})" if st.get("lora") else "")
                 + f", learning rates {st.get('lrs')}, batch {st.get('batch_size')}, {epochs}, texts cut to {per_dataset(st.get('max_length'), ds)} tokens"
                 + (
-                    f", splits {sorted(splits)} only"
-                    if splits is not None and sorted(splits) != all_splits
+                    f", splits {ran} only"
+                    if ran != all_splits
                     else ""
                 )
                 + ".",
