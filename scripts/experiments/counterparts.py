@@ -406,10 +406,10 @@ def own_splits(setup, dataset: str, seeds: list[int]) -> list[int]:
     return run
 
 
-def check_setup(c, kind: str, name: str, dataset: str, seeds: list[int]) -> None:
-    """Settings that would fail, or silently train nothing, minutes or hours into a run: refused
-    before any, all of a setup's at once. A setting given per data set must name this one;
-    prompting needs its template."""
+def setup_problems(c, kind: str, name: str, dataset: str, seeds: list[int]) -> list[str]:
+    """Settings that would fail, or silently train nothing, minutes or hours into a run, each
+    one message (none: it can run). A setting given per data set must name this one; prompting
+    needs its template."""
     key = f"results.counterparts.{kind}.setups.{name}"
     setup = c[kind].setups[name]
     per_set = ("max_length", "micro_batch", "splits", "shots", "max_text_tokens", "max_shot_tokens")
@@ -426,7 +426,7 @@ def check_setup(c, kind: str, name: str, dataset: str, seeds: list[int]) -> None
     if kind == "finetuning" and setup.method not in ("full", "lora"):
         problems.append(f"error: {key}.method={setup.method!r}: use full or lora")
     if problems:
-        raise SystemExit("\n".join(problems))
+        return problems
     try:
         if kind == "prompting":
             for k in ("max_text_tokens", "max_shot_tokens"):
@@ -440,19 +440,21 @@ def check_setup(c, kind: str, name: str, dataset: str, seeds: list[int]) -> None
             own_splits(setup, dataset, seeds)
     except SettingError as err:
         at = f"{err.field}.{dataset}" if OmegaConf.is_dict(setup.get(err.field)) else err.field
-        raise SystemExit(f"error: {key}.{at}={err.value!r}: {err.fix}") from None
+        return [f"error: {key}.{at}={err.value!r}: {err.fix}"]
+    return []
 
 
 def check_setups(cfgs, todo: list[list[str]]) -> None:
     """Every setup to run on every data set checked before any runs: one message for them all,
     so that a new data set's missing settings come out in one try, not one per try."""
-    problems = []
-    for cfg in cfgs:
-        for kind, name in todo:
-            try:
-                check_setup(cfg.results.counterparts, kind, name, cfg.dataset.name, seeds_of(cfg))
-            except SystemExit as err:
-                problems.append(str(err.code))
+    problems = [
+        p
+        for cfg in cfgs
+        for kind, name in todo
+        for p in setup_problems(
+            cfg.results.counterparts, kind, name, cfg.dataset.name, seeds_of(cfg)
+        )
+    ]
     if problems:
         raise SystemExit("\n".join(problems))
 
