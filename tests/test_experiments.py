@@ -20,6 +20,7 @@ from omegaconf import OmegaConf, open_dict
 from transformers import AutoTokenizer, BertModel, LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from llmembed.classify.heads import LLMEmbedHead
+from llmembed.errors import UserError
 from scripts.experiments.common import (
     Scores,
     choose,
@@ -585,7 +586,7 @@ def test_result_folders_of_separate_processes_merge(tmp_path):
     assert (list(both["prompting"]), list(both["finetuning"])) == (["chat"], ["minilm"])
     (b / "fusion.json").write_text(json.dumps(result("trec", seeds=(0,))))
     before = (into / "fusion.json").read_text()
-    with pytest.raises(SystemExit, match="another protocol"):
+    with pytest.raises(UserError, match="another protocol"):
         merge([a, b], into)
     assert (into / "fusion.json").read_text() == before  # nothing written
     (b / "fusion.json").write_text('{"seeds": [0')  # cut off mid-write: one message, as typed
@@ -706,7 +707,7 @@ def test_gpu_cost_takes_the_gpu_extraction_records_and_leaves_the_load_out():
     assert g["smollm2"]["seconds_per_1000"] == 1.0  # (6 s - 4 s of load) / 2,000 texts
     assert g["smollm2"]["joules_per_1000"] == 400.0
     assert cpu["smollm2"]["seconds_per_1000"] == 11.0  # the CPU's figures untouched
-    with pytest.raises(SystemExit, match="no GPU extraction of bbc with smollm2"):
+    with pytest.raises(UserError, match="no GPU extraction of bbc with smollm2"):
         on_gpu(cpu, records, "bbc")
 
 
@@ -1006,7 +1007,8 @@ def test_experiment_commands_refuse_bad_input_in_one_message(tmp_path, args, mes
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     res = run_experiment(*args)
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
-    assert message in res.stderr, res.stderr
+    said = [line for line in res.stderr.splitlines() if message in line]
+    assert len(said) == 1 and "error: " in said[0], res.stderr  # as every command says it
     assert not (tmp_path / "nothing").exists() and not (tmp_path / "into").exists()
 
 

@@ -417,13 +417,11 @@ def read_json(path: Path, needed_by: str) -> dict:
     """A result file, or one message naming it: missing, or cut off / garbled."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(
-            f"{needed_by} needs {path}: run its experiment first (see docs/RESULTS.md)"
-        )
+        raise UserError(f"{needed_by} needs {path}: run its experiment first (see docs/RESULTS.md)")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(
+        raise UserError(
             f"{path} is not a result file ({e}): rerun the experiment that wrote it"
         ) from None
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmembed.errors import UserError
 from scripts.experiments.common import (
     entry_mb,
     experiment_cfgs,
@@ -109,7 +110,7 @@ def on_gpu(extraction: dict, records: dict, dataset: str) -> dict:
             if r["dataset"] == dataset and r["device"].startswith("cuda") and r["rows_computed"]
         ]
         if not runs:
-            raise SystemExit(
+            raise UserError(
                 f"docs/results/gpu/extraction.json has no GPU extraction of {dataset} with {b}: "
                 f"run scripts/experiments/gpu_run.sh for it, or drop {dataset} from "
                 "results.gpu_cost_datasets"

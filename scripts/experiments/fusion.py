@@ -31,6 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmembed.classify.train import seeds_of
+from llmembed.errors import UserError
 from scripts.experiments.common import (
     Scores,
     choose,
@@ -85,7 +86,7 @@ def run_dataset(cfg, layers_result: dict) -> dict:
     mini_all = [s for k in curves if k.startswith("minilm:") for s in from_layers(curves, k)]
     missing = set(seeds) - set(smol_mean[0].per_split)
     if missing:
-        raise SystemExit(
+        raise UserError(
             f"layers.json has no scores for splits {sorted(missing)}; rerun experiment 1"
         )
     run_dir = Path(cfg.results.run_dir) / "fusion" / cfg.dataset.name
@@ -242,7 +243,7 @@ def main(argv: list[str]) -> None:
     result = continue_result(out_dir / "fusion.json", result)
     for cfg in cfgs:
         if cfg.dataset.name not in layers["datasets"]:
-            raise SystemExit(f"layers.json has no {cfg.dataset.name}: run experiment 1 on it first")
+            raise UserError(f"layers.json has no {cfg.dataset.name}: run experiment 1 on it first")
         pre_extract(cfg, argv, ["smollm2", "minilm"])
         result["datasets"][cfg.dataset.name] = run_dataset(
             cfg, layers["datasets"][cfg.dataset.name]

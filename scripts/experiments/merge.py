@@ -16,7 +16,15 @@ import json
 import shutil
 from pathlib import Path
 
-from scripts.experiments.common import PROTOCOL, commands_of, over_splits, per_dataset, read_json
+from llmembed.errors import UserError
+from scripts.experiments.common import (
+    PROTOCOL,
+    commands_of,
+    over_splits,
+    per_dataset,
+    read_json,
+    run_main,
+)
 
 
 def joined(name: str, earlier: dict | None, later: dict) -> dict:
@@ -106,7 +114,7 @@ def merge(sources: list[Path], into: Path) -> list[str]:
     """Everything is read and checked before anything is written."""
     for src in sources:
         if not any(src.glob("*.json")):
-            raise SystemExit(f"{src} holds no result files (*.json): nothing to merge from it")
+            raise UserError(f"{src} holds no result files (*.json): nothing to merge from it")
     said, merged_files = [], {}
     names = sorted({p.name for src in sources for p in src.glob("*.json")})
     for name in names:
@@ -120,9 +128,7 @@ def merge(sources: list[Path], into: Path) -> list[str]:
                 merged = {**r, "commands": commands_of(r)}
                 continue
             if any(r.get(k) != merged.get(k) for k in PROTOCOL):
-                raise SystemExit(
-                    f"{path} has another protocol than the files before it: not merged"
-                )
+                raise UserError(f"{path} has another protocol than the files before it: not merged")
             again = set(r.get("datasets", {})) & set(merged.get("datasets", {}))
             if again:
                 what = "setups added or replaced" if name == "counterparts.json" else "taken"
@@ -149,14 +155,14 @@ def merge(sources: list[Path], into: Path) -> list[str]:
     return said
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sources", type=Path, nargs="+")
     ap.add_argument("--into", type=Path, default=Path("docs/results"))
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     for line in merge(a.sources, a.into):
         print(line)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

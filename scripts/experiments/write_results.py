@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.experiments.common import commands_of, machine, per_dataset, read_json
+from llmembed.errors import UserError
+from scripts.experiments.common import commands_of, machine, per_dataset, read_json, run_main
 from scripts.experiments.comparisons import (
     BEST,
     CONCAT,
@@ -426,11 +427,7 @@ def sec_counterparts(r: dict, page: Page, into: dict) -> list[str]:
                 f"Fine-tuning setup `{name}`: {st.get('backbone')}, {st.get('method')}"
                 + (f" (LoRA {st['lora']})" if st.get("lora") else "")
                 + f", learning rates {st.get('lrs')}, batch {st.get('batch_size')}, {epochs}, texts cut to {per_dataset(st.get('max_length'), ds)} tokens"
-                + (
-                    f", splits {ran} only"
-                    if ran != all_splits
-                    else ""
-                )
+                + (f", splits {ran} only" if ran != all_splits else "")
                 + ".",
                 "",
             ]
@@ -749,7 +746,7 @@ def write_readme(readme: Path, body: list[str], results: Path) -> None:
     comparisons and its reading (docs/results/reading_headline.md)."""
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
-        raise SystemExit(
+        raise UserError(
             f"{readme} has no {README_BEGIN} ... {README_END} block to write the results into"
         )
     rel = "docs/results"
@@ -958,7 +955,7 @@ def write_summary(page: Page, path: Path) -> None:
             )
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=Path("docs/results"))
     ap.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
@@ -967,7 +964,7 @@ def main() -> None:
         default="README.md",
         help="the README whose Results block is rewritten ('' to leave every README alone)",
     )
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if not a.results.is_dir():
         ap.error(f"--results {a.results} is not a folder; give the experiments' results folder")
     readme = Path(a.readme).resolve() if a.readme else None
@@ -988,4 +985,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
