@@ -1001,6 +1001,10 @@ def test_extraction_cost_is_the_data_sets_own_not_the_entrys_running_total(tmp_p
             "holds no result files",
         ),
         (["write_results", "--results", "{tmp}/nothing"], "is not a folder"),
+        (  # the page is not written either
+            ["write_results", "--out", "{tmp}/nothing/R.md", "--readme", "{tmp}/README.md"],
+            "README.md is not a file: give the README to write into, or give --readme ''",
+        ),
     ],
 )
 def test_experiment_commands_refuse_bad_input_in_one_message(tmp_path, args, message):
