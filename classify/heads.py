@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import sys
 
 import numpy as np
@@ -41,6 +42,30 @@ def _holdout(X, y, validation, seed):
     return X_tr, y_tr, X_val, y_val
 
 
+def _whole(v, least: int) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= least
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive(v) -> bool:
+    return _number(v) and v > 0
+
+
+WHOLE = "use a whole number, 0 or more"
+
+
+class ParamError(ValueError):
+    """A head parameter that `fit` could not use; the message starts with its name."""
+
+
+def _require(ok: bool, name: str, value, want: str) -> None:
+    if not ok:
+        raise ParamError(f"{name}={value!r}: {want}")
+
+
 class LogRegHead(ClassifierMixin, BaseEstimator):
     """Standardized features, L2 logistic regression; C chosen on the validation split. The final
     model is the one fitted on the training rows with that C, so validation scores stay honest."""
@@ -53,12 +78,24 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         self.tol = tol
         self.random_state = random_state
 
+    def check_params(self) -> None:
+        """Refuse, naming it, a parameter that would fail (or do nothing) inside `fit`."""
+        Cs = self.Cs
+        ok = isinstance(Cs, (list, tuple)) and len(Cs) > 0 and all(_positive(c) for c in Cs)
+        _require(ok, "Cs", Cs, "give a list of one or more positive values of C, e.g. [0.1, 1.0]")
+        _require(
+            _whole(self.max_iter, 1), "max_iter", self.max_iter, "use a whole number, 1 or more"
+        )
+        _require(_positive(self.tol), "tol", self.tol, "use a positive tolerance, e.g. 1e-3")
+        _require(_whole(self.random_state, 0), "random_state", self.random_state, WHOLE)
+
     def _model(self, C, **kw):
         return LogisticRegression(
             C=C, max_iter=self.max_iter, tol=self.tol, random_state=self.random_state, **kw
         )
 
     def fit(self, X, y, *, validation=None):
+        self.check_params()
         X, y = check_X_y(X, y, dtype=np.float32)
         X_tr, y_tr, X_val, y_val = _holdout(X, y, validation, self.random_state)
         self.scaler_ = StandardScaler().fit(X_tr)
@@ -142,7 +179,51 @@ class TorchHead(ClassifierMixin, BaseEstimator):
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
+    def check_params(self) -> None:
+        """Refuse, naming it, a parameter that would fail (or do nothing) inside `fit`."""
+        hidden, p = self.hidden, self.patience
+        checks = [
+            ("lr", _positive(self.lr), "use a positive learning rate, e.g. 1e-3"),
+            (
+                "weight_decay",
+                _number(self.weight_decay) and self.weight_decay >= 0,
+                "use 0 or more",
+            ),
+            ("batch_size", _whole(self.batch_size, 1), "use a whole number of rows, 1 or more"),
+            ("max_epochs", _whole(self.max_epochs, 1), "use a whole number of epochs, 1 or more"),
+            (
+                "patience",
+                p is None or _whole(p, 0),
+                "use 0 or more epochs (null: no early stopping)",
+            ),
+            ("random_state", _whole(self.random_state, 0), WHOLE),
+            (
+                "hidden",
+                isinstance(hidden, (list, tuple)) and all(_whole(h, 1) for h in hidden),
+                "give a list of layer widths, each 1 or more, e.g. [512] ([] for none)",
+            ),
+            ("dropout", _number(self.dropout) and 0 <= self.dropout < 1, "use 0 to below 1"),
+        ]
+        for name, ok, want in checks:
+            _require(ok, name, getattr(self, name), want)
+        dev = self.device
+        try:
+            kind = "auto" if dev == "auto" else torch.device(dev).type
+        except (RuntimeError, TypeError):
+            kind = None
+        _require(
+            kind in ("auto", "cpu", "cuda", "mps"), "device", dev, "use auto, cpu, cuda or cuda:N"
+        )
+        there = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+        _require(
+            kind not in there or there[kind](),
+            "device",
+            dev,
+            f"torch sees no {kind} device here: use auto (a GPU when there is one) or cpu",
+        )
+
     def fit(self, X, y, *, validation=None):
+        self.check_params()
         X, y = check_X_y(X, y, dtype=np.float32)
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         self.n_features_in_ = X.shape[1]
@@ -450,6 +531,18 @@ class LLMEmbedHead(TorchHead):
         self.patience = patience
         self.random_state = random_state
         self.device = device
+
+    def check_params(self) -> None:
+        super().check_params()
+        _require(_whole(self.width, 1), "width", self.width, "use a whole number, 1 or more")
+        _require(_positive(self.sigma), "sigma", self.sigma, "use a positive number, e.g. 0.01")
+        for name in ("standardize", "project_same_width", "softmax_before_loss"):
+            _require(
+                isinstance(getattr(self, name), bool),
+                name,
+                getattr(self, name),
+                "use true or false",
+            )
 
     def _build(self, n_features, n_classes):
         sizes, roles = list(self.block_sizes), list(self.block_roles)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from llmembed.cache.format import SPLITS
 from llmembed.cache.keys import fingerprint, text_hashes, write_json_atomic
 from llmembed.cache.root import Cache
+from llmembed.classify.heads import ParamError
 from llmembed.classify.metrics import evaluate, summarize
 from llmembed.classify.saved import save_trained
 from llmembed.data.datasets import TextDataset, load_dataset, resplit
@@ -55,18 +56,48 @@ def build_head(cfg: DictConfig, feats, seed: int):
         extra["block_sizes"] = tuple(feats.block_sizes)
     if "block_roles" in accepted:
         extra["block_roles"] = block_roles(feats.sources, feats.source_of_block)
-    try:
-        head = instantiate(
-            cfg.head.params, _convert_="all", **{k: v for k, v in extra.items() if k in accepted}
-        )
-    except InstantiationException as err:  # e.g. a parameter the class does not take
-        cause = err.__cause__ or err
-        raise UserError(
-            f"head.params do not fit {cfg.head.params._target_} ({type(cause).__name__}: "
-            f"{cause}); see conf/head/*.yaml for the parameters"
-        ) from None
+    head = instantiate(
+        cfg.head.params, _convert_="all", **{k: v for k, v in extra.items() if k in accepted}
+    )
     log.info("head: %r", head)
     return head
+
+
+FILLED = ("block_sizes", "block_roles", "random_state")  # given by build_head, not by head.params
+
+
+def check_head(params: DictConfig) -> None:
+    """`head.params` that could not build or train the head, refused before any work: a class
+    that is not an estimator, a parameter it does not take, a value its own checks refuse (our
+    heads' `check_params`, a scikit-learn estimator's parameter constraints)."""
+    target = params.get("_target_")
+    if not target:
+        raise UserError("head.params._target_ must name the estimator class (see conf/head/)")
+    accepted = inspect.signature(head_class(target)).parameters
+    given = [k for k in params if k != "_target_"]
+    if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        unknown = [k for k in given if k not in accepted]
+        if unknown:
+            takes = ", ".join(k for k in accepted if k not in FILLED)
+            raise UserError(
+                f"head.params.{unknown[0]}: {target} takes no parameter {', '.join(unknown)}; "
+                f"it takes {takes} (see conf/head/*.yaml)"
+            )
+    try:
+        head = instantiate(params, _convert_="all")
+    except InstantiationException as err:  # the user's own class refused its arguments
+        cause = err.__cause__ or err
+        raise UserError(
+            f"head.params do not build {target} ({type(cause).__name__}: {cause}); "
+            "see conf/head/*.yaml for the parameters"
+        ) from None
+    check = getattr(head, "check_params", None) or getattr(head, "_validate_params", None)
+    if check is not None:
+        try:
+            check()
+        except (ValueError, TypeError) as err:  # scikit-learn's InvalidParameterError is both
+            named = isinstance(err, ParamError)  # ours start with the parameter's name
+            raise UserError(f"head.params{'.' if named else ': '}{err}") from None
 
 
 def head_class(target) -> type:
@@ -189,9 +220,7 @@ def seeds_of(cfg: DictConfig) -> list[int]:
 
 def train(cfg: DictConfig, out_dir: Path) -> dict:
     seeds = seeds_of(cfg)
-    if not cfg.head.params.get("_target_"):
-        raise UserError("head.params._target_ must name the estimator class (see conf/head/)")
-    head_class(cfg.head.params._target_)  # before any work
+    check_head(cfg.head.params)  # before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

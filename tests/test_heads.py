@@ -2,6 +2,7 @@
 scikit-learn contract and survive a save/load round trip."""
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from sklearn.decomposition import PCA
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 
-from llmembed.classify.heads import MIN_DELTA, LLMEmbedHead, LogRegHead, MLPHead
+from llmembed.classify.heads import MIN_DELTA, LLMEmbedHead, LogRegHead, MLPHead, ParamError
 from llmembed.classify.saved import load_trained, save_trained
 
 FAST = {"max_epochs": 60, "patience": 8}
@@ -230,3 +231,26 @@ def test_the_papers_training_fixed_epochs_last_kept_and_a_softmax_before_the_los
     proba = paper.predict_proba(X[200:])
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
     assert (paper.classes_[proba.argmax(1)] == paper.predict(X[200:])).all()
+
+
+@pytest.mark.parametrize(
+    ("head", "says"),
+    [
+        (LogRegHead(Cs=[]), "Cs=[]: give a list of one or more positive values of C"),
+        (LogRegHead(max_iter=0), "max_iter=0: use a whole number, 1 or more"),
+        (MLPHead(batch_size=0), "batch_size=0: use a whole number of rows"),  # was a RuntimeError
+        (MLPHead(max_epochs=0), "max_epochs=0: use a whole number of epochs"),  # "never finite"
+        (MLPHead(hidden="512"), "hidden='512': give a list of layer widths"),
+        (MLPHead(dropout=1.0), "dropout=1.0: use 0 to below 1"),
+        (MLPHead(patience=-1), "patience=-1: use 0 or more epochs (null: no early stopping)"),
+        (MLPHead(device="gpu"), "device='gpu': use auto, cpu, cuda or cuda:N"),
+        (LLMEmbedHead(block_sizes=(8,), block_roles=("llm",), sigma=-0.1), "sigma=-0.1"),
+        (LLMEmbedHead(block_sizes=(8,), block_roles=("llm",), standardize=1), "standardize=1"),
+    ],
+)
+def test_a_parameter_fit_could_not_use_is_refused_naming_it(head, says):
+    """As scikit-learn estimators do, fit checks its parameters before any work; the message
+    names the parameter as conf/head/*.yaml does (llmembed-classify prefixes head.params.)."""
+    X, y = blobs(n=60, d=8)
+    with pytest.raises(ParamError, match=re.escape(says)):
+        head.fit(X, y)

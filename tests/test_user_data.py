@@ -345,7 +345,24 @@ def test_a_conf_path_is_never_read_even_under_a_matching_contract(model, tmp_pat
         ("head.params._target_=no.such.Class", "head.params._target_=no.such.Class: no such class"),
         ("head.params._target_=llmembed.classify.heads.Missing", "no such class"),
         ("head.params._target_=subprocess.Popen", "is not an estimator (it has no fit method)"),
-        ("+head.params.nonsense=3", "head.params do not fit llmembed.classify.heads.LogRegHead"),
+        (
+            "+head.params.nonsense=3",
+            "head.params.nonsense: llmembed.classify.heads.LogRegHead takes no parameter nonsense",
+        ),
+        ("head.params.Cs=[0.1,-1]", "head.params.Cs=[0.1, -1]: give a list of one or more positive"),
+        (
+            ["head=mlp", "head.params.device=cuda"],
+            "head.params.device='cuda': torch sees no cuda device here: use auto",
+        ),
+        (["head=llmembed", "head.params.lr=0"], "head.params.lr=0: use a positive learning rate"),
+        (  # a scikit-learn estimator's own parameter constraints
+            [
+                "head.params._target_=sklearn.linear_model.LogisticRegression",
+                "~head.params.Cs",
+                "+head.params.C=-1",
+            ],
+            "head.params: The 'C' parameter of LogisticRegression must be a float",
+        ),
         (
             "extract.shard_mb=inf",
             "extract.shard_mb must be auto or a positive number of MB, got inf",
@@ -361,11 +378,12 @@ def test_bad_heads_and_settings_on_the_command_line_are_one_line(
         f"dataset.path={data_csv}",
         *tiny_features(tiny_llama),
         "extract.progress=false",
-        override,
+        *([override] if isinstance(override, str) else override),
         cwd=tmp_path,
         root=tmp_path / "cache",
     )
     assert says in one_line_error(res, "llmembed-classify")
+    assert not (tmp_path / "cache").exists()  # refused before any extraction
 
 
 def test_jsonl_line_separators_inside_strings_and_lone_surrogates(tmp_path, tiny_llama):
