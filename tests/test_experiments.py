@@ -711,7 +711,9 @@ def test_gpu_cost_takes_the_gpu_extraction_records_and_leaves_the_load_out():
         on_gpu(cpu, records, "bbc")
 
 
-def test_cost_counts_every_fit_a_choice_makes_and_the_extraction_of_every_backbone_it_reads():
+def test_cost_counts_every_fit_a_choice_makes_and_the_extraction_of_every_backbone_it_reads(
+    tmp_path,
+):
     """A best single layer pays experiment 1's whole sweep on every split; a choice among both
     backbones pays both extractions, though the chosen layer reads one; rows that recorded their
     selection are read as recorded; the first run's rows, which kept only the chosen candidate's
@@ -793,6 +795,15 @@ def test_cost_counts_every_fit_a_choice_makes_and_the_extraction_of_every_backbo
         10.0 + 50.0,
         False,
     )
+    assert recorded["cache_mb_entries"] is None  # the entry is not on this machine: not 0 MB
+    entry = tmp_path / "entry"
+    (entry / "layers").mkdir(parents=True)
+    (entry / "layers" / "shard.h5").write_bytes(b"x" * 2**20)
+    here = {**info("smollm2", 4.0), "extraction": [{"backbone": "smollm2", "entry": str(entry)}]}
+    sized = llmembed_method(
+        "SmolLM2 last layer", {"test": acc, "info": {"0": here}}, layers, extraction
+    )
+    assert sized["cache_mb_entries"] == 1.0
 
 
 def claim_method(kind: str, values: list[float], total: float = 1.0, used: int = 1) -> dict:

@@ -196,9 +196,10 @@ def llmembed_method(name: str, row: dict, layers_ds: dict, extraction: dict) -> 
         "fit_s_per_1000_train": float(
             np.mean([fit_s(i) / i["rows"]["train"] * 1000 for i in infos])
         ),
-        "cache_mb_entries": sum(
-            entry_mb(e["entry"]) for e in first["extraction"] if Path(e["entry"]).exists()
-        ),
+        # The entries' size on disk, where they are on this machine (null: not all are here).
+        "cache_mb_entries": sum(entry_mb(e["entry"]) for e in first["extraction"])
+        if all(Path(e["entry"]).is_dir() for e in first["extraction"])
+        else None,
         "cache_mb_read": n_all * first["n_features"] * 2 / 2**20,  # float16 storage
         "params_trained": first["params_trained"],
         "params_used": first["params_trained"] + sum(BACKBONE_PARAMS.get(b, 0) for b in ext),
