@@ -603,7 +603,7 @@ def test_one_setups_splits_run_by_separate_processes_add_up(tmp_path):
     they ran differs (micro-batches), not when what they computed does (a learning rate)."""
     from scripts.experiments.merge import merge
 
-    def run(folder: Path, seeds: list[int], accuracies: list[float], **settings) -> None:
+    def run(folder: Path, seeds: list[int], accuracies: list[float], cpu="CPU A", **settings):
         row = {
             "test": {m: summary(accuracies) | {"seeds": seeds} for m in ("accuracy", "macro_f1")},
             "chosen_per_split": {str(s): f"lr={s}" for s in seeds},
@@ -618,6 +618,7 @@ def test_one_setups_splits_run_by_separate_processes_add_up(tmp_path):
             json.dumps(
                 {
                     "command": f"run {seeds}",
+                    "machine": {"cpu": cpu, "gpu": None},
                     "seeds": [0, 1],
                     "resplit": True,
                     "dataset_limit": None,
@@ -633,7 +634,7 @@ def test_one_setups_splits_run_by_separate_processes_add_up(tmp_path):
     acc = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]["finetuning"]
     assert acc["minilm"]["rows"]["ft"]["test"]["accuracy"]["seeds"] == [1]
     # the same steps in less memory (given per data set, as the committed config does): it adds up
-    run(b, [1], [0.90], micro_batch={"mr": 4, "bbc": None})
+    run(b, [1], [0.90], cpu="CPU B", micro_batch={"mr": 4, "bbc": None})
     merge([b, a], into)  # split 1's process first: the records still go by split
     setup = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]["finetuning"]
     row = setup["minilm"]["rows"]["ft"]
@@ -645,8 +646,12 @@ def test_one_setups_splits_run_by_separate_processes_add_up(tmp_path):
     assert setup["minilm"]["settings"]["splits"] == [0, 1]
     # which split ran how: its record, and the setting per split where they differ
     assert [row["runs"][s]["micro_batch"] for s in ("0", "1")] == [None, 4]
+    assert [row["runs"][s]["machine"] for s in ("0", "1")] == ["CPU A", "CPU B"]  # where
     assert list(setup["minilm"]["settings"]["micro_batch"].items()) == [("0", None), ("1", 4)]
     assert list(row["cost"]["per_split"]) == ["0", "1"]
+    merge([into], into)  # merged again (a file's machine is its first source's): as recorded
+    again = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]["finetuning"]
+    assert again["minilm"]["rows"]["ft"]["runs"] == row["runs"]
     run(b, [0], [0.70])  # split 0 again: the later run wins, nothing counted twice
     merge([a, b], into)
     acc = json.loads((into / "counterparts.json").read_text())["datasets"]["mr"]["finetuning"]
@@ -806,6 +811,34 @@ def test_cost_counts_every_fit_a_choice_makes_and_the_extraction_of_every_backbo
     assert sized["cache_mb_entries"] == 1.0
 
 
+def test_a_counterparts_cost_is_its_mean_per_split_and_says_when_its_splits_mixed_machines():
+    from scripts.experiments.cost import counterpart_method
+
+    acc = summary([0.9, 0.8, 0.85])
+    row = {
+        "test": {"accuracy": acc, "macro_f1": acc},
+        "kind": "finetuning",
+        "method": "lora",
+        "backbone": "smollm2",
+        "params_trained": 10,
+        "cost": {
+            "per_split": {
+                s: {"selection_s": 100.0 * (i + 1), "test_s": 10.0} for i, s in enumerate("012")
+            }
+        },
+        "runs": {
+            "0": {"machine": "AMD EPYC"},
+            "1": {"machine": "AMD EPYC"},
+            "2": {"machine": "Xeon"},
+        },
+    }
+    m = counterpart_method(row, {"train": 700, "validation": 100, "test": 200}, splits=5)
+    assert (m["per_split_s"], m["total_s"], m["estimated"]) == (210.0, 1050.0, True)  # 3 of 5
+    assert m["machines"] == ["AMD EPYC", "Xeon"]
+    row["runs"]["2"]["machine"] = "AMD EPYC"
+    assert counterpart_method(row, {"test": 200}, splits=3)["machines"] == ["AMD EPYC"]
+
+
 def claim_method(kind: str, values: list[float], total: float = 1.0, used: int = 1) -> dict:
     """One method as cost.claim reads it: its kind, per-split test accuracies, seconds, parameters."""
     return {
@@ -924,11 +957,12 @@ def test_a_setups_description_names_this_sets_settings_and_only_the_splits_it_le
     results = tmp_path / "results"
     results.mkdir()
 
-    def row(seeds: list[int]) -> dict:
+    def row(seeds: list[int], machines: dict | None = None) -> dict:
         a = over_splits([0.85 + 0.01 * s for s in seeds], seeds)
         return {
             "test": {"accuracy": a, "macro_f1": a},
             "cost": {"per_split": {str(s): {"selection_s": 30.0, "test_s": 2.0} for s in seeds}},
+            "runs": {str(s): {"machine": (machines or {}).get(s, "CPU A")} for s in seeds},
             "params_trained": 0,
         }
 
@@ -963,7 +997,7 @@ def test_a_setups_description_names_this_sets_settings_and_only_the_splits_it_le
                         "splits": lora_splits,
                         "max_length": {"mr": 128, "bbc": 256},
                     },
-                    "rows": {f"LoRA {ds}": row(ran[ds])},
+                    "rows": {f"LoRA {ds}": row(ran[ds], {2: "CPU B"} if ds == "bbc" else None)},
                 }
             },
         }
@@ -977,7 +1011,8 @@ def test_a_setups_description_names_this_sets_settings_and_only_the_splits_it_le
     assert "demonstrations per class [0, 1] (chosen" in bbc
     assert "one epoch, texts" in mr and "early stopping" not in mr
     assert "splits" not in mr.split("Fine-tuning setup")[1]  # every split ran
-    assert "splits [1, 2] only." in bbc
+    assert "splits [1, 2] only; splits [1] on CPU A, splits [2] on CPU B (‡ its mean" in bbc
+    assert "| ‡ 30.0 + 2.0 |" in bbc and "‡" not in mr  # seconds of two machines, marked
     assert "texts cut to 64 tokens, demonstrations to 32." in mr
     assert "texts cut to 512 tokens, demonstrations to 32." in bbc
     assert "texts cut to 128 tokens" in mr and "texts cut to 256 tokens" in bbc

@@ -349,7 +349,10 @@ def test_a_conf_path_is_never_read_even_under_a_matching_contract(model, tmp_pat
             "+head.params.nonsense=3",
             "head.params.nonsense: llmembed.classify.heads.LogRegHead takes no parameter nonsense",
         ),
-        ("head.params.Cs=[0.1,-1]", "head.params.Cs=[0.1, -1]: give a list of one or more positive"),
+        (
+            "head.params.Cs=[0.1,-1]",
+            "head.params.Cs=[0.1, -1]: give a list of one or more positive",
+        ),
         (
             ["head=mlp", "head.params.device=cuda"],
             "head.params.device='cuda': torch sees no cuda device here: use auto",

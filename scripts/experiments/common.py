@@ -123,6 +123,17 @@ def experiment_cfgs(experiment: str, argv: Sequence[str]) -> list[DictConfig]:
     ]
 
 
+def device_name(m: dict) -> str:
+    """The processor a result file's `machine` computed on: its GPU, else its CPU."""
+    return m.get("gpu") or m["cpu"]
+
+
+def machines_of(row: dict) -> list[str]:
+    """The processors a row's splits ran on, as their per-split records say (merge stamps files
+    that did not record it); more than one means its mean seconds mix machines."""
+    return sorted({r["machine"] for r in row.get("runs", {}).values() if r.get("machine")})
+
+
 def per_dataset(value, dataset: str):
     """A setting given once, or per data set as {name: value}."""
     return value[dataset] if OmegaConf.is_dict(value) or isinstance(value, dict) else value

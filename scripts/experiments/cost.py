@@ -41,6 +41,7 @@ from scripts.experiments.common import (
     entry_mb,
     experiment_cfgs,
     header,
+    machines_of,
     read_json,
     run_main,
     setup_logging,
@@ -260,6 +261,7 @@ def counterpart_method(row: dict, rows: dict, splits: int) -> dict:
         "total_s": splits * (sel + test),
         "params_trained": params,
         "params_used": used,
+        "machines": machines_of(row),  # more than one: its mean seconds mix their splits'
     }
 
 
@@ -302,6 +304,7 @@ def claim(methods: dict, rows: dict) -> list[dict]:
                 "splits": len(a),
                 "estimated": o["estimated"],
                 "counterpart_estimated": m["estimated"],
+                "counterpart_machines": m["machines"],
             }
         )
     return out

@@ -39,11 +39,13 @@ from scripts.experiments.common import (
     SPLIT_CODES,
     backbone_path,
     continue_result,
+    device_name,
     experiment_cfgs,
     header,
     load_model,
     load_tokenizer,
     log,
+    machine,
     metered,
     over_splits,
     per_dataset,
@@ -321,6 +323,7 @@ def run_finetuning(cfg, splits, name: str, setup) -> dict | None:
                 for t in tried
             ],
             "micro_batch": c.micro_batch,  # how it ran: merge may join splits run otherwise
+            "machine": device_name(machine()),
             "train_per_1000": per_1000(train_figures, len(tr)),
             "inference_per_1000": per_1000(meter.figures(), len(te)),
         }

@@ -20,6 +20,7 @@ from llmembed.errors import UserError
 from scripts.experiments.common import (
     PROTOCOL,
     commands_of,
+    device_name,
     over_splits,
     per_dataset,
     read_json,
@@ -77,11 +78,7 @@ def splits_joined(earlier: dict | None, later: dict, dataset: str | None) -> dic
                 m: over_splits([v[k] for k in sorted(v)], sorted(v)) for m, v in per_split.items()
             },
             **{k: by_split({**a[k], **b[k]}) for k in ("chosen_per_split",) if k in b},
-            **(
-                {"runs": by_split({**ran_as(a, earlier, dataset), **ran_as(b, later, dataset)})}
-                if "runs" in b
-                else {}
-            ),
+            **({"runs": by_split({**a.get("runs", {}), **b["runs"]})} if "runs" in b else {}),
             "cost": {
                 **b["cost"],
                 "per_split": by_split({**a["cost"]["per_split"], **b["cost"]["per_split"]}),
@@ -103,11 +100,30 @@ def by_split(per_split: dict) -> dict:
     return dict(sorted(per_split.items(), key=lambda sr: int(sr[0])))
 
 
-def ran_as(row: dict, setup: dict, dataset: str | None) -> dict:
-    """A row's per-split records, each saying how it ran (files written before they did: the
-    setup's micro-batch on this data set)."""
-    micro = per_dataset(setup["settings"].get("micro_batch"), dataset)
-    return {s: {"micro_batch": micro, **r} for s, r in row.get("runs", {}).items()}
+def ran_as(row: dict, setup: dict, dataset: str | None, machine: str | None) -> dict:
+    """A row's per-split records, each saying how and where it ran (files written before they
+    did: the setup's micro-batch on this data set, the file's machine)."""
+    micro = setup["settings"].get("micro_batch")  # once merged, given per split
+    return {
+        s: {
+            "micro_batch": r["micro_batch"] if "micro_batch" in r else per_dataset(micro, dataset),
+            "machine": machine,
+            **r,
+        }
+        for s, r in row.get("runs", {}).items()
+    }
+
+
+def stamped(r: dict) -> dict:
+    """A counterparts file whose fine-tuning rows' per-split records all say how and where they
+    ran, before it is joined with files of other processes or machines."""
+    where = device_name(r["machine"]) if r.get("machine") else None
+    for ds, d in r.get("datasets", {}).items():
+        for setup in d.get("finetuning", {}).values():
+            for row in setup["rows"].values():
+                if "runs" in row:
+                    row["runs"] = ran_as(row, setup, ds, where)
+    return r
 
 
 def merge(sources: list[Path], into: Path) -> list[str]:
@@ -124,6 +140,8 @@ def merge(sources: list[Path], into: Path) -> list[str]:
             if not path.is_file():
                 continue
             r = read_json(path, "merge")
+            if name == "counterparts.json":
+                r = stamped(r)
             if merged is None:
                 merged = {**r, "commands": commands_of(r)}
                 continue

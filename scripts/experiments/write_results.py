@@ -24,7 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from llmembed.errors import UserError
-from scripts.experiments.common import commands_of, machine, per_dataset, read_json, run_main
+from scripts.experiments.common import (
+    commands_of,
+    machine,
+    machines_of,
+    per_dataset,
+    read_json,
+    run_main,
+)
 from scripts.experiments.comparisons import (
     BEST,
     CONCAT,
@@ -343,6 +350,28 @@ def counterpart_rows(d: dict) -> list[tuple[str, dict]]:
     ]
 
 
+MIXED = "‡ "  # a mean over splits that ran on different machines
+
+
+def mixed(machines: list[str] | None) -> str:
+    return MIXED if len(machines or []) > 1 else ""
+
+
+def ran_on(setup: dict) -> str:
+    """Which splits ran on which machine, where a setup's splits ran on more than one."""
+    where: dict[str, list[int]] = {}
+    for row in setup["rows"].values():
+        for s, r in row.get("runs", {}).items():
+            if r.get("machine"):
+                where.setdefault(r["machine"], []).append(int(s))
+    if len(where) < 2:
+        return ""
+    parts = [
+        f"splits {sorted(set(s))} on {m}" for m, s in sorted(where.items(), key=lambda x: min(x[1]))
+    ]
+    return f"; {', '.join(parts)} ({MIXED.strip()} its mean seconds mix the machines)"
+
+
 def sec_counterparts(r: dict, page: Page, into: dict) -> list[str]:
     out = []
     for ds, d in r["datasets"].items():
@@ -354,7 +383,8 @@ def sec_counterparts(r: dict, page: Page, into: dict) -> list[str]:
             if "per_split" in c:
                 per = list(c["per_split"].values())
                 sec = (
-                    num(float(np.mean([p.get("selection_s", 0.0) for p in per])), "{:,.1f}")
+                    mixed(machines_of(row))
+                    + num(float(np.mean([p.get("selection_s", 0.0) for p in per])), "{:,.1f}")
                     + " + "
                     + num(float(np.mean([p.get("test_s", 0.0) for p in per])), "{:,.1f}")
                 )
@@ -428,6 +458,7 @@ def sec_counterparts(r: dict, page: Page, into: dict) -> list[str]:
                 + (f" (LoRA {st['lora']})" if st.get("lora") else "")
                 + f", learning rates {st.get('lrs')}, batch {st.get('batch_size')}, {epochs}, texts cut to {per_dataset(st.get('max_length'), ds)} tokens"
                 + (f", splits {ran} only" if ran != all_splits else "")
+                + ran_on(setup)
                 + ".",
                 "",
             ]
@@ -439,7 +470,7 @@ def sec_cost(r: dict, page: Page, where: str) -> list[str]:
     for ds, d in r["datasets"].items():
         rows = []
         for name, m in d["methods"].items():
-            approx = "≈ " if m.get("estimated") else ""
+            approx = ("≈ " if m.get("estimated") else "") + mixed(m.get("machines"))
             one = (
                 "–"
                 if m["kind"] != "llmembed"
@@ -496,6 +527,7 @@ def sec_cost(r: dict, page: Page, where: str) -> list[str]:
                             c["counterpart"],
                             f"{c['counterpart_accuracy']:.3f}",
                             ("≈ " if c.get("counterpart_estimated") else "")
+                            + mixed(c.get("counterpart_machines"))
                             + num(c["counterpart_total_s"]),
                             c["llmembed"],
                             f"{c['llmembed_accuracy']:.3f}",
@@ -519,10 +551,22 @@ def sec_cost(r: dict, page: Page, where: str) -> list[str]:
 
 def cost_notes(r: dict) -> list[str]:
     p = r["paper_ratios"]
+    sections = [r, *([r["gpu"]] if r.get("gpu") else [])]
+    marked = any(
+        mixed(m.get("machines"))
+        for x in sections
+        for d in x["datasets"].values()
+        for m in d["methods"].values()
+    )
     return [
         "Seconds per split are the mean over the splits; ≈ marks a figure that includes candidates of which the first run kept only the chosen fit (each counted at the chosen one's seconds; experiment 1's sweep is measured), "
-        "or a counterpart run on fewer splits whose total is its mean per split times the protocol's splits. "
-        "A logistic regression's test predictions are too cheap to meter and count as zero.",
+        "or a counterpart run on fewer splits whose total is its mean per split times the protocol's splits"
+        + (
+            f"; {MIXED.strip()} marks a counterpart whose splits ran on different machines (its setup's description in experiment 4 says which), so its mean mixes their seconds. "
+            if marked
+            else ". "
+        )
+        + "A logistic regression's test predictions are too cheap to meter and count as zero.",
         "",
         f"The paper reports LLMEmbed at {p['parameters']:.0%} of the parameters, {p['electricity']:.1%} of the electricity and {p['runtime']:.1%} of the runtime "
         "of its prompt-based counterparts: LLaMA-2-7B's embeddings against prompting much larger LLMs. Here both sides run the same 135M decoder, so the "
