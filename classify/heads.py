@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import sys
 
 import numpy as np
@@ -43,11 +44,16 @@ def _holdout(X, y, validation, seed):
 
 
 def _whole(v, least: int) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= least
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) and v >= least
 
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+
+
+def _values(v) -> bool:
+    """A list, tuple or 1-d array of values (not a string, which is a sequence of letters)."""
+    return isinstance(v, (list, tuple)) or (isinstance(v, np.ndarray) and v.ndim == 1)
 
 
 def _positive(v) -> bool:
@@ -81,13 +87,14 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
     def check_params(self) -> None:
         """Refuse, naming it, a parameter that would fail (or do nothing) inside `fit`."""
         Cs = self.Cs
-        ok = isinstance(Cs, (list, tuple)) and len(Cs) > 0 and all(_positive(c) for c in Cs)
+        ok = _values(Cs) and len(Cs) > 0 and all(_positive(c) for c in Cs)
         _require(ok, "Cs", Cs, "give a list of one or more positive values of C, e.g. [0.1, 1.0]")
         _require(
             _whole(self.max_iter, 1), "max_iter", self.max_iter, "use a whole number, 1 or more"
         )
         _require(_positive(self.tol), "tol", self.tol, "use a positive tolerance, e.g. 1e-3")
-        _require(_whole(self.random_state, 0), "random_state", self.random_state, WHOLE)
+        rs = self.random_state  # None: scikit-learn's own meaning
+        _require(rs is None or _whole(rs, 0), "random_state", rs, WHOLE + " (or null)")
 
     def _model(self, C, **kw):
         return LogisticRegression(
@@ -181,46 +188,48 @@ class TorchHead(ClassifierMixin, BaseEstimator):
 
     def check_params(self) -> None:
         """Refuse, naming it, a parameter that would fail (or do nothing) inside `fit`."""
-        hidden, p = self.hidden, self.patience
-        checks = [
-            ("lr", _positive(self.lr), "use a positive learning rate, e.g. 1e-3"),
-            (
-                "weight_decay",
-                _number(self.weight_decay) and self.weight_decay >= 0,
-                "use 0 or more",
-            ),
-            ("batch_size", _whole(self.batch_size, 1), "use a whole number of rows, 1 or more"),
-            ("max_epochs", _whole(self.max_epochs, 1), "use a whole number of epochs, 1 or more"),
-            (
-                "patience",
-                p is None or _whole(p, 0),
+        checks = {
+            "lr": (_positive, "use a positive learning rate, e.g. 1e-3"),
+            "weight_decay": (lambda v: _number(v) and v >= 0, "use 0 or more"),
+            "batch_size": (lambda v: _whole(v, 1), "use a whole number of rows, 1 or more"),
+            "max_epochs": (lambda v: _whole(v, 1), "use a whole number of epochs, 1 or more"),
+            "patience": (
+                lambda v: v is None or _whole(v, 0),
                 "use 0 or more epochs (null: no early stopping)",
             ),
-            ("random_state", _whole(self.random_state, 0), WHOLE),
-            (
-                "hidden",
-                isinstance(hidden, (list, tuple)) and all(_whole(h, 1) for h in hidden),
+            "random_state": (lambda v: _whole(v, 0), WHOLE),
+            "hidden": (
+                lambda v: _values(v) and all(_whole(h, 1) for h in v),
                 "give a list of layer widths, each 1 or more, e.g. [512] ([] for none)",
             ),
-            ("dropout", _number(self.dropout) and 0 <= self.dropout < 1, "use 0 to below 1"),
-        ]
-        for name, ok, want in checks:
-            _require(ok, name, getattr(self, name), want)
-        dev = self.device
+            "dropout": (lambda v: _number(v) and 0 <= v < 1, "use 0 to below 1"),
+        }
+        for name, (ok, want) in checks.items():
+            if hasattr(self, name):  # a subclass may not have them all
+                value = getattr(self, name)
+                _require(ok(value), name, value, want)
+        self._check_device()
+
+    def _check_device(self) -> None:
+        dev, fix = self.device, "use auto, cpu, cuda, cuda:N or mps"
         try:
-            kind = "auto" if dev == "auto" else torch.device(dev).type
+            d = None if dev == "auto" else torch.device(dev)
         except (RuntimeError, TypeError):
-            kind = None
-        _require(
-            kind in ("auto", "cpu", "cuda", "mps"), "device", dev, "use auto, cpu, cuda or cuda:N"
-        )
-        there = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-        _require(
-            kind not in there or there[kind](),
-            "device",
-            dev,
-            f"torch sees no {kind} device here: use auto (a GPU when there is one) or cpu",
-        )
+            raise ParamError(f"device={dev!r}: {fix}") from None
+        _require(d is None or d.type in ("cpu", "cuda", "mps"), "device", dev, fix)
+        if d is not None and d.type == "cuda":
+            n = torch.cuda.device_count()
+            _require(
+                n > 0,
+                "device",
+                dev,
+                "torch sees no cuda device here: use auto (a GPU when there is one) or cpu",
+            )
+            _require((d.index or 0) < n, "device", dev, f"torch sees cuda:0 to cuda:{n - 1} here")
+        if d is not None and d.type == "mps":
+            _require(
+                torch.backends.mps.is_available(), "device", dev, "torch sees no mps device here"
+            )
 
     def fit(self, X, y, *, validation=None):
         self.check_params()

@@ -66,15 +66,16 @@ def build_head(cfg: DictConfig, feats, seed: int):
 FILLED = ("block_sizes", "block_roles", "random_state")  # given by build_head, not by head.params
 
 
-def check_head(params: DictConfig) -> None:
+def check_head(params: DictConfig, seeds: list[int]) -> None:
     """`head.params` that could not build or train the head, refused before any work: a class
     that is not an estimator, a parameter it does not take, a value its own checks refuse (our
     heads' `check_params`, a scikit-learn estimator's parameter constraints)."""
     target = params.get("_target_")
     if not target:
         raise UserError("head.params._target_ must name the estimator class (see conf/head/)")
-    accepted = inspect.signature(head_class(target)).parameters
-    given = [k for k in params if k != "_target_"]
+    cls = head_class(target)
+    accepted = inspect.signature(cls).parameters
+    given = [k for k in params if not (k.startswith("_") and k.endswith("_"))]  # Hydra's keys
     if not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
         unknown = [k for k in given if k not in accepted]
         if unknown:
@@ -83,15 +84,21 @@ def check_head(params: DictConfig) -> None:
                 f"head.params.{unknown[0]}: {target} takes no parameter {', '.join(unknown)}; "
                 f"it takes {takes} (see conf/head/*.yaml)"
             )
+    # built as build_head builds it (the blocks' values are known only once the features are read)
+    filled = {"random_state": seeds[0], "block_sizes": (), "block_roles": ()}
     try:
-        head = instantiate(params, _convert_="all")
+        head = instantiate(
+            params, _convert_="all", **{k: v for k, v in filled.items() if k in accepted}
+        )
     except InstantiationException as err:  # the user's own class refused its arguments
         cause = err.__cause__ or err
         raise UserError(
             f"head.params do not build {target} ({type(cause).__name__}: {cause}); "
             "see conf/head/*.yaml for the parameters"
         ) from None
-    check = getattr(head, "check_params", None) or getattr(head, "_validate_params", None)
+    check = getattr(head, "check_params", None)
+    if check is None and hasattr(cls, "_parameter_constraints"):  # scikit-learn's own estimators
+        check = head._validate_params
     if check is not None:
         try:
             check()
@@ -212,15 +219,17 @@ def seeds_of(cfg: DictConfig) -> list[int]:
     if (
         not OmegaConf.is_list(seeds)
         or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
     ):
-        raise UserError(f"seeds must be a list of integers, e.g. seeds='[0,1,2]'; got {seeds!r}")
+        raise UserError(
+            f"seeds must be a list of integers, 0 or more, e.g. seeds='[0,1,2]'; got {seeds!r}"
+        )
     return [int(s) for s in seeds]
 
 
 def train(cfg: DictConfig, out_dir: Path) -> dict:
     seeds = seeds_of(cfg)
-    check_head(cfg.head.params)  # before any work
+    check_head(cfg.head.params, seeds)  # before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

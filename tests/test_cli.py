@@ -163,6 +163,7 @@ def test_classify_without_extraction_prints_the_extract_command(tmp_path, tiny_l
         (["llmembed-extract", "backbone=local", "backbone.path=./nowhere"], "does not exist"),
         (["llmembed-classify", "head=logreg", "features.fusion=cooccurrence"], "paper's head"),
         (["llmembed-classify", "seeds=oops"], "seeds must be a list of integers"),
+        (["llmembed-classify", "seeds=[0,-1]"], "seeds must be a list of integers, 0 or more"),
         (["llmembed-predict", ".", "texts.txt"], "not a saved llmembed model"),
         (["llmembed-cache", "--root", "{root}/x/file", "gc"], "not a directory"),
     ],

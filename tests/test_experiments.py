@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -1047,19 +1048,32 @@ def test_extraction_cost_is_the_data_sets_own_not_the_entrys_running_total(tmp_p
             "holds no result files",
         ),
         (["write_results", "--results", "{tmp}/nothing"], "is not a folder"),
-        (  # the page is not written either
-            ["write_results", "--out", "{tmp}/nothing/R.md", "--readme", "{tmp}/README.md"],
+        (  # nothing is written: neither the page nor the headline's plot
+            [
+                "write_results",
+                "--results",
+                "{tmp}/r",
+                "--out",
+                "{tmp}/nothing/R.md",
+                "--readme",
+                "{tmp}/README.md",
+            ],
             "README.md is not a file: give the README to write into, or give --readme ''",
         ),
     ],
 )
 def test_experiment_commands_refuse_bad_input_in_one_message(tmp_path, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    results = tmp_path / "r"  # a copy of the committed results: write_results finds figures
+    results.mkdir()
+    for f in (ROOT / "docs" / "results").glob("*.json"):
+        shutil.copy(f, results)
     res = run_experiment(*args)
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
     said = [line for line in res.stderr.splitlines() if message in line]
     assert len(said) == 1 and "error: " in said[0], res.stderr  # as every command says it
     assert not (tmp_path / "nothing").exists() and not (tmp_path / "into").exists()
+    assert sorted(p.suffix for p in results.iterdir()) == [".json"] * len(list(results.iterdir()))
 
 
 def test_corrected_resampled_t_test_matches_a_hand_computed_example():

@@ -243,7 +243,7 @@ def test_the_papers_training_fixed_epochs_last_kept_and_a_softmax_before_the_los
         (MLPHead(hidden="512"), "hidden='512': give a list of layer widths"),
         (MLPHead(dropout=1.0), "dropout=1.0: use 0 to below 1"),
         (MLPHead(patience=-1), "patience=-1: use 0 or more epochs (null: no early stopping)"),
-        (MLPHead(device="gpu"), "device='gpu': use auto, cpu, cuda or cuda:N"),
+        (MLPHead(device="gpu"), "device='gpu': use auto, cpu, cuda, cuda:N or mps"),
         (LLMEmbedHead(block_sizes=(8,), block_roles=("llm",), sigma=-0.1), "sigma=-0.1"),
         (LLMEmbedHead(block_sizes=(8,), block_roles=("llm",), standardize=1), "standardize=1"),
     ],
@@ -254,3 +254,11 @@ def test_a_parameter_fit_could_not_use_is_refused_naming_it(head, says):
     X, y = blobs(n=60, d=8)
     with pytest.raises(ParamError, match=re.escape(says)):
         head.fit(X, y)
+
+
+def test_numpy_values_and_scikit_learns_none_are_parameters_fit_can_use():
+    X, y = blobs(n=80, d=8)
+    LogRegHead(Cs=np.logspace(-2, 0, 3), max_iter=np.int64(200), random_state=None).fit(X, y)
+    mlp = MLPHead(hidden=np.array([8]), dropout=np.float32(0.1), lr=np.float32(1e-2), max_epochs=2)
+    mlp.check_params()
+    LLMEmbedHead(sigma=np.float32(0.01), width=np.int64(8), hidden=(), patience=None).check_params()

@@ -384,6 +384,7 @@ def test_bad_heads_and_settings_on_the_command_line_are_one_line(
         *([override] if isinstance(override, str) else override),
         cwd=tmp_path,
         root=tmp_path / "cache",
+        env={"CUDA_VISIBLE_DEVICES": ""},  # device=cuda is refused on a GPU machine too
     )
     assert says in one_line_error(res, "llmembed-classify")
     assert not (tmp_path / "cache").exists()  # refused before any extraction

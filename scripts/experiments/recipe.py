@@ -38,7 +38,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from llmembed.classify.heads import LogRegHead
-from llmembed.classify.train import seeds_of
+from llmembed.classify.train import check_head, seeds_of
 from scripts.experiments.common import (
     SPLIT_CODES,
     Scores,
@@ -426,6 +426,8 @@ def main(argv: list[str]) -> None:
     out_dir = Path(cfgs[0].results.out_dir)
     result = {**header(cfgs[0], EXPERIMENT, MODULE, argv), "datasets": {}}
     result = continue_result(out_dir / "recipe.json", result)
+    for cfg in cfgs:  # the logistic regressions below are built from head.params
+        check_head(cfg.head.params, seeds_of(cfg))
     for cfg in cfgs:
         pre_extract(cfg, argv, ["smollm2", "minilm"])
         result["datasets"][cfg.dataset.name] = run_dataset(cfg)

@@ -350,6 +350,13 @@ def counterpart_rows(d: dict) -> list[tuple[str, dict]]:
     ]
 
 
+def splits_of(row: dict, every: list[int]) -> list[int]:
+    """The splits a row holds: as its summary records them, else its per-split records; a first
+    run's row recorded neither and ran them all."""
+    per_split = row.get("runs") or row["cost"].get("per_split") or {}
+    return row["test"]["accuracy"].get("seeds") or [int(s) for s in per_split] or every
+
+
 MIXED = "‡ "  # a mean over splits that ran on different machines
 
 
@@ -441,13 +448,7 @@ def sec_counterparts(r: dict, page: Page, into: dict) -> list[str]:
         for name, setup in d.get("finetuning", {}).items():
             st = setup["settings"]
             # The splits the rows hold, not the setting: a run over fewer seeds skipped some of those.
-            ran = sorted(
-                {
-                    s
-                    for row in setup["rows"].values()
-                    for s in (row["test"]["accuracy"].get("seeds") or all_splits)
-                }
-            )
+            ran = sorted({s for row in setup["rows"].values() for s in splits_of(row, all_splits)})
             epochs = (
                 "one epoch"
                 if st.get("max_epochs") == 1
@@ -958,10 +959,11 @@ def write(results: Path, out: Path, readme: Path | None = None) -> str:
                 else []
             )
             lines += reading(results, name)
+    # The README is checked before anything is written (the headline's plot included).
+    old_readme = readme_text(readme) if readme is not None and page.found else None
     section, readme_body = headline(page, lab, results, rel) if page.found else ([], [])
     lines[top:top] = section
     text = "\n".join(lines)
-    old_readme = readme_text(readme) if readme is not None and page.found else None
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     if old_readme is not None:
