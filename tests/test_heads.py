@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.decomposition import PCA
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
@@ -262,3 +262,28 @@ def test_numpy_values_and_scikit_learns_none_are_parameters_fit_can_use():
     mlp = MLPHead(hidden=np.array([8]), dropout=np.float32(0.1), lr=np.float32(1e-2), max_epochs=2)
     mlp.check_params()
     LLMEmbedHead(sigma=np.float32(0.01), width=np.int64(8), hidden=(), patience=None).check_params()
+
+
+class PlainHead(ClassifierMixin, BaseEstimator):
+    """A user's own estimator: scikit-learn's base class, no declared parameter constraints."""
+
+    def __init__(self, k=1, random_state=0):
+        self.k = k
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        self.classes_ = np.unique(y)
+        return self
+
+
+def test_a_users_own_estimator_passes_the_head_check_and_a_misspelled_parameter_does_not():
+    from omegaconf import OmegaConf
+
+    from llmembed.classify.train import check_head
+    from llmembed.errors import UserError
+
+    check_head(OmegaConf.create({"_target_": "tests.test_heads.PlainHead", "k": 3}), [2])
+    with pytest.raises(
+        UserError, match=re.escape("head.params.kk: tests.test_heads.PlainHead takes no")
+    ):
+        check_head(OmegaConf.create({"_target_": "tests.test_heads.PlainHead", "kk": 3}), [2])
