@@ -27,6 +27,7 @@ from scripts.experiments.common import (
     choose,
     chosen_test,
     classify,
+    machine,
     over_splits,
     params_trained,
     with_changes,
@@ -838,6 +839,26 @@ def test_a_counterparts_cost_is_its_mean_per_split_and_says_when_its_splits_mixe
     assert m["machines"] == ["AMD EPYC", "Xeon"]
     row["runs"]["2"]["machine"] = "AMD EPYC"
     assert counterpart_method(row, {"test": 200}, splits=3)["machines"] == ["AMD EPYC"]
+
+
+def test_cost_run_on_another_machine_keeps_the_experiments_machine_and_figures(tmp_path):
+    """Experiment 5 runs no model: rerun elsewhere (without the cache), it names the machine
+    that measured its seconds, not its own, and reproduces every committed figure but the cache
+    entries' size on disk, which depends on the cache being there."""
+    for f in (ROOT / "docs" / "results").glob("*.json"):
+        shutil.copy(f, tmp_path)
+    layers = json.loads((tmp_path / "layers.json").read_text())
+    res = run_experiment("cost", f"results.out_dir={tmp_path}")
+    assert res.returncode == 0, res.stderr
+    new = json.loads((tmp_path / "cost.json").read_text())
+    old = json.loads((ROOT / "docs" / "results" / "cost.json").read_text())
+    assert new["machine"] == layers["machine"] and new["written_on"]["cpu"] == machine()["cpu"]
+    for ds, d in old["datasets"].items():
+        for name, m in d["methods"].items():
+            now = new["datasets"][ds]["methods"][name]
+            assert {k: v for k, v in now.items() if not k.startswith("cache_mb_entries")} == {
+                k: v for k, v in m.items() if not k.startswith("cache_mb_entries")
+            } | ({"machines": now["machines"]} if "machines" in now else {})
 
 
 def claim_method(kind: str, values: list[float], total: float = 1.0, used: int = 1) -> dict:

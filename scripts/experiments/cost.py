@@ -347,8 +347,11 @@ def main(argv: list[str]) -> None:
         n: read_json(out_dir / f"{n}.json", need) if (out_dir / f"{n}.json").is_file() else None
         for n in ("recipe", "counterparts")
     }
-    result = {
-        **header(cfgs[0], EXPERIMENT, MODULE, argv),
+    result = header(cfgs[0], EXPERIMENT, MODULE, argv)
+    # Its seconds are the experiments' (this command runs no model): their machine is the page's.
+    result |= {
+        "machine": layers["machine"],
+        "written_on": result["machine"],
         "paper_ratios": dict(cfgs[0].results.paper_ratios),
         "datasets": {},
     }
