@@ -868,7 +868,8 @@ def write(results: Path, out: Path, readme: Path | None = None) -> str:
         "give each process `OMP_NUM_THREADS=1` where their threads together would outnumber the cores: "
         "a torch thread waiting for a busy core spins), and so may a fine-tuning setup's splits "
         "(`results.counterparts.finetuning.setups.NAME.splits.mr=[0]`; `...NAME.micro_batch=4` takes the same steps in less memory, with other dropout masks); "
-        "`.venv/bin/python -m scripts.experiments.merge DIR1 DIR2 --into docs/results` then joins their result files before experiment 5 and the page.",
+        "`.venv/bin/python -m scripts.experiments.merge DIR1 DIR2 --into docs/results` then joins their result files before experiment 5 and the page "
+        "(each fine-tuning split keeps the machine it ran on: a setup whose splits ran on different machines says which, and its mean seconds are marked ‡).",
         "",
         "On a machine with an NVIDIA GPU, `bash scripts/experiments/gpu_run.sh OUT_DIR` runs experiment 4 and "
         "llmembed's extraction of MR one job at a time, each metered (NVML joules); merged into "
