@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +113,11 @@ def read_texts(
             "CSV/TSV/JSONL/JSON/parquet table"
         )
     if path.suffix.lower() not in SUFFIXES:
+        if path.suffix.lower() not in TEXT_SUFFIXES:  # a .ndjson or .dat read line by line would
+            raise UserError(  # embed whole records as texts without a word
+                f"{path}: llmembed-predict reads .txt (one text per line) and "
+                f"{'/'.join(sorted(SUFFIXES))} tables; rename the file to the suffix of its format"
+            )
         if text_column or id_column or label_column:
             raise UserError(
                 f"{path} is read as plain text (one text per line), which has no columns; "
@@ -291,13 +296,33 @@ def predict_main(argv: list[str] | None = None) -> int:
         return _predict(args)
 
 
+TEXT_SUFFIXES = (".txt", ".text")  # one text per line
+
+
+def check_output(path: Path, texts: Path) -> None:
+    """`--output` refused before any work where the table could not be written."""
+    if path.resolve() == texts.resolve():
+        raise UserError(f"--output {path} is the input file; write somewhere else")
+    if path.is_dir() or not path.name:
+        raise UserError(
+            f"--output {path} is a folder; give a file name, e.g. {path / 'predictions.csv'}"
+        )
+    folder = path.parent
+    if not folder.is_dir():
+        raise UserError(f"--output {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--output {path}: the folder {folder} is not writable; write elsewhere")
+
+
 def _predict(args: argparse.Namespace) -> int:
     from llmembed.classify.hub import locate_model
     from llmembed.classify.predict import predict_texts
     from llmembed.classify.saved import load_trained
+    from llmembed.extract.plan import check_device
 
-    if args.output is not None and args.output.resolve() == args.texts.resolve():
-        raise UserError(f"--output {args.output} is the input file; write somewhere else")
+    check_device(args.device, "--device")
+    if args.output is not None:
+        check_output(args.output, args.texts)
     folder = locate_model(args.model)
     _, meta = load_trained(folder)
     inp = read_texts(
@@ -315,10 +340,18 @@ def _predict(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         allow_other_weights=args.allow_other_weights,
     )
-    with open(args.output, "w", newline="") if args.output else nullcontext(sys.stdout) as out:
-        _write_predictions(out, inp, labels, proba, names)
     if args.output:
+        # Written whole or not at all: a full disk or a kill leaves no truncated table.
+        tmp = args.output.with_name(f".{args.output.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", newline="") as out:
+                _write_predictions(out, inp, labels, proba, names)
+            os.replace(tmp, args.output)
+        finally:
+            tmp.unlink(missing_ok=True)
         print(f"{len(inp.texts)} predictions written to {args.output}", file=sys.stderr)
+    else:
+        _write_predictions(sys.stdout, inp, labels, proba, names)
     if inp.labels is not None:
         for line in _score_lines(inp, labels, names):
             print(line, file=sys.stderr)

@@ -24,7 +24,7 @@ from llmembed.classify.saved import SavedModelError, load_trained
 from llmembed.configs import ConfigNameError, is_name, named_backbone
 from llmembed.extract.backbones import BackboneError, BackboneInfo, inspect_backbone, resolve_source
 from llmembed.extract.embed import embed_texts
-from llmembed.extract.plan import BackboneRef, ExtractPlan, resolve_device
+from llmembed.extract.plan import BackboneRef, ExtractPlan, check_device, resolve_device
 from llmembed.fuse.features import fuse_blocks
 
 log = logging.getLogger(__name__)
@@ -166,8 +166,8 @@ def predict_texts(
     allow_other_weights: bool = False,
 ) -> tuple[list[str], np.ndarray, list[str]]:
     """(predicted label names, class probabilities (n, classes), label names)."""
-    head, meta = load_trained(model_dir)
-    device = resolve_device(device)
+    device = resolve_device(check_device(device, "device"))
+    head, meta = load_trained(model_dir, device)
     # Every backbone is found and checked before the first model is loaded.
     backbones = [
         resolve_backbone(s, paths=backbone_paths or {}, trust_remote_code=trust_remote_code)

@@ -92,9 +92,10 @@ def _jsonable(value):
     raise TypeError(f"cannot save {type(value).__name__} in model.json")
 
 
-def load_trained(folder: Path):
+def load_trained(folder: Path, device: str = "auto"):
     """(head, meta) from a folder written by `save_trained`, after checking that model.json still
-    matches the weights."""
+    matches the weights. A torch head runs on `device`, not on the one it was trained on: where a
+    model runs is the loader's choice (a model trained on a GPU node predicts on a laptop)."""
     folder = Path(folder)
     meta_path, weights = folder / "model.json", folder / "head.safetensors"
     if not meta_path.is_file():
@@ -116,6 +117,8 @@ def load_trained(folder: Path):
         )
     check_contract(meta, weights)
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
+    if "device" in params:
+        params["device"] = device
     try:
         head = HEADS[meta["head"]](**params).load_state(load_file(str(weights)))
     except (KeyError, ValueError, RuntimeError, TypeError, SafetensorError) as err:

@@ -165,7 +165,7 @@ def presumed_device(name: str) -> str:
     return name
 
 
-def check_device(name) -> str:
+def check_device(name, setting: str = "extract.device") -> str:
     """auto, cpu, cuda, cuda:N or mps, and present on this machine: checked before any model is
     loaded (a missing GPU would otherwise fail only after loading the weights)."""
     name = str(name)
@@ -173,23 +173,23 @@ def check_device(name) -> str:
     if kind not in ("auto", "cpu", "cuda", "mps") or (
         number and (kind != "cuda" or not number.isdigit())
     ):
-        raise ConfigError(f"extract.device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+        raise ConfigError(f"{setting} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
     if kind in ("cuda", "mps"):
         import torch
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(
-                f"extract.device={name} but this machine has no usable CUDA GPU (torch "
+                f"{setting}={name} but this machine has no usable CUDA GPU (torch "
                 f"{torch.__version__}, CUDA {torch.version.cuda or 'not built in'}); use "
-                "extract.device=cpu or auto"
+                f"{setting}=cpu or auto"
             )
         if number and int(number) >= torch.cuda.device_count():
             raise ConfigError(
-                f"extract.device={name} but this machine has {torch.cuda.device_count()} CUDA "
+                f"{setting}={name} but this machine has {torch.cuda.device_count()} CUDA "
                 f"GPU(s) (cuda:0-cuda:{torch.cuda.device_count() - 1}); use one of them or auto"
             )
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"extract.device={name} but MPS is not available; use cpu or auto")
+        raise ConfigError(f"{setting}={name} but MPS is not available; use cpu or auto")
     return name
 
 

@@ -428,3 +428,67 @@ def test_labelled_data_has_a_package_of_its_own():
     assert not any((root / "extract" / f).exists() for f in ("datasets.py", "tables.py"))
     for package in ("classify", "fuse", "extract"):
         assert "arrives with" not in (root / package / "__init__.py").read_text()
+
+
+def test_a_model_trained_on_a_gpu_predicts_on_a_machine_without_one(classify_cfg, tmp_path):
+    """A torch head runs where the model is loaded: the device it trained on is kept in
+    model.json (and signed with it) but does not bind the machine that predicts."""
+    from llmembed.classify.saved import load_trained, save_trained
+    from llmembed.classify.train import train
+
+    small = [
+        "head=mlp",
+        "head.params.hidden=[8]",
+        "head.params.max_epochs=3",
+        "head.params.device=cpu",
+    ]
+    train(classify_cfg([("llama", [1], "mean")], *small), tmp_path / "run")
+    model = tmp_path / "run" / "model"
+    (tmp_path / "new.txt").write_text("a fine film\na dull plot\n")
+    args = ("llmembed-predict", model, tmp_path / "new.txt")
+    before = run_cli(*args, cwd=tmp_path, root=tmp_path / "cache")
+    assert before.returncode == 0, before.stderr
+    head, meta = load_trained(model)  # as a GPU node would have written it
+    info = {k: v for k, v in meta.items() if k not in ("format", "head", "params")}
+    save_trained(model, head.set_params(device="cuda"), head_name=meta["head"], info=info)
+    assert json.loads((model / "model.json").read_text())["params"]["device"] == "cuda"
+    after = run_cli(*args, cwd=tmp_path, root=tmp_path / "cache", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert after.returncode == 0, after.stderr
+    assert after.stdout == before.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--device", "gpu"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+        (["--device", "cuda"], "--device=cuda but this machine has no usable CUDA GPU"),
+        (["--output", "{tmp}/nowhere/p.csv"], "the folder {tmp}/nowhere does not exist"),
+        (["--output", "{tmp}"], "is a folder; give a file name"),
+    ],
+)
+def test_predict_refuses_a_device_or_output_it_could_not_use_before_any_work(
+    model, tmp_path, extra, says
+):
+    (tmp_path / "new.txt").write_text("a fine film\n")
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    res = run_cli(
+        "llmembed-predict",
+        model,
+        tmp_path / "new.txt",
+        *extra,
+        cwd=tmp_path,
+        root=tmp_path / "predict-cache",
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert says.replace("{tmp}", str(tmp_path)) in one_line_error(res, "llmembed-predict")
+    assert not (tmp_path / "predict-cache").exists()  # nothing embedded, nothing remembered
+
+
+@pytest.mark.parametrize("name", ["new.ndjson", "new.dat", "new"])
+def test_predict_refuses_a_file_whose_suffix_names_no_format_it_reads(model, tmp_path, name):
+    """Read line by line, a JSON-lines or CSV file under another name would be embedded record by
+    record, header and labels included, without a word."""
+    (tmp_path / name).write_text('{"text": "a fine film", "label": "pos"}\n')
+    res = run_cli("llmembed-predict", model, tmp_path / name, cwd=tmp_path, root=tmp_path / "p")
+    line = one_line_error(res, "llmembed-predict")
+    assert "reads .txt (one text per line) and .csv/.json/.jsonl/.parquet/.tsv tables" in line
