@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import stat
 from collections.abc import Iterator, Sequence
@@ -30,9 +31,23 @@ from llmembed.cache.keys import (
     write_json_atomic,
 )
 from llmembed.cache.lock import key_lock
-from llmembed.errors import Interrupted
+from llmembed.errors import Interrupted, UserError
 
 log = logging.getLogger(__name__)
+
+
+KEY_NAME = re.compile(r"[0-9a-f]{8,64}")  # a key folder's name: a hex digest (cache.keys)
+
+
+def root_path(value) -> Path:
+    """A cache root setting as a folder. An empty one (LLMEMBED_CACHE set to '') or null is
+    refused: read as a path it would be the current folder, which `gc` would then clean."""
+    if value is None or not str(value).strip():
+        raise UserError(
+            f"the cache root is {'null' if value is None else 'empty'} (LLMEMBED_CACHE set to '' "
+            "or cache.root=null): unset LLMEMBED_CACHE (~/.cache/llmembed) or name a folder"
+        )
+    return Path(str(value)).expanduser()
 
 
 def writable(path: Path) -> bool:
@@ -67,7 +82,7 @@ class Cache:
     """A cache root: find, lock, create and list entries."""
 
     def __init__(self, root: str | Path, *, group_writable: bool = False):
-        self.root = Path(root).expanduser()
+        self.root = root_path(root)
         self.group_writable = group_writable
 
     @contextmanager
@@ -207,10 +222,15 @@ class Cache:
             lock.release()
 
     def _key_dirs(self) -> list[Path]:
+        """Key folders: named as keys are (another folder under a root set by mistake to a
+        project's is never taken for one, nor removed by `gc`), holding a spec.json."""
         return [
             k
             for k in _listing(self.root)
-            if k.is_dir() and not k.is_symlink() and os.path.exists(k / "spec.json")
+            if KEY_NAME.fullmatch(k.name)
+            and k.is_dir()
+            and not k.is_symlink()
+            and os.path.exists(k / "spec.json")
         ]
 
     @staticmethod

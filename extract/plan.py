@@ -17,6 +17,7 @@ from pathlib import Path
 
 from llmembed.cache.format import STORE_DTYPES, EntrySpec
 from llmembed.cache.keys import memo_path
+from llmembed.cache.root import root_path
 from llmembed.configs import check_backbone
 from llmembed.errors import UserError
 from llmembed.extract.backbones import BackboneInfo, inspect_backbone
@@ -379,7 +380,7 @@ def make_plan(extract_cfg, backbone_cfg, cache_cfg, *, need=None) -> ExtractPlan
     check_settings(ex)  # before anything is read or loaded
     check_backbone(backbone_cfg)
     bb = BackboneRef.from_config(backbone_cfg)
-    root = Path(str(cache_cfg.root)).expanduser()
+    root = root_path(cache_cfg.root)
     info = inspect_backbone(bb, memo_path(root))
     if "{text}" not in ex.prompt:
         raise ConfigError(f"extract.prompt must contain {{text}}, got {ex.prompt!r}")

@@ -223,7 +223,9 @@ def encode(
 
 def default_root() -> Path:
     """`$LLMEMBED_CACHE`, else ~/.cache/llmembed (as conf/cache/default.yaml)."""
-    return Path(os.environ.get("LLMEMBED_CACHE", "~/.cache/llmembed")).expanduser()
+    from llmembed.cache.root import root_path
+
+    return root_path(os.environ.get("LLMEMBED_CACHE", "~/.cache/llmembed"))
 
 
 @dataclass(frozen=True)
@@ -311,7 +313,9 @@ class Cache:
     """The embedding cache under `root` (default: `$LLMEMBED_CACHE`, else ~/.cache/llmembed)."""
 
     def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root).expanduser() if root is not None else default_root()
+        from llmembed.cache.root import root_path
+
+        self.root = root_path(root) if root is not None else default_root()
 
     def entries(self) -> list[CachedEntry]:
         """Every complete entry, of any backbone."""

@@ -343,3 +343,40 @@ def test_export_writes_chosen_layers_joined_to_the_data_set(make_cfg, data_csv, 
         *args[:-2], "--layers", "9", "--out", str(tmp_path / "x"), cwd=tmp_path, root=root
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_an_empty_cache_root_is_refused_not_taken_for_the_current_folder(
+    tmp_path, tiny_llama, data_csv
+):
+    """LLMEMBED_CACHE set but empty read as a path is the current folder, which `gc` would then
+    clean: every command refuses it, and so does cache.root=null."""
+    empty = {"LLMEMBED_CACHE": ""}
+    ls = run_cli("llmembed-cache", "ls", cwd=tmp_path, root=tmp_path, env=empty)
+    assert ls.returncode == 2 and "the cache root is empty" in ls.stderr, ls.stderr
+    for extra, env in (([], empty), (["cache.root=null"], {})):
+        res = run_cli(
+            "llmembed-classify",
+            "dataset=file",
+            f"dataset.path={data_csv}",
+            *tiny_features(tiny_llama),
+            "extract.progress=false",
+            *extra,
+            cwd=tmp_path,
+            root=tmp_path / "cache",
+            env=env,
+        )
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert "the cache root is " in res.stderr and "unset LLMEMBED_CACHE" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "outputs") == [data_csv.name]
+
+
+def test_gc_takes_only_key_folders_for_cache_entries(tmp_path):
+    """A root set by mistake to a project folder: its own folders holding a spec.json are not
+    old-format keys, and gc leaves them."""
+    (tmp_path / "api").mkdir()
+    (tmp_path / "api" / "spec.json").write_text('{"openapi": "3.0.0"}')
+    old = tmp_path / ("ab" * 16)  # a key of a cache format this llmembed does not read
+    old.mkdir()
+    (old / "spec.json").write_text('{"format_version": 1}')
+    assert cache_main(["--root", str(tmp_path), "gc"]) == 0
+    assert (tmp_path / "api" / "spec.json").is_file() and not old.exists()
