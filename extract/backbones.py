@@ -56,9 +56,9 @@ def resolve_source(path: str) -> Source:
     """Tell a hub id from a local folder or GGUF file; a local-looking path must exist."""
     p = Path(path).expanduser()
     looks_local = path.startswith(("/", "./", "../", "~")) or p.suffix == ".gguf" or p.exists()
-    if not looks_local:
+    if not looks_local and _hub_id(path):
         return Source("hub", path)
-    if not p.exists():
+    if not p.exists():  # e.g. checkpoints/run1/final, typed from another folder
         raise BackboneError(
             f"model path {p} does not exist; set backbone.path to a model folder, a .gguf file "
             "or a Hugging Face hub id like meta-llama/Llama-2-7b-chat-hf"
@@ -75,6 +75,18 @@ def resolve_source(path: str) -> Source:
             f"{p} holds no config.json (nor a single .gguf file): not a model folder"
         )
     return Source("local", str(p.resolve()))
+
+
+def _hub_id(name: str) -> bool:
+    """Whether `name` can be a hub repo id (owner/name: letters, digits, -, _, .)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _require_gguf(source: Source) -> None:

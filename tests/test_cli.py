@@ -161,6 +161,10 @@ def test_classify_without_extraction_prints_the_extract_command(tmp_path, tiny_l
     [
         (["llmembed-extract", "dataset=file", "dataset.path=missing.csv"], "missing.csv"),
         (["llmembed-extract", "backbone=local", "backbone.path=./nowhere"], "does not exist"),
+        (  # neither a folder here nor a hub id (owner/name): not sent to the hub
+            ["llmembed-extract", "backbone=local", "backbone.path=runs/run1/final"],
+            "model path runs/run1/final does not exist",
+        ),
         (["llmembed-classify", "head=logreg", "features.fusion=cooccurrence"], "paper's head"),
         (["llmembed-classify", "seeds=oops"], "seeds must be a list of integers"),
         (["llmembed-classify", "seeds=[0,-1]"], "seeds must be a list of integers, 0 or more"),
