@@ -161,11 +161,11 @@ def _data_set(args: argparse.Namespace):
 
     from llmembed.data.datasets import build_dataset, check_settings, load_file
 
-    overrides = ["dataset=file", f"dataset.text_column={args.text_column}"]
-    overrides += [f"dataset.label_column={args.label_column}"]
     with initialize_config_module("llmembed.conf", version_base=None):
-        cfg = compose("extract", overrides=overrides).dataset
-    cfg.path = str(args.data)
+        cfg = compose("extract", overrides=["dataset=file"]).dataset
+    # Set, not passed as overrides: a column named "text (en)" or "2024" is a name, not syntax.
+    cfg.path, cfg.text_column = str(args.data), args.text_column
+    cfg.label_column = args.label_column
     flags = {"text_column": "--text-column", "label_column": "--label-column"}
     source = load_file(cfg, options=flags)
     return build_dataset(source, cfg.name, cfg.path, check_settings(cfg))

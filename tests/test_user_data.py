@@ -138,6 +138,19 @@ def test_export_errors_name_its_own_flags(tmp_path, make_cfg, data_csv):
     )
     line = one_line_error(wrong, "llmembed-cache")
     assert "has no column 'review'" in line and "--text-column" in line and "dataset." not in line
+    for name in ("text (en)", "2024"):  # a name, not override syntax (nor a number)
+        odd = run_cli(
+            *args,
+            "--out",
+            tmp_path / "x.parquet",
+            "--data",
+            data_csv,
+            "--text-column",
+            name,
+            cwd=tmp_path,
+            root=tmp_path / "cache",
+        )
+        assert f"has no column '{name}'" in one_line_error(odd, "llmembed-cache")
 
 
 def test_a_users_csv_with_string_ids_and_own_columns(tmp_path, tiny_llama):
