@@ -59,6 +59,8 @@ def first_comment(path: Path) -> str:
                 return ""
     except OSError:
         return ""
+    except UnicodeDecodeError:  # Hydra cannot read it either: say so where it is listed
+        return "(not UTF-8: save it as UTF-8 to use it)"
     return ""
 
 

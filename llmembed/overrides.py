@@ -71,6 +71,7 @@ def check_overrides(
 ) -> None:
     """Refuse overrides that set a key no config defines or that Hydra cannot compose, and (with
     `complete`) a config that leaves a required value (`???`) unset."""
+    import yaml
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -121,6 +122,11 @@ def check_overrides(
             compose(config_name, overrides=[_first(o) for o in parsed])
         except UserError:
             raise
+        except (yaml.YAMLError, UnicodeDecodeError) as err:  # Hydra reads the files as it goes
+            raise OverrideError(
+                "a config file this command reads (one of yours in LLMEMBED_CONFIG_DIR?) is not "
+                f"valid UTF-8 YAML ({type(err).__name__}: {one_line(err)}); fix it"
+            ) from None
         except (HydraException, OmegaConfBaseException) as err:
             cause = err
             while cause is not None and not isinstance(cause, UserError):

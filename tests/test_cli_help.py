@@ -150,3 +150,21 @@ def test_a_missing_config_folder_is_named():
     out = run("llmembed-extract", "--cfg", "job", env={"LLMEMBED_CONFIG_DIR": "/no/such/folder"})
     assert out.returncode != 0
     assert "LLMEMBED_CONFIG_DIR=/no/such/folder is not a folder" in out.stderr
+
+
+def test_a_config_of_ones_own_that_is_not_valid_yaml_or_not_utf8_is_one_message(tmp_path):
+    folder = tmp_path / "conf"
+    (folder / "dataset").mkdir(parents=True)
+    (folder / "backbone").mkdir()
+    (folder / "dataset" / "bad.yaml").write_text("defaults: [file]\nname: [bad\n")
+    (folder / "backbone" / "frbb.yaml").write_bytes(
+        "# Modèle français\nname: frbb\n".encode("latin-1")
+    )
+    env = {"LLMEMBED_CONFIG_DIR": str(folder), "LLMEMBED_CACHE": str(tmp_path / "cache")}
+    listing = run("llmembed-extract", "--help", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert "frbb" in listing.stdout and "(not UTF-8: save it as UTF-8 to use it)" in listing.stdout
+    for choice in ("dataset=bad", "backbone=frbb"):
+        out = run("llmembed-extract", choice, "--cfg", "job", env=env)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert "is not valid UTF-8 YAML" in out.stderr, out.stderr
