@@ -157,12 +157,10 @@ def _run(args: argparse.Namespace) -> int:
 def _data_set(args: argparse.Namespace):
     """The data set of a file, split as `llmembed-classify dataset=file` splits it; messages name
     this command's own flags."""
-    from hydra import compose, initialize_config_module
-
+    from llmembed.configs import compose_group
     from llmembed.data.datasets import build_dataset, check_settings, load_file
 
-    with initialize_config_module("llmembed.conf", version_base=None):
-        cfg = compose("extract", overrides=["dataset=file"]).dataset
+    cfg = compose_group("dataset", "file")
     # Set, not passed as overrides: a column named "text (en)" or "2024" is a name, not syntax.
     cfg.path, cfg.text_column = str(args.data), args.text_column
     cfg.label_column = args.label_column

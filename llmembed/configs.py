@@ -65,20 +65,28 @@ def named_backbone(name: str) -> DictConfig:
 def compose_group(group: str, name: str) -> DictConfig:
     """The `group` section of the extract config with `group=name`, on the search path of the
     running command line where there is one."""
+    import yaml
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from llmembed.overrides import config_error
 
     overrides = [f"{group}={name}"]
-    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its own search path
-        if HydraConfig.initialized() and HydraConfig.get().searchpath:
-            paths = ",".join(repr(str(p)) for p in HydraConfig.get().searchpath)
-            overrides.append(f"hydra.searchpath=[{paths}]")
-        return compose("extract", overrides=overrides)[group]
-    import llmembed  # noqa: F401  (registers the resolvers the shipped configs use)
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside a Hydra app: its own search path
+            if HydraConfig.initialized() and HydraConfig.get().searchpath:
+                paths = ",".join(repr(str(p)) for p in HydraConfig.get().searchpath)
+                overrides.append(f"hydra.searchpath=[{paths}]")
+            return compose("extract", overrides=overrides)[group]
+        import llmembed  # noqa: F401  (registers the resolvers the shipped configs use)
 
-    with initialize_config_module("llmembed.conf", version_base=None):
-        return compose("extract", overrides=overrides)[group]
+        with initialize_config_module("llmembed.conf", version_base=None):
+            return compose("extract", overrides=overrides)[group]
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as err:
+        raise config_error(err) from None
 
 
 def check_backbone(cfg: DictConfig) -> None:

@@ -122,18 +122,27 @@ def check_overrides(
             compose(config_name, overrides=[_first(o) for o in parsed])
         except UserError:
             raise
-        except (yaml.YAMLError, UnicodeDecodeError) as err:  # Hydra reads the files as it goes
-            raise OverrideError(
-                "a config file this command reads (one of yours in LLMEMBED_CONFIG_DIR?) is not "
-                f"valid UTF-8 YAML ({type(err).__name__}: {one_line(err)}); fix it"
-            ) from None
-        except (HydraException, OmegaConfBaseException) as err:
-            cause = err
-            while cause is not None and not isinstance(cause, UserError):
-                cause = cause.__cause__ or cause.__context__
-            if cause is not None:  # e.g. LLMEMBED_CONFIG_DIR is not a folder
-                raise cause from None
-            raise OverrideError(one_line(err)) from None
+        except (HydraException, OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as err:
+            raise config_error(err) from None
+
+
+def config_error(err: BaseException) -> UserError:
+    """What composing a config failed on, as one message: the user's error Hydra wraps (e.g.
+    LLMEMBED_CONFIG_DIR is not a folder), a config file that is not valid UTF-8 YAML (Hydra reads
+    the files as it goes), else Hydra's own message on one line."""
+    import yaml
+
+    cause = err
+    while cause is not None and not isinstance(cause, UserError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return cause
+    if isinstance(err, (yaml.YAMLError, UnicodeDecodeError)):
+        return OverrideError(
+            "a config file this command reads (one of yours in LLMEMBED_CONFIG_DIR?) is not "
+            f"valid UTF-8 YAML ({type(err).__name__}: {one_line(err)}); fix it"
+        )
+    return OverrideError(one_line(err))
 
 
 def _refuse_group_append(override, cfg: DictConfig, is_group) -> None:

@@ -1,6 +1,7 @@
 """Command lines that help, as a user runs them: fast `--help` listing what exists, `--version`, and
 a user's own config folder found through Hydra's search path."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -168,3 +169,16 @@ def test_a_config_of_ones_own_that_is_not_valid_yaml_or_not_utf8_is_one_message(
         out = run("llmembed-extract", choice, "--cfg", "job", env=env)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
         assert "is not valid UTF-8 YAML" in out.stderr, out.stderr
+
+
+def test_a_missing_config_folder_is_named_by_the_api_and_the_export_too(monkeypatch, tmp_path):
+    from llmembed.cache.cli import _data_set
+    from llmembed.configs import named_backbone
+    from llmembed.errors import UserError
+
+    monkeypatch.setenv("LLMEMBED_CONFIG_DIR", "/no/such/folder")
+    with pytest.raises(UserError, match="LLMEMBED_CONFIG_DIR=/no/such/folder is not a folder"):
+        named_backbone("minilm")  # as llmembed.encode(texts, "minilm") and predict look it up
+    args = argparse.Namespace(data=tmp_path / "d.csv", text_column="text", label_column="label")
+    with pytest.raises(UserError, match="is not a folder"):
+        _data_set(args)  # llmembed-cache export --data
