@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -103,6 +104,9 @@ def _run(args: argparse.Namespace) -> int:
             print(describe_link(link))
         return 0
     if args.command == "gc":
+        days = args.older_than
+        if days is not None and not (math.isfinite(days) and days >= 0):
+            raise UserError(f"--older-than {days:g}: give a number of days, 0 or more")
         removed = gc(cache, dry_run=args.dry_run, older_than_days=args.older_than)
         for path in removed:
             print(("would remove " if args.dry_run else "removed ") + str(path))

@@ -168,6 +168,13 @@ def predict_texts(
     """(predicted label names, class probabilities (n, classes), label names)."""
     device = resolve_device(check_device(device, "device"))
     head, meta = load_trained(model_dir, device)
+    names = [s["backbone"]["name"] for s in meta["sources"]]
+    stray = sorted(set(backbone_paths or {}) - set(names))
+    if stray:  # a misspelled NAME would leave the model's backbone at its recorded path
+        raise SavedModelError(
+            f"--backbone-path {stray[0]}=...: the model has no backbone {stray[0]!r}; "
+            f"its backbones: {', '.join(names)}"
+        )
     # Every backbone is found and checked before the first model is loaded.
     backbones = [
         resolve_backbone(s, paths=backbone_paths or {}, trust_remote_code=trust_remote_code)

@@ -170,6 +170,11 @@ def test_classify_without_extraction_prints_the_extract_command(tmp_path, tiny_l
         (["llmembed-classify", "seeds=[0,-1]"], "seeds must be a list of integers, 0 or more"),
         (["llmembed-predict", ".", "texts.txt"], "not a saved llmembed model"),
         (["llmembed-cache", "--root", "{root}/x/file", "gc"], "not a directory"),
+        (["llmembed-cache", "gc", "--older-than", "-5"], "--older-than -5: give a number of days"),
+        (
+            ["llmembed-cache", "gc", "--older-than", "nan"],
+            "--older-than nan: give a number of days",
+        ),
     ],
 )
 def test_expected_errors_print_one_message_without_a_traceback(tmp_path, args, message):

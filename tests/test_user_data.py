@@ -477,6 +477,10 @@ def test_a_model_trained_on_a_gpu_predicts_on_a_machine_without_one(classify_cfg
         (["--device", "cuda"], "--device=cuda but this machine has no usable CUDA GPU"),
         (["--output", "{tmp}/nowhere/p.csv"], "the folder {tmp}/nowhere does not exist"),
         (["--output", "{tmp}"], "is a folder; give a file name"),
+        (
+            ["--backbone-path", "tiny-lama=/models/x"],
+            "--backbone-path tiny-lama=...: the model has no backbone 'tiny-lama'; its backbones: tiny-llama",
+        ),
     ],
 )
 def test_predict_refuses_a_device_or_output_it_could_not_use_before_any_work(
