@@ -124,6 +124,8 @@ def read_texts(
                 "--text-column, --id-column and --label-column need a CSV/TSV/JSONL/JSON/parquet"
             )
         return _read_lines(path)
+    if text_column == "":
+        raise UserError("--text-column '': the texts' column cannot be turned off; name it")
     trained = trained or {}
     default_text = trained.get("text_column") or "text"
     default_label = trained.get("label_column") or "label"

@@ -509,3 +509,19 @@ def test_predict_refuses_a_file_whose_suffix_names_no_format_it_reads(model, tmp
     res = run_cli("llmembed-predict", model, tmp_path / name, cwd=tmp_path, root=tmp_path / "p")
     line = one_line_error(res, "llmembed-predict")
     assert "reads .txt (one text per line) and .csv/.json/.jsonl/.parquet/.tsv tables" in line
+
+
+def test_predict_refuses_to_turn_off_a_tables_text_column(model, tmp_path):
+    (tmp_path / "new.csv").write_text("text,label\na fine film,pos\n")
+    res = run_cli(
+        "llmembed-predict",
+        model,
+        tmp_path / "new.csv",
+        "--text-column",
+        "",
+        cwd=tmp_path,
+        root=tmp_path / "p",
+    )
+    assert "--text-column '': the texts' column cannot be turned off" in one_line_error(
+        res, "llmembed-predict"
+    )
