@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from llmembed.classify.saved import SavedModelError, load_trained
+from llmembed.extract.backbones import valid_repo_id
 
 # The files a saved model is; nothing else in a repo is downloaded or uploaded.
 MODEL_FILES = ["model.json", "head.safetensors", "README.md"]
@@ -26,21 +27,9 @@ def repo_ref(model: str) -> tuple[str, str | None] | None:
     if Path(model).expanduser().exists():
         return None
     m = _REPO_ID.match(model)
-    if m is None or model.startswith(".") or ".." in model or not _valid_repo_id(m["repo"]):
+    if m is None or model.startswith(".") or ".." in model or not valid_repo_id(m["repo"]):
         return None
     return m["repo"], m["revision"]
-
-
-def _valid_repo_id(repo_id: str) -> bool:
-    """The hub's own rule (no `--`, no leading `-`, at most 96 characters, ...)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        return False
-    return True
 
 
 def locate_model(model: str | os.PathLike) -> Path:
@@ -110,7 +99,7 @@ def push_model(
     The folder is checked (model.json against the weights' contract) before anything is sent."""
     from huggingface_hub import HfApi, constants
 
-    if _REPO_ID.match(repo_id) is None or "@" in repo_id or not _valid_repo_id(repo_id):
+    if _REPO_ID.match(repo_id) is None or "@" in repo_id or not valid_repo_id(repo_id):
         raise SavedModelError(
             f"{repo_id!r} is not a hub repo id; give owner/name (letters, digits, '-', '_', '.'; "
             "no '--' or '..', at most 96 characters)"

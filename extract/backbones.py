@@ -56,7 +56,7 @@ def resolve_source(path: str) -> Source:
     """Tell a hub id from a local folder or GGUF file; a local-looking path must exist."""
     p = Path(path).expanduser()
     looks_local = path.startswith(("/", "./", "../", "~")) or p.suffix == ".gguf" or p.exists()
-    if not looks_local and _hub_id(path):
+    if not looks_local and valid_repo_id(path):
         return Source("hub", path)
     if not p.exists():  # e.g. checkpoints/run1/final, typed from another folder
         raise BackboneError(
@@ -77,8 +77,9 @@ def resolve_source(path: str) -> Source:
     return Source("local", str(p.resolve()))
 
 
-def _hub_id(name: str) -> bool:
-    """Whether `name` can be a hub repo id (owner/name: letters, digits, -, _, .)."""
+def valid_repo_id(name: str) -> bool:
+    """Whether `name` can be a hub repo id, by the hub's own rule (owner/name of letters, digits,
+    -, _, .; no `--`, no leading `-`, at most 96 characters, ...)."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 

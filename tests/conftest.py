@@ -50,6 +50,21 @@ def tiny_features(model) -> list[str]:
     ]
 
 
+def classify_tiny(tmp_path, model, data_csv, *extra, env=None) -> subprocess.CompletedProcess:
+    """`llmembed-classify` on a CSV with one layer of a tiny model, as typed, with `extra`."""
+    return run_cli(
+        "llmembed-classify",
+        "dataset=file",
+        f"dataset.path={data_csv}",
+        *tiny_features(model),
+        "extract.progress=false",
+        *extra,
+        cwd=tmp_path,
+        root=tmp_path / "cache",
+        env=env,
+    )
+
+
 def one_line_error(res, prog: str) -> str:
     """The whole of stderr: one `prog: error:` line, no traceback, exit status 2."""
     assert res.returncode == 2, (res.returncode, res.stdout[-2000:], res.stderr)

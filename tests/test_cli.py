@@ -14,6 +14,7 @@ from llmembed.cache.root import Cache
 from llmembed.extract.pipeline import extract
 from tests.conftest import (
     BIN,
+    classify_tiny,
     make_tiny_bert,
     read_rows,
     run_cli,
@@ -363,17 +364,7 @@ def test_an_empty_cache_root_is_refused_not_taken_for_the_current_folder(
     ls = run_cli("llmembed-cache", "ls", cwd=tmp_path, root=tmp_path, env=empty)
     assert ls.returncode == 2 and "the cache root is empty" in ls.stderr, ls.stderr
     for extra, env in (([], empty), (["cache.root=null"], {})):
-        res = run_cli(
-            "llmembed-classify",
-            "dataset=file",
-            f"dataset.path={data_csv}",
-            *tiny_features(tiny_llama),
-            "extract.progress=false",
-            *extra,
-            cwd=tmp_path,
-            root=tmp_path / "cache",
-            env=env,
-        )
+        res = classify_tiny(tmp_path, tiny_llama, data_csv, *extra, env=env)
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
         assert "the cache root is " in res.stderr and "unset LLMEMBED_CACHE" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "outputs") == [data_csv.name]

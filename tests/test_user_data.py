@@ -19,6 +19,7 @@ import llmembed
 from llmembed.classify.saved import load_trained
 from tests.conftest import (
     BIN,
+    classify_tiny,
     make_tiny_llama,
     one_line_error,
     read_rows,
@@ -388,16 +389,10 @@ def test_a_conf_path_is_never_read_even_under_a_matching_contract(model, tmp_pat
 def test_bad_heads_and_settings_on_the_command_line_are_one_line(
     tmp_path, tiny_llama, data_csv, override, says
 ):
-    res = run_cli(
-        "llmembed-classify",
-        "dataset=file",
-        f"dataset.path={data_csv}",
-        *tiny_features(tiny_llama),
-        "extract.progress=false",
-        *([override] if isinstance(override, str) else override),
-        cwd=tmp_path,
-        root=tmp_path / "cache",
-        env={"CUDA_VISIBLE_DEVICES": ""},  # device=cuda is refused on a GPU machine too
+    overrides = [override] if isinstance(override, str) else override
+    # device=cuda is refused on a GPU machine too
+    res = classify_tiny(
+        tmp_path, tiny_llama, data_csv, *overrides, env={"CUDA_VISIBLE_DEVICES": ""}
     )
     assert says in one_line_error(res, "llmembed-classify")
     assert not (tmp_path / "cache").exists()  # refused before any extraction
