@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,17 +304,42 @@ TEXT_SUFFIXES = (".txt", ".text")  # one text per line
 
 def check_output(path: Path, texts: Path) -> None:
     """`--output` refused before any work where the table could not be written."""
-    if path.resolve() == texts.resolve():
+    target = Path(os.path.realpath(path))  # a link's target is what gets written
+    if target == texts.resolve():
         raise UserError(f"--output {path} is the input file; write somewhere else")
-    if path.is_dir() or not path.name:
+    if target.is_dir() or not path.name:
         raise UserError(
             f"--output {path} is a folder; give a file name, e.g. {path / 'predictions.csv'}"
         )
-    folder = path.parent
+    if target.exists() and not target.is_file():  # /dev/null, a FIFO: written as it is
+        if not os.access(target, os.W_OK):
+            raise UserError(f"--output {path} is not writable; write elsewhere")
+        return
+    folder = target.parent
     if not folder.is_dir():
         raise UserError(f"--output {path}: the folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"--output {path}: the folder {folder} is not writable; write elsewhere")
+
+
+def write_output(path: Path, write) -> None:
+    """`write(file)` into `path`: a regular file (or a link's target) whole or not at all, through
+    a temporary file beside it (a full disk or a kill leaves no truncated table, and an existing
+    file keeps its mode); a device or FIFO (/dev/null, /dev/stdout) as it is."""
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        with open(target, "w", newline="") as out:
+            write(out)
+        return
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", newline="") as out:
+            write(out)
+        if target.exists():
+            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -343,14 +369,7 @@ def _predict(args: argparse.Namespace) -> int:
         allow_other_weights=args.allow_other_weights,
     )
     if args.output:
-        # Written whole or not at all: a full disk or a kill leaves no truncated table.
-        tmp = args.output.with_name(f".{args.output.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", newline="") as out:
-                _write_predictions(out, inp, labels, proba, names)
-            os.replace(tmp, args.output)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_output(args.output, lambda out: _write_predictions(out, inp, labels, proba, names))
         print(f"{len(inp.texts)} predictions written to {args.output}", file=sys.stderr)
     else:
         _write_predictions(sys.stdout, inp, labels, proba, names)

@@ -92,7 +92,7 @@ def _jsonable(value):
     raise TypeError(f"cannot save {type(value).__name__} in model.json")
 
 
-def load_trained(folder: Path, device: str = "auto"):
+def load_trained(folder: Path, device: str = "cpu"):
     """(head, meta) from a folder written by `save_trained`, after checking that model.json still
     matches the weights. A torch head runs on `device`, not on the one it was trained on: where a
     model runs is the loader's choice (a model trained on a GPU node predicts on a laptop)."""

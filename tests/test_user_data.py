@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pty
+import stat
 import struct
 import subprocess
 import termios
@@ -454,13 +455,14 @@ def test_a_model_trained_on_a_gpu_predicts_on_a_machine_without_one(classify_cfg
     model = tmp_path / "run" / "model"
     (tmp_path / "new.txt").write_text("a fine film\na dull plot\n")
     args = ("llmembed-predict", model, tmp_path / "new.txt")
-    before = run_cli(*args, cwd=tmp_path, root=tmp_path / "cache")
+    cpu = {"CUDA_VISIBLE_DEVICES": ""}  # both runs on the CPU, on any machine
+    before = run_cli(*args, cwd=tmp_path, root=tmp_path / "cache", env=cpu)
     assert before.returncode == 0, before.stderr
     head, meta = load_trained(model)  # as a GPU node would have written it
     info = {k: v for k, v in meta.items() if k not in ("format", "head", "params")}
     save_trained(model, head.set_params(device="cuda"), head_name=meta["head"], info=info)
     assert json.loads((model / "model.json").read_text())["params"]["device"] == "cuda"
-    after = run_cli(*args, cwd=tmp_path, root=tmp_path / "cache", env={"CUDA_VISIBLE_DEVICES": ""})
+    after = run_cli(*args, cwd=tmp_path, root=tmp_path / "cache", env=cpu)
     assert after.returncode == 0, after.stderr
     assert after.stdout == before.stdout
 
@@ -520,3 +522,34 @@ def test_predict_refuses_to_turn_off_a_tables_text_column(model, tmp_path):
     assert "--text-column '': the texts' column cannot be turned off" in one_line_error(
         res, "llmembed-predict"
     )
+
+
+def test_predict_output_to_a_device_a_link_or_an_existing_file(model, tmp_path):
+    """/dev/null is written as it is (only the scores wanted), a link's target is replaced whole
+    (the link stays), an existing file keeps its mode."""
+    (tmp_path / "new.txt").write_text("a fine film\na dull plot\n")
+
+    def predict(out) -> subprocess.CompletedProcess:
+        res = run_cli(
+            "llmembed-predict",
+            model,
+            tmp_path / "new.txt",
+            "--output",
+            out,
+            cwd=tmp_path,
+            root=tmp_path / "cache",
+        )
+        assert res.returncode == 0, res.stderr
+        return res
+
+    predict("/dev/null")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    (tmp_path / "runs").mkdir()
+    target = tmp_path / "runs" / "pred.csv"
+    target.write_text("old\n")
+    target.chmod(0o640)
+    (tmp_path / "latest.csv").symlink_to(target)
+    predict(tmp_path / "latest.csv")
+    assert (tmp_path / "latest.csv").is_symlink() and target.read_text().startswith("predicted,")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["pred.csv"]  # no temp left
