@@ -869,6 +869,7 @@ def claim_method(kind: str, values: list[float], total: float = 1.0, used: int =
         "total_s": total,
         "params_used": used,
         "estimated": False,
+        "machines": [],
     }
 
 
