@@ -92,6 +92,40 @@ def _input_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+TEXT_SUFFIXES = (".txt", ".text")  # one text per line
+
+
+def check_input(path: Path, text_column, id_column, label_column) -> str:
+    """The input file's suffix, once the file and the columns asked of it can be read (checked
+    before the model is located, which may mean a download)."""
+    from llmembed.data.tables import SUFFIXES
+
+    if not path.is_file():  # missing, a folder, or not a regular file (a FIFO, /dev/zero)
+        what = "does not exist" if not path.exists() else "is not a regular file"
+        raise UserError(
+            f"{path} {what}; give a .txt file (one text per line) or a "
+            "CSV/TSV/JSONL/JSON/parquet table"
+        )
+    suffix = path.suffix.lower()
+    if suffix not in (*SUFFIXES, *TEXT_SUFFIXES):  # a .ndjson or .dat read line by line would
+        raise UserError(  # embed whole records as texts without a word
+            f"{path}: llmembed-predict reads .txt (one text per line) and "
+            f"{'/'.join(sorted(SUFFIXES))} tables; rename the file to the suffix of its format"
+        )
+    if is_lines(suffix) and (text_column or id_column or label_column):
+        raise UserError(
+            f"{path} is read as plain text (one text per line), which has no columns; "
+            "--text-column, --id-column and --label-column need a CSV/TSV/JSONL/JSON/parquet"
+        )
+    if not is_lines(suffix) and text_column == "":
+        raise UserError("--text-column '': the texts' column cannot be turned off; name it")
+    return suffix
+
+
+def is_lines(suffix: str) -> bool:
+    return suffix in TEXT_SUFFIXES
+
+
 def read_texts(
     path: Path,
     text_column: str | None = None,
@@ -105,28 +139,10 @@ def read_texts(
     its default name where the table has it (the text and label columns the model was trained on,
     from `trained`, else text and label); '' turns it off. Texts and labels pass the checks of
     training data (a blank text or a missing label is an error naming the row)."""
-    from llmembed.data.tables import SUFFIXES, check_texts, read_rows
+    from llmembed.data.tables import check_texts, read_rows
 
-    if not path.is_file():  # missing, a folder, or not a regular file (a FIFO, /dev/zero)
-        what = "does not exist" if not path.exists() else "is not a regular file"
-        raise UserError(
-            f"{path} {what}; give a .txt file (one text per line) or a "
-            "CSV/TSV/JSONL/JSON/parquet table"
-        )
-    if path.suffix.lower() not in SUFFIXES:
-        if path.suffix.lower() not in TEXT_SUFFIXES:  # a .ndjson or .dat read line by line would
-            raise UserError(  # embed whole records as texts without a word
-                f"{path}: llmembed-predict reads .txt (one text per line) and "
-                f"{'/'.join(sorted(SUFFIXES))} tables; rename the file to the suffix of its format"
-            )
-        if text_column or id_column or label_column:
-            raise UserError(
-                f"{path} is read as plain text (one text per line), which has no columns; "
-                "--text-column, --id-column and --label-column need a CSV/TSV/JSONL/JSON/parquet"
-            )
+    if is_lines(check_input(path, text_column, id_column, label_column)):
         return _read_lines(path)
-    if text_column == "":
-        raise UserError("--text-column '': the texts' column cannot be turned off; name it")
     trained = trained or {}
     default_text = trained.get("text_column") or "text"
     default_label = trained.get("label_column") or "label"
@@ -299,9 +315,6 @@ def predict_main(argv: list[str] | None = None) -> int:
         return _predict(args)
 
 
-TEXT_SUFFIXES = (".txt", ".text")  # one text per line
-
-
 def check_output(path: Path, texts: Path) -> None:
     """`--output` refused before any work where the table could not be written."""
     target = Path(os.path.realpath(path))  # a link's target is what gets written
@@ -349,6 +362,7 @@ def _predict(args: argparse.Namespace) -> int:
     from llmembed.extract.plan import check_device
 
     check_device(args.device, "--device")
+    check_input(args.texts, args.text_column, args.id_column, args.label_column)
     if args.output is not None:
         check_output(args.output, args.texts)
     folder = locate_model(args.model)

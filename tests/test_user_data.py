@@ -499,20 +499,22 @@ def test_predict_refuses_a_device_or_output_it_could_not_use_before_any_work(
 
 
 @pytest.mark.parametrize("name", ["new.ndjson", "new.dat", "new"])
-def test_predict_refuses_a_file_whose_suffix_names_no_format_it_reads(model, tmp_path, name):
+def test_predict_refuses_a_file_whose_suffix_names_no_format_it_reads(tmp_path, name):
     """Read line by line, a JSON-lines or CSV file under another name would be embedded record by
-    record, header and labels included, without a word."""
+    record, header and labels included, without a word. Said before the model is looked for (a
+    hub model would be downloaded first): here there is none."""
     (tmp_path / name).write_text('{"text": "a fine film", "label": "pos"}\n')
+    model = tmp_path / "no-model"
     res = run_cli("llmembed-predict", model, tmp_path / name, cwd=tmp_path, root=tmp_path / "p")
     line = one_line_error(res, "llmembed-predict")
     assert "reads .txt (one text per line) and .csv/.json/.jsonl/.parquet/.tsv tables" in line
 
 
-def test_predict_refuses_to_turn_off_a_tables_text_column(model, tmp_path):
+def test_predict_refuses_to_turn_off_a_tables_text_column(tmp_path):
     (tmp_path / "new.csv").write_text("text,label\na fine film,pos\n")
     res = run_cli(
         "llmembed-predict",
-        model,
+        tmp_path / "no-model",
         tmp_path / "new.csv",
         "--text-column",
         "",
