@@ -357,11 +357,12 @@ def write_output(path: Path, write) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     from llmembed.classify.hub import locate_model
-    from llmembed.classify.predict import predict_texts
+    from llmembed.classify.predict import default_memo, predict_texts
     from llmembed.classify.saved import load_trained
     from llmembed.extract.plan import check_device
 
     check_device(args.device, "--device")
+    default_memo()  # an empty LLMEMBED_CACHE is refused before the model is looked for
     check_input(args.texts, args.text_column, args.id_column, args.label_column)
     if args.output is not None:
         check_output(args.output, args.texts)

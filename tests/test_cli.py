@@ -361,8 +361,9 @@ def test_an_empty_cache_root_is_refused_not_taken_for_the_current_folder(
     """LLMEMBED_CACHE set but empty read as a path is the current folder, which `gc` would then
     clean: every command refuses it, and so does cache.root=null."""
     empty = {"LLMEMBED_CACHE": ""}
-    ls = run_cli("llmembed-cache", "ls", cwd=tmp_path, root=tmp_path, env=empty)
-    assert ls.returncode == 2 and "the cache root is empty" in ls.stderr, ls.stderr
+    for args in (["llmembed-cache", "ls"], ["llmembed-predict", "no/model", "x.txt"]):
+        res = run_cli(*args, cwd=tmp_path, root=tmp_path, env=empty)
+        assert res.returncode == 2 and "the cache root is empty" in res.stderr, res.stderr
     for extra, env in (([], empty), (["cache.root=null"], {})):
         res = classify_tiny(tmp_path, tiny_llama, data_csv, *extra, env=env)
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
