@@ -40,7 +40,7 @@ def joined(name: str, earlier: dict | None, later: dict) -> dict:
         if kind in earlier or kind in later:
             a, b = earlier.get(kind, {}), later.get(kind, {})
             if kind == "finetuning":
-                b = {k: splits_joined(a.get(k), v, later.get("dataset")) for k, v in b.items()}
+                b = {k: splits_joined(a.get(k), v) for k, v in b.items()}
             out[kind] = {**a, **b}
     return out
 
@@ -51,7 +51,7 @@ def seeds_of(setup: dict) -> set[int] | None:
     return None if None in seeds else {s for ss in seeds for s in ss}
 
 
-def splits_joined(earlier: dict | None, later: dict, dataset: str | None) -> dict:
+def splits_joined(earlier: dict | None, later: dict) -> dict:
     """One fine-tuning setup run on disjoint splits by two processes (its `splits` overridden in
     each): one setup over all of them, every per-split record kept and the summaries taken again.
     Anything else (other settings, other rows, a split run twice, splits not recorded): the later
