@@ -9,8 +9,9 @@ its best documented setting and each with its own choices made on validation (an
     to `max_text_tokens` (llmembed's 512 where the best setting is asked for).
 (b) Fine-tuning end to end or with LoRA adapters (`results.counterparts.finetuning.setups`): the
     model + a pooling + a linear layer, AdamW, early stopping on validation accuracy; with several
-    learning rates, the one with the best validation accuracy per split; test scored once per
-    split, for that choice. MiniLM end to end, and SmolLM2 through LoRA (lora.py): the
+    learning rates, the one with the best validation accuracy per split, and only its test
+    accuracy reported. Each rate's run on each split is a record in `results.run_dir`, reused by
+    a later command (`results.resume=true`): a stopped sweep resumes per split and rate. MiniLM end to end, and SmolLM2 through LoRA (lora.py): the
     counterpart that adapts the same decoder llmembed reads.
 
     .venv/bin/python -m scripts.experiments.counterparts [hydra overrides]
@@ -26,8 +27,10 @@ per setup, each with its rows (a row per method the page shows).
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +39,14 @@ from omegaconf import OmegaConf
 
 from llmembed.classify.train import seeds_of
 from scripts.experiments.common import (
+    RUNS,
     SPLIT_CODES,
     backbone_path,
+    command_line,
     continue_result,
     device_name,
     experiment_cfgs,
+    finish,
     header,
     load_model,
     load_tokenizer,
@@ -274,7 +280,7 @@ def run_prompting(cfg, splits, name: str, setup) -> dict:
 def run_finetuning(cfg, splits, name: str, setup) -> dict | None:
     """One fine-tuning setup on every split of `splits` (all, or its own, per data set; none:
     not run there): every learning rate of `lrs` trained (early stopping on validation), the best
-    on validation kept, test scored once for it."""
+    on validation kept and its test accuracy reported."""
     dsname = cfg.dataset.name
     path = backbone_path(setup.backbone)
     tok = load_tokenizer(path)
@@ -289,43 +295,25 @@ def run_finetuning(cfg, splits, name: str, setup) -> dict | None:
     per_split, runs, timed, chosen = {}, {}, Timed(), {}
     for seed in seeds:
         ds = splits[seed]
-        tr, va, te = (rows_of(ds, q) for q in ("train", "validation", "test"))
-        tried = []
-        for c in (replace(c, seed=seed) for c in configs):
-            with metered() as meter:
-                res = fine_tune(build(), tok, ds.texts, ds.labels, tr, va, len(ds.label_names), c)
-            timed.add(seed, "selection", meter.figures())
-            tried.append(
-                (res.history[res.best_epoch]["val_accuracy"], -c.lr, c, res, meter.figures())
-            )
-            log.info(
-                "%s %s split %d lr %g: validation accuracy %.4f",
-                dsname,
-                name,
-                seed,
-                c.lr,
-                tried[-1][0],
-            )
-        _, _, c, res, train_figures = max(tried, key=lambda t: (t[0], t[1]))  # ties: smaller lr
-        with metered() as meter:
-            pred = predict(res.model, tok, [ds.texts[i] for i in te], c)
-        timed.add(seed, "test", meter.figures())
-        per_split[seed] = {"test": scored(ds.labels[te], pred)}
-        chosen[seed] = f"lr={c.lr:g}"
+        tried = [trained_rate(cfg, name, setup, seed, replace(c, seed=seed), ds, build, tok)
+                 for c in configs]  # fmt: skip
+        for t in tried:
+            timed.add(seed, "selection", t["train"])
+        best = max(tried, key=lambda t: (t["val_accuracy"], -t["lr"]))  # ties: smaller lr
+        timed.add(seed, "test", best["inference"])  # only the choice's test scoring is its cost
+        per_split[seed] = {"test": best["test"]}
+        chosen[seed] = f"lr={best['lr']:g}"
         runs[seed] = {
             "lrs": [
-                {
-                    "lr": -t[1],
-                    "best_epoch": t[3].best_epoch,
-                    "history": t[3].history,
-                    "train_s": t[4]["wall_s"],
-                }
+                {k: t[k] for k in ("lr", "best_epoch", "history")}
+                | {"train_s": t["train"]["wall_s"]}
                 for t in tried
             ],
-            "micro_batch": c.micro_batch,  # how it ran: merge may join splits run otherwise
-            "machine": device_name(machine()),
-            "train_per_1000": per_1000(train_figures, len(tr)),
-            "inference_per_1000": per_1000(meter.figures(), len(te)),
+            # how it ran: merge may join splits run otherwise
+            "micro_batch": configs[0].micro_batch,
+            "machine": " and ".join(sorted({t["machine"] for t in tried})),
+            "train_per_1000": per_1000(best["train"], len(rows_of(ds, "train"))),
+            "inference_per_1000": per_1000(best["inference"], len(rows_of(ds, "test"))),
         }
         log.info(
             "%s %s split %d: %s, test accuracy %.4f",
@@ -339,13 +327,70 @@ def run_finetuning(cfg, splits, name: str, setup) -> dict | None:
         "test": summary(per_split, "test"),
         "chosen_per_split": chosen,
         "runs": runs,
-        "params_trained": res.params_trained,
+        "params_trained": best["params_trained"],
         "cost": {"per_split": timed.per_split},
     }
     return {
         "settings": OmegaConf.to_container(setup, resolve=True),
         "rows": {str(setup.label): row},
     }
+
+
+def trained_rate(cfg, name: str, setup, seed: int, c: FineTuneConfig, ds, build, tok) -> dict:
+    """One learning rate of a fine-tuning setup on one split: trained (early stopping on
+    validation), its best epoch scored on test, the record kept in `results.run_dir`. A finished
+    record of the same computation is reused unless `results.resume=false`, so a stopped sweep
+    resumes per split and rate (an hour on a CPU) and one may be run in parts, by processes or
+    machines of their own. Test is scored for every rate so that a record is complete; only the
+    rate chosen on validation is reported, and only its test scoring is counted as its cost."""
+    key = json.loads(json.dumps({
+        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "split": seed,
+        "resplit": bool(cfg.resplit),
+        "backbone": setup.backbone,
+        "method": setup.method,
+        "lora": OmegaConf.to_container(setup.lora) if setup.get("lora") else None,
+        "finetune": asdict(c),
+    }))  # fmt: skip
+    path = Path(
+        cfg.results.run_dir, "finetuning", cfg.dataset.name, name, f"split{seed}-lr{c.lr:g}.json"
+    )
+    if cfg.results.get("resume", True) and path.is_file():
+        earlier = json.loads(path.read_text())
+        if earlier.get("key") == key:
+            RUNS["reused"] += 1
+            log.info("%s: reused (%s, on %s)", path, earlier["command"], earlier["machine"])
+            return earlier
+    tr, va, te = (rows_of(ds, q) for q in ("train", "validation", "test"))
+    with metered() as meter:
+        res = fine_tune(build(), tok, ds.texts, ds.labels, tr, va, len(ds.label_names), c)
+    train = meter.figures()
+    with metered() as meter:
+        pred = predict(res.model, tok, [ds.texts[i] for i in te], c)
+    record = {
+        "key": key,
+        "lr": c.lr,
+        "best_epoch": res.best_epoch,
+        "val_accuracy": res.history[res.best_epoch]["val_accuracy"],
+        "history": res.history,
+        "params_trained": res.params_trained,
+        "test": scored(ds.labels[te], pred),
+        "train": train,
+        "inference": meter.figures(),
+        "machine": device_name(machine()),
+        "command": command_line(MODULE, sys.argv[1:], cfg),
+    }
+    write_json(path, record)
+    RUNS["fitted"] += 1
+    log.info(
+        "%s %s split %d lr %g: validation accuracy %.4f",
+        cfg.dataset.name,
+        name,
+        seed,
+        c.lr,
+        record["val_accuracy"],
+    )
+    return record
 
 
 def backbone_builder(setup, path: str) -> Callable[[], torch.nn.Module]:
@@ -492,7 +537,7 @@ def main(argv: list[str]) -> None:
             done = RUNNERS[kind](cfg, splits, name, setup)
             if done is not None:
                 r.setdefault(kind, {})[name] = done
-                write_json(path, result)
+                write_json(path, finish(result))
 
 
 if __name__ == "__main__":
