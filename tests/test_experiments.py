@@ -1422,6 +1422,7 @@ def test_counterparts_run_as_typed_on_the_packaged_models(tmp_path):
     res = run_experiment(
         "counterparts",
         "dataset.limit=60", "results.datasets=[trec]", "seeds=[0]", f"results.out_dir={out}",
+        f"results.run_dir={tmp_path / 'runs'}",
         "results.counterparts.run=[prompting.chat,prompting.plain,finetuning.minilm,finetuning.smollm2_lora]",
         "results.counterparts.prompting.setups.chat.shots.trec=[0,1]",
         "results.counterparts.finetuning.setups.minilm.lrs=[5e-5,1e-4]",
@@ -1448,3 +1449,54 @@ def test_counterparts_run_as_typed_on_the_packaged_models(tmp_path):
     (lora,) = d["finetuning"]["smollm2_lora"]["rows"].values()
     assert d["finetuning"]["smollm2_lora"]["settings"]["micro_batch"] == 5
     assert 0 < lora["params_trained"] < 2_000_000  # adapters and a classifier, not the model
+
+
+def test_a_fine_tuning_sweep_resumes_per_split_and_rate_and_says_what_it_reused(tmp_path):
+    """A sweep stopped after one learning rate (here: run with that rate alone) goes on from its
+    record in results.run_dir: the second command fits only the new rate, reports the choice among
+    both with the first run's figures, and records how many runs it fitted and reused; another
+    setting (resume=false, or another max_epochs) fits again."""
+    runs = tmp_path / "runs"
+
+    def sweep(out: str, *extra, epochs: int = 1):
+        res = run_experiment(
+            "counterparts",
+            "dataset.limit=60", "results.datasets=[trec]", "seeds=[0]",
+            f"results.out_dir={tmp_path / out}", f"results.run_dir={runs}",
+            "results.counterparts.run=[finetuning.minilm]",
+            f"results.counterparts.finetuning.setups.minilm.max_epochs={epochs}", *extra,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        d = json.loads((tmp_path / out / "counterparts.json").read_text())
+        (row,) = d["datasets"]["trec"]["finetuning"]["minilm"]["rows"].values()
+        return d, row
+
+    lrs = "results.counterparts.finetuning.setups.minilm.lrs"
+    _, first = sweep("a", f"{lrs}=[1e-4]")
+    (record,) = (runs / "finetuning" / "trec" / "minilm").iterdir()
+    assert record.name == "split0-lr0.0001.json"
+    kept = json.loads(record.read_text())
+    assert kept["test"]["accuracy"] == first["test"]["accuracy"]["values"][0]
+
+    d, both = sweep("b", f"{lrs}=[5e-5,1e-4]")
+    assert d["runs"][-1]["fitted"] == 1 and d["runs"][-1]["reused"] == 1
+    assert "results.run_dir=" in d["runs"][-1]["command"] and "results.resume=true" in d["command"]
+    assert sorted(p.name for p in record.parent.iterdir()) == [
+        "split0-lr0.0001.json",
+        "split0-lr5e-05.json",
+    ]
+    (again,) = [r for r in both["runs"]["0"]["lrs"] if r["lr"] == 1e-4]
+    assert again["history"] == kept["history"] and again["train_s"] == kept["train"]["wall_s"]
+    lr = float(both["chosen_per_split"]["0"].removeprefix("lr="))
+    chosen = json.loads((record.parent / f"split0-lr{lr:g}.json").read_text())
+    assert both["test"]["accuracy"]["values"] == [chosen["test"]["accuracy"]]
+    # The cost: both rates' training, and the test scoring of the chosen one only.
+    cost = both["cost"]["per_split"]["0"]
+    trained = sum(json.loads(p.read_text())["train"]["wall_s"] for p in record.parent.iterdir())
+    assert cost["selection_s"] == pytest.approx(trained, abs=0.01)
+    assert cost["test_s"] == pytest.approx(chosen["inference"]["wall_s"], abs=0.01)
+
+    d, _ = sweep("c", f"{lrs}=[1e-4]", "results.resume=false")
+    assert d["runs"][-1]["fitted"] == 1 and d["runs"][-1]["reused"] == 0
+    d, _ = sweep("d", f"{lrs}=[1e-4]", epochs=2)
+    assert d["runs"][-1]["fitted"] == 1 and d["runs"][-1]["reused"] == 0

@@ -593,7 +593,9 @@ def sec_reproducibility(found: dict, results: Path, page: Page) -> list[str]:
         "batches them differently). A rerun from a clean cache therefore moves single per-split scores; the run-to-run variation below measures by how much, "
         "beside the interval over splits.",
         "- **Finished runs are reused**: with `results.resume=true` (the committed configs), a runner takes any finished llmembed run of the same "
-        "configuration from `results.run_dir` instead of fitting it again. Every command printed on this page names `results.run_dir` and "
+        "configuration from `results.run_dir` instead of fitting it again, and experiment 4 any finished fine-tuning run of the same split, "
+        "learning rate and settings (a record per split and rate in `results.run_dir/finetuning/`, with the figures, machine and command of "
+        "the process that fitted it). Every command printed on this page names `results.run_dir` and "
         "`results.resume` where its result file recorded them; a clean rerun needs a fresh `results.run_dir` (and, to redo the extraction, a fresh `LLMEMBED_CACHE`).",
         "",
     ]
@@ -604,7 +606,7 @@ def sec_reproducibility(found: dict, results: Path, page: Page) -> list[str]:
     if counted:
         out += [
             table(
-                ["experiment", "command", "llmembed runs fitted", "reused from results.run_dir"],
+                ["experiment", "command", "runs fitted", "reused from results.run_dir"],
                 counted,
             ),
             "",
