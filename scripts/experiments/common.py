@@ -407,7 +407,9 @@ def machine() -> dict:
 def write_json(path: Path, obj: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_name(
+        f".{path.name}.{os.getpid()}.tmp"
+    )  # processes writing one file: each its own
     tmp.write_text(json.dumps(obj, indent=1, default=_plain))
     tmp.replace(path)
     log.info("wrote %s", path)
@@ -538,3 +540,10 @@ def load_model(path: str, kind: str, dtype: torch.dtype):
 def backbone_path(name: str) -> str:
     """The resolved path of conf/backbone/<name>.yaml (the packaged file on this machine)."""
     return str(compose_cfg("extract", [f"backbone={name}"]).backbone.path)
+
+
+def backbone_spec(name: str) -> dict:
+    """conf/backbone/<name>.yaml as written (its path unresolved): which model a name stands for,
+    the same on every machine."""
+    spec = OmegaConf.to_container(compose_cfg("extract", [f"backbone={name}"]).backbone)
+    return {k: v for k, v in spec.items() if k != "device_map"}  # where it runs, not what

@@ -11,8 +11,9 @@ its best documented setting and each with its own choices made on validation (an
     model + a pooling + a linear layer, AdamW, early stopping on validation accuracy; with several
     learning rates, the one with the best validation accuracy per split, and only its test
     accuracy reported. Each rate's run on each split is a record in `results.run_dir`, reused by
-    a later command (`results.resume=true`): a stopped sweep resumes per split and rate. MiniLM end to end, and SmolLM2 through LoRA (lora.py): the
-    counterpart that adapts the same decoder llmembed reads.
+    a later command (`results.resume=true`): a stopped sweep resumes per split and rate. MiniLM
+    end to end, and SmolLM2 through LoRA (lora.py): the counterpart that adapts the same decoder
+    llmembed reads.
 
     .venv/bin/python -m scripts.experiments.counterparts [hydra overrides]
     # config: conf/experiment/results_counterparts.yaml; one part: 'results.counterparts.run=[prompting.chat]'
@@ -42,6 +43,7 @@ from scripts.experiments.common import (
     RUNS,
     SPLIT_CODES,
     backbone_path,
+    backbone_spec,
     command_line,
     continue_result,
     device_name,
@@ -347,7 +349,7 @@ def trained_rate(cfg, name: str, setup, seed: int, c: FineTuneConfig, ds, build,
         "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
         "split": seed,
         "resplit": bool(cfg.resplit),
-        "backbone": setup.backbone,
+        "backbone": backbone_spec(setup.backbone),
         "method": setup.method,
         "lora": OmegaConf.to_container(setup.lora) if setup.get("lora") else None,
         "finetune": asdict(c),
