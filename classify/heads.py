@@ -24,6 +24,8 @@ from sklearn.utils.validation import check_is_fitted, check_X_y, validate_data
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmembed.extract.plan import device_problem
+
 log = logging.getLogger(__name__)
 
 
@@ -211,25 +213,8 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         self._check_device()
 
     def _check_device(self) -> None:
-        dev, fix = self.device, "use auto, cpu, cuda, cuda:N or mps"
-        try:
-            d = None if dev == "auto" else torch.device(dev)
-        except (RuntimeError, TypeError):
-            raise ParamError(f"device={dev!r}: {fix}") from None
-        _require(d is None or d.type in ("cpu", "cuda", "mps"), "device", dev, fix)
-        if d is not None and d.type == "cuda":
-            n = torch.cuda.device_count()
-            _require(
-                n > 0,
-                "device",
-                dev,
-                "torch sees no cuda device here: use auto (a GPU when there is one) or cpu",
-            )
-            _require((d.index or 0) < n, "device", dev, f"torch sees cuda:0 to cuda:{n - 1} here")
-        if d is not None and d.type == "mps":
-            _require(
-                torch.backends.mps.is_available(), "device", dev, "torch sees no mps device here"
-            )
+        problem = device_problem(self.device)
+        _require(problem is None, "device", self.device, problem)
 
     def fit(self, X, y, *, validation=None):
         self.check_params()

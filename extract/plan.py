@@ -166,32 +166,38 @@ def presumed_device(name: str) -> str:
     return name
 
 
-def check_device(name, setting: str = "extract.device") -> str:
-    """auto, cpu, cuda, cuda:N or mps, and present on this machine: checked before any model is
-    loaded (a missing GPU would otherwise fail only after loading the weights)."""
-    name = str(name)
-    kind, _, number = name.partition(":")
+def device_problem(name) -> str | None:
+    """What keeps a device from running here, said as its fix (None: it can): auto, cpu, cuda,
+    cuda:N or mps, present on this machine."""
+    kind, _, number = str(name).partition(":")
     if kind not in ("auto", "cpu", "cuda", "mps") or (
         number and (kind != "cuda" or not number.isdigit())
     ):
-        raise ConfigError(f"{setting} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+        return "use auto, cpu, cuda, cuda:N or mps"
     if kind in ("cuda", "mps"):
         import torch
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(
-                f"{setting}={name} but this machine has no usable CUDA GPU (torch "
-                f"{torch.__version__}, CUDA {torch.version.cuda or 'not built in'}); use "
-                f"{setting}=cpu or auto"
+            return (
+                f"this machine has no usable CUDA GPU (torch {torch.__version__}, CUDA "
+                f"{torch.version.cuda or 'not built in'}): use cpu or auto"
             )
-        if number and int(number) >= torch.cuda.device_count():
-            raise ConfigError(
-                f"{setting}={name} but this machine has {torch.cuda.device_count()} CUDA "
-                f"GPU(s) (cuda:0-cuda:{torch.cuda.device_count() - 1}); use one of them or auto"
-            )
+        n = torch.cuda.device_count()
+        if number and int(number) >= n:
+            return f"this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}: use one or auto"
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{setting}={name} but MPS is not available; use cpu or auto")
-    return name
+        return "MPS is not available here: use cpu or auto"
+    return None
+
+
+def check_device(name, setting: str = "extract.device") -> str:
+    """`name` if it can run here (device_problem), checked before any model is loaded: a missing
+    GPU would otherwise fail only after loading the weights."""
+    problem = device_problem(name)
+    if problem:
+        shown = f"{setting} {name!r}" if setting.startswith("--") else f"{setting}={name!r}"
+        raise ConfigError(f"{shown}: {problem}")
+    return str(name)
 
 
 def _is_int(value) -> bool:

@@ -42,9 +42,9 @@ def no_model(monkeypatch):
             r"token_budget must be auto or a positive integer, got 'lots'",
         ),
         ("extract.token_budget=0", r"token_budget must be auto or a positive integer, got 0"),
-        ("extract.device=gpu", r"extract.device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
-        ("extract.device=cuda:x", r"extract.device must be auto, cpu, cuda, cuda:N or mps"),
-        ("extract.device=cpu:0", r"extract.device must be auto, cpu, cuda, cuda:N or mps"),
+        ("extract.device=gpu", r"extract.device='gpu': use auto, cpu, cuda, cuda:N or mps"),
+        ("extract.device=cuda:x", r"extract.device='cuda:x': use auto, cpu, cuda, cuda:N or mps"),
+        ("extract.device=cpu:0", r"extract.device='cpu:0': use auto, cpu, cuda, cuda:N or mps"),
     ],
 )
 def test_bad_settings_are_refused_before_any_model_is_loaded(make_cfg, no_model, override, message):
@@ -60,7 +60,7 @@ def test_cuda_on_a_machine_without_it_is_refused_before_loading(
 ):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(
-        ConfigError, match=f"extract.device={device} but this machine has no usable"
+        ConfigError, match=f"extract.device='{device}': this machine has no usable CUDA GPU"
     ):
         extract(make_cfg(f"extract.device={device}"))
 
@@ -68,7 +68,9 @@ def test_cuda_on_a_machine_without_it_is_refused_before_loading(
 def test_a_cuda_index_beyond_the_machine_is_refused(make_cfg, no_model, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(ConfigError, match=r"cuda:2 but this machine has 2 CUDA GPU\(s\)"):
+    with pytest.raises(
+        ConfigError, match=r"'cuda:2': this machine has 2 CUDA GPU\(s\), cuda:0 to cuda:1"
+    ):
         extract(make_cfg("extract.device=cuda:2"))
 
 

@@ -370,7 +370,7 @@ def test_a_conf_path_is_never_read_even_under_a_matching_contract(model, tmp_pat
         ),
         (
             ["head=mlp", "head.params.device=cuda"],
-            "head.params.device='cuda': torch sees no cuda device here: use auto",
+            "head.params.device='cuda': this machine has no usable CUDA GPU",
         ),
         (["head=llmembed", "head.params.lr=0"], "head.params.lr=0: use a positive learning rate"),
         (  # a scikit-learn estimator's own parameter constraints
@@ -470,8 +470,8 @@ def test_a_model_trained_on_a_gpu_predicts_on_a_machine_without_one(classify_cfg
 @pytest.mark.parametrize(
     ("extra", "says"),
     [
-        (["--device", "gpu"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
-        (["--device", "cuda"], "--device=cuda but this machine has no usable CUDA GPU"),
+        (["--device", "gpu"], "--device 'gpu': use auto, cpu, cuda, cuda:N or mps"),
+        (["--device", "cuda"], "--device 'cuda': this machine has no usable CUDA GPU"),
         (["--output", "{tmp}/nowhere/p.csv"], "the folder {tmp}/nowhere does not exist"),
         (["--output", "{tmp}"], "is a folder; give a file name"),
         (
