@@ -45,11 +45,13 @@ def _holdout(X, y, validation, seed):
     return X_tr, y_tr, X_val, y_val
 
 
-def _whole(v, least: int) -> bool:
+def is_whole(v, least: int = 1) -> bool:
+    """A whole number of at least `least` (a bool, numpy's too, is not one)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) and v >= least
 
 
-def _number(v) -> bool:
+def is_number(v) -> bool:
+    """A finite real number (not a bool)."""
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
 
 
@@ -59,7 +61,7 @@ def _values(v) -> bool:
 
 
 def _positive(v) -> bool:
-    return _number(v) and v > 0
+    return is_number(v) and v > 0
 
 
 WHOLE = "use a whole number, 0 or more"
@@ -92,11 +94,11 @@ class LogRegHead(ClassifierMixin, BaseEstimator):
         ok = _values(Cs) and len(Cs) > 0 and all(_positive(c) for c in Cs)
         _require(ok, "Cs", Cs, "give a list of one or more positive values of C, e.g. [0.1, 1.0]")
         _require(
-            _whole(self.max_iter, 1), "max_iter", self.max_iter, "use a whole number, 1 or more"
+            is_whole(self.max_iter, 1), "max_iter", self.max_iter, "use a whole number, 1 or more"
         )
         _require(_positive(self.tol), "tol", self.tol, "use a positive tolerance, e.g. 1e-3")
         rs = self.random_state  # None: scikit-learn's own meaning
-        _require(rs is None or _whole(rs, 0), "random_state", rs, WHOLE + " (or null)")
+        _require(rs is None or is_whole(rs, 0), "random_state", rs, WHOLE + " (or null)")
 
     def _model(self, C, **kw):
         return LogisticRegression(
@@ -192,19 +194,19 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         """Refuse, naming it, a parameter that would fail (or do nothing) inside `fit`."""
         checks = {
             "lr": (_positive, "use a positive learning rate, e.g. 1e-3"),
-            "weight_decay": (lambda v: _number(v) and v >= 0, "use 0 or more"),
-            "batch_size": (lambda v: _whole(v, 1), "use a whole number of rows, 1 or more"),
-            "max_epochs": (lambda v: _whole(v, 1), "use a whole number of epochs, 1 or more"),
+            "weight_decay": (lambda v: is_number(v) and v >= 0, "use 0 or more"),
+            "batch_size": (lambda v: is_whole(v, 1), "use a whole number of rows, 1 or more"),
+            "max_epochs": (lambda v: is_whole(v, 1), "use a whole number of epochs, 1 or more"),
             "patience": (
-                lambda v: v is None or _whole(v, 0),
+                lambda v: v is None or is_whole(v, 0),
                 "use 0 or more epochs (null: no early stopping)",
             ),
-            "random_state": (lambda v: _whole(v, 0), WHOLE),
+            "random_state": (lambda v: is_whole(v, 0), WHOLE),
             "hidden": (
-                lambda v: _values(v) and all(_whole(h, 1) for h in v),
+                lambda v: _values(v) and all(is_whole(h, 1) for h in v),
                 "give a list of layer widths, each 1 or more, e.g. [512] ([] for none)",
             ),
-            "dropout": (lambda v: _number(v) and 0 <= v < 1, "use 0 to below 1"),
+            "dropout": (lambda v: is_number(v) and 0 <= v < 1, "use 0 to below 1"),
         }
         for name, (ok, want) in checks.items():
             if hasattr(self, name):  # a subclass may not have them all
@@ -528,7 +530,7 @@ class LLMEmbedHead(TorchHead):
 
     def check_params(self) -> None:
         super().check_params()
-        _require(_whole(self.width, 1), "width", self.width, "use a whole number, 1 or more")
+        _require(is_whole(self.width, 1), "width", self.width, "use a whole number, 1 or more")
         _require(_positive(self.sigma), "sigma", self.sigma, "use a positive number, e.g. 0.01")
         for name in ("standardize", "project_same_width", "softmax_before_loss"):
             _require(

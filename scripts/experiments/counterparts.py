@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from llmembed.classify.heads import is_whole
 from llmembed.classify.train import seeds_of
 from scripts.experiments.common import (
     RUNS,
@@ -67,7 +68,6 @@ from scripts.experiments.finetune import (
     FineTuneConfig,
     SettingError,
     fine_tune,
-    is_whole,
     predict,
     whole,
 )

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmembed.classify.heads import is_number, is_whole
+
 log = logging.getLogger("results.finetune")
 POOLINGS = ("mean", "first", "last")
 
@@ -25,11 +27,6 @@ class SettingError(ValueError):
     def __init__(self, field: str, value, fix: str):
         super().__init__(f"{field}={value!r}: {fix}")
         self.field, self.value, self.fix = field, value, fix
-
-
-def is_whole(value, least: int = 1) -> bool:
-    """A whole number of at least `least` (a bool is not one)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def whole(field: str, value, least: int = 1, fix: str = "") -> int:
@@ -67,8 +64,7 @@ class FineTuneConfig:
             ("warmup", lambda v: 0 <= v < 1, "use a share of the steps, from 0 to below 1"),
         ):
             v = getattr(self, name)
-            number = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            if not (number and ok(v)):
+            if not (is_number(v) and ok(v)):
                 raise SettingError(name, v, fix)
         if self.pooling not in POOLINGS:
             raise SettingError("pooling", self.pooling, f"use one of {', '.join(POOLINGS)}")
