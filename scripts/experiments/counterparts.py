@@ -346,24 +346,24 @@ def trained_rate(cfg, name: str, setup, seed: int, c: FineTuneConfig, ds, build,
     machines of their own. Test is scored for every rate so that a record is complete; only the
     rate chosen on validation is reported, and only its test scoring is counted as its cost."""
     key = json.loads(json.dumps({
-        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "dataset": cfg.dataset.name,
+        "data": ds.fingerprint(),  # the split's rows themselves: texts, labels, split codes
         "split": seed,
-        "resplit": bool(cfg.resplit),
         "backbone": backbone_spec(setup.backbone),
         "method": setup.method,
         "lora": OmegaConf.to_container(setup.lora) if setup.get("lora") else None,
         "finetune": asdict(c),
     }))  # fmt: skip
     path = Path(
-        cfg.results.run_dir, "finetuning", cfg.dataset.name, name, f"split{seed}-lr{c.lr:g}.json"
+        cfg.results.run_dir, "finetuning", cfg.dataset.name, name, f"split{seed}-lr{c.lr!r}.json"
     )
-    if cfg.results.get("resume", True) and path.is_file():
-        earlier = json.loads(path.read_text())
-        if earlier.get("key") == key:
-            RUNS["reused"] += 1
-            log.info("%s: reused (%s, on %s)", path, earlier["command"], earlier["machine"])
-            return earlier
+    earlier = finished_record(path) if cfg.results.get("resume", True) else None
+    if earlier is not None and earlier.get("key") == key:
+        RUNS["reused"] += 1
+        log.info("%s: reused (%s, on %s)", path, earlier["command"], earlier["machine"])
+        return earlier
     tr, va, te = (rows_of(ds, q) for q in ("train", "validation", "test"))
+    torch.manual_seed(c.seed)  # LoRA's adapters start from it, not from what ran before
     with metered() as meter:
         res = fine_tune(build(), tok, ds.texts, ds.labels, tr, va, len(ds.label_names), c)
     train = meter.figures()
@@ -393,6 +393,17 @@ def trained_rate(cfg, name: str, setup, seed: int, c: FineTuneConfig, ds, build,
         record["val_accuracy"],
     )
     return record
+
+
+def finished_record(path: Path) -> dict | None:
+    """A fine-tuning record written earlier, or None (none there, or not readable: fitted again)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        log.warning("%s is not a fine-tuning record (%s): fitting it again", path, e)
+        return None
 
 
 def backbone_builder(setup, path: str) -> Callable[[], torch.nn.Module]:
