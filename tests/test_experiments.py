@@ -28,6 +28,7 @@ from scripts.experiments.common import (
     chosen_test,
     classify,
     machine,
+    machines_of,
     over_splits,
     params_trained,
     with_changes,
@@ -1453,9 +1454,10 @@ def test_counterparts_run_as_typed_on_the_packaged_models(tmp_path):
 
 def test_a_fine_tuning_sweep_resumes_per_split_and_rate_and_says_what_it_reused(tmp_path):
     """A sweep stopped after one learning rate (here: run with that rate alone) goes on from its
-    record in results.run_dir: the second command fits only the new rate, reports the choice among
-    both with the first run's figures, and records how many runs it fitted and reused; another
-    setting (resume=false, or another max_epochs) fits again."""
+    record in results.run_dir: the second command fits only the new rate, chooses among both on
+    validation with the record's figures (marked here so that only the record can supply them),
+    counts its training and only the chosen rate's test scoring as cost, and records how many runs
+    it fitted and reused; another setting (resume=false, or another max_epochs) fits again."""
     runs = tmp_path / "runs"
 
     def sweep(out: str, *extra, epochs: int = 1):
@@ -1472,31 +1474,40 @@ def test_a_fine_tuning_sweep_resumes_per_split_and_rate_and_says_what_it_reused(
         return d, row
 
     lrs = "results.counterparts.finetuning.setups.minilm.lrs"
-    _, first = sweep("a", f"{lrs}=[1e-4]")
+    d, first = sweep("a", f"{lrs}=[1e-4]")
+    assert d["runs"] == [{"command": d["command"], "fitted": 1, "reused": 0}]
     (record,) = (runs / "finetuning" / "trec" / "minilm").iterdir()
     assert record.name == "split0-lr0.0001.json"
     kept = json.loads(record.read_text())
     assert kept["test"]["accuracy"] == first["test"]["accuracy"]["values"][0]
+    assert kept["machine"] == first["runs"]["0"]["machine"]
+    # Marked: the best validation accuracy there can be, a test accuracy no run of 12 rows gives.
+    kept["val_accuracy"], kept["test"]["accuracy"] = 1.0, 0.123
+    kept["machine"] = "a CPU elsewhere"  # a record taken from another machine's run
+    record.write_text(json.dumps(kept))
 
     d, both = sweep("b", f"{lrs}=[5e-5,1e-4]")
-    assert d["runs"][-1]["fitted"] == 1 and d["runs"][-1]["reused"] == 1
-    assert "results.run_dir=" in d["runs"][-1]["command"] and "results.resume=true" in d["command"]
-    assert sorted(p.name for p in record.parent.iterdir()) == [
-        "split0-lr0.0001.json",
-        "split0-lr5e-05.json",
-    ]
+    assert d["runs"][-1] == {"command": d["command"], "fitted": 1, "reused": 1}
+    assert "results.resume=true" in d["command"]
+    fresh = json.loads((record.parent / "split0-lr5e-05.json").read_text())
+    assert fresh["val_accuracy"] < 1.0  # (a tie would go to the smaller rate)
+    assert both["chosen_per_split"] == {"0": "lr=0.0001"}
+    assert both["test"]["accuracy"]["values"] == [0.123]
     (again,) = [r for r in both["runs"]["0"]["lrs"] if r["lr"] == 1e-4]
-    assert again["history"] == kept["history"] and again["train_s"] == kept["train"]["wall_s"]
-    lr = float(both["chosen_per_split"]["0"].removeprefix("lr="))
-    chosen = json.loads((record.parent / f"split0-lr{lr:g}.json").read_text())
-    assert both["test"]["accuracy"]["values"] == [chosen["test"]["accuracy"]]
-    # The cost: both rates' training, and the test scoring of the chosen one only.
+    assert again["train_s"] == kept["train"]["wall_s"]
+    assert both["params_trained"] == kept["params_trained"] > 20_000_000  # all of MiniLM
+    # Its seconds add two machines': the split says so, and the page marks its mean (‡).
+    assert both["runs"]["0"]["machine"] is None
+    assert both["runs"]["0"]["machines"] == sorted(["a CPU elsewhere", fresh["machine"]])
+    assert machines_of(both) == both["runs"]["0"]["machines"]
     cost = both["cost"]["per_split"]["0"]
-    trained = sum(json.loads(p.read_text())["train"]["wall_s"] for p in record.parent.iterdir())
-    assert cost["selection_s"] == pytest.approx(trained, abs=0.01)
-    assert cost["test_s"] == pytest.approx(chosen["inference"]["wall_s"], abs=0.01)
+    assert cost["selection_s"] == pytest.approx(
+        kept["train"]["wall_s"] + fresh["train"]["wall_s"], abs=0.01
+    )
+    assert cost["test_s"] == pytest.approx(kept["inference"]["wall_s"], abs=0.01)
 
-    d, _ = sweep("c", f"{lrs}=[1e-4]", "results.resume=false")
+    d, redone = sweep("c", f"{lrs}=[1e-4]", "results.resume=false")
     assert d["runs"][-1]["fitted"] == 1 and d["runs"][-1]["reused"] == 0
+    assert redone["test"]["accuracy"]["values"] != [0.123]
     d, _ = sweep("d", f"{lrs}=[1e-4]", epochs=2)
     assert d["runs"][-1]["fitted"] == 1 and d["runs"][-1]["reused"] == 0

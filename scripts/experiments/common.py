@@ -128,10 +128,16 @@ def device_name(m: dict) -> str:
     return m.get("gpu") or m["cpu"]
 
 
+def split_machines(run: dict) -> list[str]:
+    """The processors one split's record says it ran on: `machines` where its learning rates ran
+    on different ones (records reused from another machine), else its `machine` (merge stamps
+    files that did not record it)."""
+    return run.get("machines") or ([run["machine"]] if run.get("machine") else [])
+
+
 def machines_of(row: dict) -> list[str]:
-    """The processors a row's splits ran on, as their per-split records say (merge stamps files
-    that did not record it); more than one means its mean seconds mix machines."""
-    return sorted({r["machine"] for r in row.get("runs", {}).values() if r.get("machine")})
+    """The processors a row's splits ran on; more than one means its mean seconds mix machines."""
+    return sorted({m for r in row.get("runs", {}).values() for m in split_machines(r)})
 
 
 def per_dataset(value, dataset: str):
@@ -203,8 +209,9 @@ class Scores:
         return self.per_split[seed]["validation"][metric]
 
 
-# How many llmembed runs this process fitted and how many it took from earlier runs in
-# `results.run_dir` (`results.resume=true`): each result file records it, and the page shows it.
+# How many runs this process fitted and how many it took from earlier runs in `results.run_dir`
+# (`results.resume=true`): llmembed's (a configuration over every split), or experiment 4's
+# fine-tuning runs (one split, one learning rate). Each result file records it; the page shows it.
 RUNS = {"fitted": 0, "reused": 0}
 
 
@@ -458,11 +465,11 @@ PROTOCOL = ("seeds", "resplit", "dataset_limit")
 
 
 def finish(result: dict) -> dict:
-    """`result` with this process's count of fitted and reused llmembed runs (a file continued by
-    several commands keeps one count per command)."""
-    done = {"command": result["command"], **RUNS}
+    """`result` with this process's count of fitted and reused runs (a file continued by several
+    commands keeps one count per command; one that ran none, such as prompting, adds none)."""
     earlier = [r for r in result.get("runs", []) if r["command"] != result["command"]]
-    return {**result, "runs": [*earlier, done]}
+    done = [{"command": result["command"], **RUNS}] if any(RUNS.values()) else []
+    return {**result, "runs": [*earlier, *done]}
 
 
 def commands_of(result: dict) -> list[str]:

@@ -313,7 +313,9 @@ def run_finetuning(cfg, splits, name: str, setup) -> dict | None:
             ],
             # how it ran: merge may join splits run otherwise
             "micro_batch": configs[0].micro_batch,
-            "machine": " and ".join(sorted({t["machine"] for t in tried})),
+            # where its rates ran: one machine, or several (records reused from elsewhere), whose
+            # seconds the split's selection then adds up, and the page marks
+            **where_ran(tried),
             "train_per_1000": per_1000(best["train"], len(rows_of(ds, "train"))),
             "inference_per_1000": per_1000(best["inference"], len(rows_of(ds, "test"))),
         }
@@ -336,6 +338,13 @@ def run_finetuning(cfg, splits, name: str, setup) -> dict | None:
         "settings": OmegaConf.to_container(setup, resolve=True),
         "rows": {str(setup.label): row},
     }
+
+
+def where_ran(tried: list[dict]) -> dict:
+    machines = sorted({t["machine"] for t in tried})
+    return (
+        {"machine": machines[0]} if len(machines) == 1 else {"machine": None, "machines": machines}
+    )
 
 
 def trained_rate(cfg, name: str, setup, seed: int, c: FineTuneConfig, ds, build, tok) -> dict:

@@ -34,10 +34,14 @@ job() {  # job NAME COMMAND...: its log in OUT_DIR/NAME.log, its start, end and 
 for b in smollm2 minilm; do
   job extract_mr_$b $PY -m llmembed.extract.cli dataset=mr backbone=$b extract.progress=false ${EXTRA_EXTRACT:-}
 done
-# Every split of every fine-tuning setup: the committed config's per-set splits fit a 2-core CPU.
+# Every split of every fine-tuning setup (the committed config's per-set splits fit a 2-core CPU),
+# in whole batches (the CPU's micro-batches save memory a GPU has); fine-tuning records in OUT_DIR,
+# so a stopped run resumes and no CPU record of the same settings is taken for the GPU's.
 for d in mr bbc trec; do
   job counterparts_$d $PY -m $X.counterparts "results.datasets=[$d]" results.out_dir="$R"/$d \
-    results.counterparts.torch_threads=4 results.counterparts.finetuning.setups.minilm.splits=null \
+    results.run_dir="$R"/runs results.counterparts.torch_threads=4 \
+    results.counterparts.finetuning.setups.minilm.splits=null \
+    results.counterparts.finetuning.setups.minilm.micro_batch=null \
     results.counterparts.finetuning.setups.smollm2_lora.splits=null \
     results.counterparts.finetuning.setups.smollm2_lora.micro_batch=null ${EXTRA:-}
 done

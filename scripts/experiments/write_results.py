@@ -31,6 +31,7 @@ from scripts.experiments.common import (
     per_dataset,
     read_json,
     run_main,
+    split_machines,
 )
 from scripts.experiments.comparisons import (
     BEST,
@@ -369,8 +370,8 @@ def ran_on(setup: dict) -> str:
     where: dict[str, list[int]] = {}
     for row in setup["rows"].values():
         for s, r in row.get("runs", {}).items():
-            if r.get("machine"):
-                where.setdefault(r["machine"], []).append(int(s))
+            for m in split_machines(r):
+                where.setdefault(m, []).append(int(s))
     if len(where) < 2:
         return ""
     parts = [
@@ -864,12 +865,13 @@ def write(results: Path, out: Path, readme: Path | None = None) -> str:
         ".venv/bin/python -m scripts.experiments.write_results",
         "```",
         "",
-        "Finished llmembed runs in `results.run_dir` (default `outputs/results`) are reused (`results.resume=true`): a clean rerun "
+        "Finished runs in `results.run_dir` (default `outputs/results`: llmembed's, and experiment 4's fine-tuning runs, one per split and learning rate) are reused (`results.resume=true`): a clean rerun "
         "gives a fresh `results.run_dir=DIR` (and `LLMEMBED_CACHE=DIR` for a fresh extraction). "
         "Data sets may run in separate processes or machines (`'results.datasets=[mr]' results.out_dir=DIR`; "
         "give each process `OMP_NUM_THREADS=1` where their threads together would outnumber the cores: "
         "a torch thread waiting for a busy core spins), and so may a fine-tuning setup's splits "
-        "(`results.counterparts.finetuning.setups.NAME.splits.mr=[0]`; `...NAME.micro_batch=4` takes the same steps in less memory, with other dropout masks); "
+        "(`results.counterparts.finetuning.setups.NAME.splits.mr=[0]`; `...NAME.micro_batch=4` takes the same steps in less memory, with other dropout masks) "
+        "and its learning rates (`...NAME.lrs=[1e-4]`, the same `results.run_dir`: the full command then reuses their records and trains nothing); "
         "`.venv/bin/python -m scripts.experiments.merge DIR1 DIR2 --into docs/results` then joins their result files before experiment 5 and the page "
         "(each fine-tuning split keeps the machine it ran on: a setup whose splits ran on different machines says which, and its mean seconds are marked ‡).",
         "",
@@ -882,8 +884,9 @@ def write(results: Path, out: Path, readme: Path | None = None) -> str:
         "- Five repeated stratified train / validation / test splits per data set (70 / 10 / 20): "
         "`seeds='[0,1,2,3,4]' resplit=true`; every split reads the same cache entry, so no forward pass is repeated.",
         "- Every choice (C of logistic regression, epochs of the torch heads, layers, pooling, σ, fusion layers, "
-        "demonstrations, learning rates, fine-tuning epochs) is made on the validation rows of each split; the test rows of a split are scored once, "
-        "for the configuration chosen on that split. Layer curves show test scores of every layer for reading, never for choosing.",
+        "demonstrations, learning rates, fine-tuning epochs) is made on the validation rows of each split; a method's figure is the test score of the "
+        "configuration chosen on that split. Test scores of other candidates are kept for reading, never for choosing: the layer curves show every layer's, "
+        "and each fine-tuning run's record in `results.run_dir` holds its own (so that a sweep run in parts is complete), unread by the page.",
         "- Figures: mean over the splits with two 95% intervals, `mean [plain] ⟨corrected⟩`. The plain t-interval treats the five splits as independent samples; "
         "they are not (any two training sets share most of their rows), so it is optimistic. The corrected interval is Nadeau and Bengio's (2003) for "
         "repeated random splits: variance (1/J + n_test/n_train)·s² over J splits, n_train the rows a method learns from (training and validation), "
