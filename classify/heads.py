@@ -339,11 +339,17 @@ class TorchHead(ClassifierMixin, BaseEstimator):
     def load_state(self, state: dict[str, np.ndarray]) -> TorchHead:
         self.classes_ = state["classes"]
         self.n_features_in_ = len(state["scaler_mean"])
-        self.module_ = self._build(self.n_features_in_, len(self.classes_)).to(self._device())
+        self.module_ = self._build(self.n_features_in_, len(self.classes_))
         self.module_.load_state_dict(
             {k: torch.from_numpy(v) for k, v in state.items() if k != "classes"}
         )
         self.module_.eval()
+        return self.moved_to(self.device)
+
+    def moved_to(self, device: str) -> TorchHead:
+        """This fitted head, to run on `device` (auto, cpu, cuda, cuda:N or mps)."""
+        self.device = device
+        self.module_.to(self._device())
         return self
 
 

@@ -118,11 +118,20 @@ def load_trained(folder: Path, device: str = "cpu"):
     check_contract(meta, weights)
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
     if "device" in params:
-        params["device"] = device
+        params["device"] = (
+            "cpu"  # loaded there first: a failure then is the weights', not the GPU's
+        )
     try:
         head = HEADS[meta["head"]](**params).load_state(load_file(str(weights)))
     except (KeyError, ValueError, RuntimeError, TypeError, SafetensorError) as err:
         raise SavedModelError(f"{weights} does not fit the head in {meta_path} ({err})") from None
+    if "device" in params and device != "cpu":
+        try:
+            head.moved_to(device)
+        except RuntimeError as err:  # a GPU out of memory, or gone since it was checked
+            raise SavedModelError(
+                f"the head in {folder} could not move to {device} ({err})"
+            ) from None
     n_classes = len(meta["label_names"])
     if len(set(meta["label_names"])) != n_classes or not np.all(
         (head.classes_ >= 0) & (head.classes_ < n_classes)

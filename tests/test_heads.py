@@ -13,7 +13,7 @@ from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
 
 from llmembed.classify.heads import MIN_DELTA, LLMEmbedHead, LogRegHead, MLPHead, ParamError
-from llmembed.classify.saved import load_trained, save_trained
+from llmembed.classify.saved import SavedModelError, load_trained, save_trained
 
 FAST = {"max_epochs": 60, "patience": 8}
 
@@ -287,3 +287,28 @@ def test_a_users_own_estimator_passes_the_head_check_and_a_misspelled_parameter_
         UserError, match=re.escape("head.params.kk: tests.test_heads.PlainHead takes no")
     ):
         check_head(OmegaConf.create({"_target_": "tests.test_heads.PlainHead", "kk": 3}), [2])
+
+
+def test_a_head_that_cannot_move_to_its_gpu_says_so_not_that_its_weights_do_not_fit(
+    tmp_path, monkeypatch
+):
+    """The weights are read on the CPU first; only then is the head moved to the device asked
+    for, and a failure there (a GPU out of memory) is named as such."""
+    X, y = blobs(n=200)
+    fitted = MLPHead(hidden=(16,), **FAST).fit(X, y)
+    info = {"label_names": ["a", "b", "c"], "fusion": "concat", "sources": []}
+    save_trained(tmp_path / "m", fitted, head_name="mlp", info=info)
+
+    def no_room(module, device):
+        if str(device) != "cpu":
+            raise RuntimeError("CUDA error: out of memory")
+        return module
+
+    monkeypatch.setattr(torch.nn.Module, "to", no_room)
+    with pytest.raises(
+        SavedModelError, match=r"could not move to cuda \(CUDA error: out of memory"
+    ):
+        load_trained(tmp_path / "m", device="cuda")
+    head, _ = load_trained(tmp_path / "m")  # the CPU, as before
+    assert head.device == "cpu"
+    np.testing.assert_allclose(head.predict_proba(X), fitted.predict_proba(X), atol=1e-6)
