@@ -64,6 +64,26 @@ def first_comment(path: Path) -> str:
     return ""
 
 
+def unreadable_configs() -> list[str]:
+    """The files of `$LLMEMBED_CONFIG_DIR` Hydra cannot read, each with why: not UTF-8, or not
+    YAML (Hydra's own error names neither the file nor, for bytes, the line)."""
+    import yaml
+
+    folder, found = user_config_dir(), []
+    for path in sorted(folder.rglob("*.yaml")) if folder is not None and folder.is_dir() else []:
+        try:
+            yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            found.append(f"{path} is not UTF-8 (byte {err.start}): save it as UTF-8")
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+            found.append(f"{path} is not valid YAML{at}: {getattr(err, 'problem', None) or err}")
+        except OSError:
+            continue
+    return found
+
+
 def group_options(group: str) -> list[tuple[str, str, str]]:
     """(name, first comment line, where) of each option. Hydra searches the shipped configs first,
     so a user's file with a shipped name is never chosen: it is not listed."""

@@ -138,6 +138,10 @@ def config_error(err: BaseException) -> UserError:
     if cause is not None:
         return cause
     if isinstance(err, (yaml.YAMLError, UnicodeDecodeError)):
+        from llmembed.clihelp import unreadable_configs
+
+        if found := unreadable_configs():
+            return OverrideError(f"{'; '.join(found)}; fix it")
         return OverrideError(
             "a config file this command reads (one of yours in LLMEMBED_CONFIG_DIR?) is not "
             f"valid UTF-8 YAML ({type(err).__name__}: {one_line(err)}); fix it"

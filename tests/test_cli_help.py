@@ -168,7 +168,9 @@ def test_a_config_of_ones_own_that_is_not_valid_yaml_or_not_utf8_is_one_message(
     for choice in ("dataset=bad", "backbone=frbb"):
         out = run("llmembed-extract", choice, "--cfg", "job", env=env)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-        assert "is not valid UTF-8 YAML" in out.stderr, out.stderr
+        # Hydra's error names neither file: the message does, with where and why.
+        assert f"{folder}/backbone/frbb.yaml is not UTF-8 (byte 5): save it as UTF-8" in out.stderr
+        assert f"{folder}/dataset/bad.yaml is not valid YAML (line 3, column 1)" in out.stderr
 
 
 def test_a_missing_config_folder_is_named_by_the_api_and_the_export_too(monkeypatch, tmp_path):
