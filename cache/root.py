@@ -123,9 +123,12 @@ class Cache:
 
     def links(self) -> list[Path]:
         """Key and selection folders that are symbolic links: never entries, never followed, never
-        removed by llmembed (`ls` and `gc` report them)."""
+        removed by llmembed (`ls` and `gc` report them). Only where a key's name is: another
+        folder under the root is not the cache's to report."""
         out = []
         for kdir in _listing(self.root):
+            if not KEY_NAME.fullmatch(kdir.name):
+                continue
             if kdir.is_symlink():
                 out.append(kdir)
             elif kdir.is_dir():

@@ -245,11 +245,15 @@ def test_gc_never_follows_a_linked_key_or_selection_folder(tmp_path, capsys):
     key_link.symlink_to(looks_like.path.parent, target_is_directory=True)
     sel_link = mine.path.parent / "sel-000000000000"
     sel_link.symlink_to(victim_dir, target_is_directory=True)
+    # A folder of someone's own under the root, not named as a key: not the cache's to report.
+    (root / "project").mkdir()
+    (root / "project" / "data").symlink_to(victim_dir, target_is_directory=True)
     outside_before = sorted(str(p) for p in tmp_path.rglob("*") if not p.is_relative_to(root))
     for args in (["gc", "--dry-run"], ["gc"], ["gc", "--older-than", "0"], ["ls"], ["verify"]):
         assert cache_main(["--root", str(root), *args]) in (0, 1)  # no traceback
         out = capsys.readouterr().out
         assert f"{key_link}: a symbolic link" in out and f"{sel_link}: a symbolic link" in out
+        assert "project" not in out
     assert sorted(str(p) for p in tmp_path.rglob("*") if not p.is_relative_to(root)) == (
         outside_before
     )
