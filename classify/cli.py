@@ -139,16 +139,28 @@ def read_texts(
     its default name where the table has it (the text and label columns the model was trained on,
     from `trained`, else text and label); '' turns it off. Texts and labels pass the checks of
     training data (a blank text or a missing label is an error naming the row)."""
-    from llmembed.data.tables import check_texts, read_rows
+    from llmembed.data.tables import MissingKeyError, check_texts, read_rows
 
     if is_lines(check_input(path, text_column, id_column, label_column)):
         return _read_lines(path)
     trained = trained or {}
     default_text = trained.get("text_column") or "text"
     default_label = trained.get("label_column") or "label"
-    defaults = {"id": id_column, default_label: label_column}
-    needed = [text_column or default_text] + [c or d for d, c in defaults.items() if c != ""]
-    table = read_rows(path, needed)
+    optional = {  # column read: the option that turns it off
+        c or d: option
+        for d, c, option in (
+            ("id", id_column, "--id-column"),
+            (default_label, label_column, "--label-column"),
+        )
+        if c != ""
+    }
+    needed = [text_column or default_text, *optional]
+    try:
+        table = read_rows(path, needed)
+    except MissingKeyError as err:  # a column predict can do without: say how
+        if err.column not in optional or err.column == needed[0]:
+            raise
+        raise UserError(f"{err}; or pass {optional[err.column]} '' to do without it") from None
     rows, refs, columns = table.rows, table.refs, table.columns
     if not rows:
         raise UserError(f"{path} holds no texts")

@@ -498,6 +498,34 @@ def test_predict_refuses_a_device_or_output_it_could_not_use_before_any_work(
     assert not (tmp_path / "predict-cache").exists()  # nothing embedded, nothing remembered
 
 
+@pytest.mark.parametrize(
+    ("second", "column", "option"),
+    [
+        ('{"text": "a dull film", "id": 8}', "label", "--label-column"),
+        ('{"text": "a dull film", "label": "neg"}', "id", "--id-column"),
+    ],
+)
+def test_predict_says_how_to_do_without_a_column_some_json_lines_lack(
+    model, tmp_path, second, column, option
+):
+    """A column predict can do without (the labels it scores against, the ids it copies) that
+    some lines of a JSON-lines file lack: the message offers turning it off, and that works."""
+    first = '{"text": "a fine film", "label": "pos", "id": 7}'
+    (tmp_path / "new.jsonl").write_text(f"{first}\n{second}\n")
+
+    def predict(*extra):
+        args = ("llmembed-predict", model, tmp_path / "new.jsonl", *extra)
+        return run_cli(*args, cwd=tmp_path, root=tmp_path / "c")
+
+    assert one_line_error(predict(), "llmembed-predict").endswith(
+        f"1 rows have no key {column!r} (line 2); add it to those rows or remove them; "
+        f"or pass {option} '' to do without it"
+    )
+    res = predict(option, "")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("film") == 2, res.stdout  # both texts predicted
+
+
 @pytest.mark.parametrize("name", ["new.ndjson", "new.dat", "new"])
 def test_predict_refuses_a_file_whose_suffix_names_no_format_it_reads(tmp_path, name):
     """Read line by line, a JSON-lines or CSV file under another name would be embedded record by

@@ -61,6 +61,15 @@ class DatasetError(UserError, ValueError):
     it alone and exit 2)."""
 
 
+class MissingKeyError(DatasetError):
+    """Some JSON rows lack a key the others have; `column` names it (a caller may offer to do
+    without that column)."""
+
+    def __init__(self, message: str, column: str):
+        super().__init__(message)
+        self.column = column
+
+
 @dataclass
 class Table:
     rows: list[dict]
@@ -244,9 +253,10 @@ def _read_json_lines(text: str, path: Path, needed: Sequence[str]) -> Table:
     for name in needed:  # every object, not just the first, must carry each column read
         lacking = [ref for ref, row in zip(refs, rows, strict=True) if name not in row]
         if lacking and len(lacking) < len(rows):
-            raise DatasetError(
+            raise MissingKeyError(
                 f"{path}: {len(lacking)} rows have no key {name!r} ({shown(lacking)}); "
-                "add it to those rows or remove them"
+                "add it to those rows or remove them",
+                name,
             )
     return Table(rows, refs)
 
