@@ -29,7 +29,7 @@ from llmembed.data.datasets import TextDataset, load_dataset, resplit
 from llmembed.errors import UserError
 from llmembed.extract.command import extract_command
 from llmembed.extract.pipeline import ExtractResult, extract_texts
-from llmembed.extract.plan import make_plan
+from llmembed.extract.plan import LayerRangeError, make_plan
 from llmembed.fuse.features import (
     Source,
     block_roles,
@@ -143,7 +143,21 @@ def stored_rows(cfg: DictConfig, src: Source, ds: TextDataset) -> ExtractResult:
     """The cache entry holding a source's layers for the data set's texts. The policy lives here:
     with `extract_missing` the extraction stage computes what the cache lacks (only those texts);
     without, a miss fails at once with the `llmembed-extract` command that fills it."""
-    plan = make_plan(cfg.extract, src.backbone, cfg.cache, need=(list(src.layers), [src.pooling]))
+    try:
+        plan = make_plan(
+            cfg.extract, src.backbone, cfg.cache, need=(list(src.layers), [src.pooling])
+        )
+    except LayerRangeError as err:
+        # A single-layer feature set takes its layer from the top-level key (default 20, a
+        # SmolLM2 layer): name that key, not the feature set's list the user never wrote.
+        if "${layer}" not in str(OmegaConf.to_container(cfg.features, resolve=False)):
+            raise
+        n = err.num_layers
+        raise UserError(
+            f"layer={cfg.layer}: {src.backbone.name} has hidden states 0-{n} (0 = embeddings, "
+            f"{n} = last layer), and this feature set takes its layer from the top-level key: "
+            f"give layer=0 to layer={n}"
+        ) from None
     command = None
     if not cfg.extract_missing:
         section = {"dataset": cfg.dataset, "backbone": src.backbone}

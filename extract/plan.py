@@ -32,6 +32,14 @@ class ConfigError(UserError, ValueError):
     """An extraction setting is out of range; the message gives the valid values."""
 
 
+class LayerRangeError(ConfigError):
+    """Layers beyond the model's hidden states 0..`num_layers`."""
+
+    def __init__(self, message: str, num_layers: int):
+        super().__init__(message)
+        self.num_layers = num_layers
+
+
 @dataclass(frozen=True)
 class BackboneRef:
     """Where a backbone comes from (conf/backbone/*.yaml), as plain values. `get` lets the loaders
@@ -347,9 +355,10 @@ def resolve_layers(requested, num_layers: int, name: str) -> list[int]:
     layers = sorted({int(x) + (num_layers + 1 if int(x) < 0 else 0) for x in requested})
     bad = [x for x in requested if not -(num_layers + 1) <= int(x) <= num_layers]
     if bad:
-        raise ConfigError(
+        raise LayerRangeError(
             f"layers {list(bad)} requested but {name} has hidden states 0-{num_layers} "
-            f"(0 = embeddings, {num_layers} = last layer); use layers within that range"
+            f"(0 = embeddings, {num_layers} = last layer); use layers within that range",
+            num_layers,
         )
     return layers
 

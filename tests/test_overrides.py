@@ -138,6 +138,11 @@ def test_the_ten_typical_mistakes_each_give_one_line(tmp_path, tiny_llama, tiny_
             ["llmembed-classify", *data, *llama, "features.sources.0.layers=[1.5]"],
             "whole layer indices",
         ),
+        (  # a single-layer feature set (smollm2_layer, minilm_layer) reads the top-level layer
+            ["llmembed-classify", *data, *llama, "features.sources.0.layers=[${layer}]"],
+            "layer=20: tiny has hidden states 0-3 (0 = embeddings, 3 = last layer), and this "
+            "feature set takes its layer from the top-level key: give layer=0 to layer=3",
+        ),
     ]
     for args, says in mistakes:
         res = run_cli(*args, cwd=tmp_path, root=tmp_path / "cache")
