@@ -184,3 +184,19 @@ def test_a_missing_config_folder_is_named_by_the_api_and_the_export_too(monkeypa
     args = argparse.Namespace(data=tmp_path / "d.csv", text_column="text", label_column="label")
     with pytest.raises(UserError, match="is not a folder"):
         _data_set(args)  # llmembed-cache export --data
+
+
+def test_a_data_set_yaml_of_ones_own_without_the_shared_defaults_says_which(tmp_path):
+    """Without `defaults: [file]` the split settings are missing, not None: the message names the
+    line to add, before any file is read."""
+    folder = tmp_path / "conf"
+    (folder / "dataset").mkdir(parents=True)
+    (folder / "dataset" / "mine.yaml").write_text("name: mine\nsource: file\npath: none.csv\n")
+    env = {"LLMEMBED_CONFIG_DIR": str(folder), "LLMEMBED_CACHE": str(tmp_path / "cache")}
+    for command in ("llmembed-extract", "llmembed-classify"):
+        out = run(command, "dataset=mine", env=env)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert (
+            "dataset 'mine' has no seed, test_size, val_size, limit: start its YAML with "
+            "`defaults: [file]`"
+        ) in out.stderr

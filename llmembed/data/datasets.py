@@ -703,10 +703,23 @@ LOADERS = {"packaged": load_packaged, "file": load_file, "hub": load_hub}
 
 
 # --- entry point ---------------------------------------------------------------------------------
+def config_settings(cfg) -> Settings:
+    """A `dataset` config's split settings (check_settings), or, where a YAML of one's own lacks
+    them, one message naming the defaults it forgot (not a complaint about a value of None)."""
+    absent = [k for k in ("seed", "test_size", "val_size", "limit") if k not in cfg]
+    if absent:
+        raise DatasetError(
+            f"dataset {cfg.get('name')!r} has no {', '.join(absent)}: start its YAML with "
+            "`defaults: [file]` (a local file; hub: `defaults: [hub]`), which brings the shared "
+            "split settings of conf/dataset/_split.yaml, or set them in it"
+        )
+    return check_settings(cfg)
+
+
 def load_dataset(cfg) -> TextDataset:
     """Build the data set a `dataset` config describes: check settings, load, check, deduplicate,
     split, subsample (rules in the module docstring)."""
-    settings = check_settings(cfg)
+    settings = config_settings(cfg)
     return build_dataset(_load_source(cfg), cfg.name, _where(cfg), settings)
 
 
@@ -715,7 +728,7 @@ def dataset_texts(cfg) -> tuple[str, list[str]]:
     texts of `load_dataset(cfg)`, in its order. Texts and labels pass the same checks; the splits are
     drawn only when `limit` asks for a subsample (what is embedded does not depend on them otherwise,
     and their checks run before any classifier is trained), so a cache hit skips that work."""
-    settings = check_settings(cfg)
+    settings = config_settings(cfg)
     src = _load_source(cfg)
     if settings.limit:
         ds = build_dataset(src, cfg.name, _where(cfg), settings)
