@@ -297,8 +297,10 @@ def run_finetuning(cfg, splits, name: str, setup) -> dict | None:
     per_split, runs, timed, chosen = {}, {}, Timed(), {}
     for seed in seeds:
         ds = splits[seed]
-        tried = [trained_rate(cfg, name, setup, seed, replace(c, seed=seed), ds, build, tok)
-                 for c in configs]  # fmt: skip
+        tried = [
+            trained_rate(cfg, name, setup, seed, replace(c, seed=seed), ds, build, tok)
+            for c in configs
+        ]
         for t in tried:
             timed.add(seed, "selection", t["train"])
         best = max(tried, key=lambda t: (t["val_accuracy"], -t["lr"]))  # ties: smaller lr
