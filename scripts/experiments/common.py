@@ -414,9 +414,8 @@ def machine() -> dict:
 def write_json(path: Path, obj: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(
-        f".{path.name}.{os.getpid()}.tmp"
-    )  # processes writing one file: each its own
+    # A temporary file of this process's own: processes writing one file never share one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=_plain))
     tmp.replace(path)
     log.info("wrote %s", path)
