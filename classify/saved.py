@@ -117,10 +117,8 @@ def load_trained(folder: Path, device: str = "cpu"):
         )
     check_contract(meta, weights)
     params = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
-    if "device" in params:
-        params["device"] = (
-            "cpu"  # loaded there first: a failure then is the weights', not the GPU's
-        )
+    if "device" in params:  # loaded on the CPU first: a failure then is the weights', not the GPU's
+        params["device"] = "cpu"
     try:
         head = HEADS[meta["head"]](**params).load_state(load_file(str(weights)))
     except (KeyError, ValueError, RuntimeError, TypeError, SafetensorError) as err:
