@@ -842,6 +842,25 @@ def test_a_counterparts_cost_is_its_mean_per_split_and_says_when_its_splits_mixe
     assert counterpart_method(row, {"test": 200}, splits=3)["machines"] == ["AMD EPYC"]
 
 
+def test_the_cost_notes_explain_a_mark_only_where_a_table_shows_it():
+    from scripts.experiments.write_results import cost_notes
+
+    def notes(**method) -> str:
+        r = {
+            "paper_ratios": {"parameters": 0.04, "electricity": 0.018, "runtime": 0.015},
+            "datasets": {"mr": {"methods": {"m": {"estimated": False, **method}}}},
+        }
+        return cost_notes(r)[0]
+
+    plain = notes()
+    assert plain.startswith("Seconds per split are the mean over the splits. A logistic")
+    assert "≈" not in plain and "‡" not in plain
+    estimated = notes(estimated=True)
+    assert "; ≈ marks a figure" in estimated and "‡" not in estimated
+    both = notes(estimated=True, machines=["AMD EPYC", "Xeon"])
+    assert "≈ marks" in both and "; ‡ marks a counterpart whose splits ran on different" in both
+
+
 def test_cost_run_on_another_machine_keeps_the_experiments_machine_and_figures(tmp_path):
     """Experiment 5 runs no model: rerun elsewhere (without the cache), it names the machine
     that measured its seconds, not its own, and reproduces every committed figure but the cache

@@ -198,6 +198,11 @@ def comparisons(lab: dict[str, str]) -> dict[str, list[tuple[str, tuple, tuple]]
                 ("fusion", COOC_CHOSEN),
                 ("fusion", COOC_PAPER),
             ),
+            (
+                "co-occurrence head (+ MiniLM), chosen layers − SmolLM2 + MiniLM concatenated",
+                ("fusion", COOC_CHOSEN),
+                ("fusion", CONCAT2),
+            ),
         ],
         "recipe": [
             (what, ("recipe", ka), (exp_b, kb))

@@ -554,21 +554,20 @@ def sec_cost(r: dict, page: Page, where: str) -> list[str]:
 def cost_notes(r: dict) -> list[str]:
     p = r["paper_ratios"]
     sections = [r, *([r["gpu"]] if r.get("gpu") else [])]
-    marked = any(
-        mixed(m.get("machines"))
-        for x in sections
-        for d in x["datasets"].values()
-        for m in d["methods"].values()
-    )
-    return [
-        "Seconds per split are the mean over the splits; ≈ marks a figure that includes candidates of which the first run kept only the chosen fit (each counted at the chosen one's seconds; experiment 1's sweep is measured), "
-        "or a counterpart run on fewer splits whose total is its mean per split times the protocol's splits"
-        + (
-            f"; {MIXED.strip()} marks a counterpart whose splits ran on different machines (its setup's description in experiment 4 says which), so its mean mixes their seconds. "
-            if marked
-            else ". "
+    methods = [m for x in sections for d in x["datasets"].values() for m in d["methods"].values()]
+    marks = []  # each mark explained only where the tables show one
+    if any(m.get("estimated") for m in methods):
+        marks.append(
+            "≈ marks a figure that includes candidates of which an earlier run kept only the chosen fit (each counted at the chosen one's seconds; experiment 1's sweep is measured), "
+            "or a counterpart run on fewer splits whose total is its mean per split times the protocol's splits"
         )
-        + "A logistic regression's test predictions are too cheap to meter and count as zero.",
+    if any(mixed(m.get("machines")) for m in methods):
+        marks.append(
+            f"{MIXED.strip()} marks a counterpart whose splits ran on different machines (its setup's description in experiment 4 says which), so its mean mixes their seconds"
+        )
+    return [
+        "; ".join(["Seconds per split are the mean over the splits", *marks])
+        + ". A logistic regression's test predictions are too cheap to meter and count as zero.",
         "",
         f"The paper reports LLMEmbed at {p['parameters']:.0%} of the parameters, {p['electricity']:.1%} of the electricity and {p['runtime']:.1%} of the runtime "
         "of its prompt-based counterparts: LLaMA-2-7B's embeddings against prompting much larger LLMs. Here both sides run the same 135M decoder, so the "
